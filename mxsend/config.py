@@ -1,0 +1,370 @@
+"""Configuration: TOML loaded once into frozen dataclasses, validated up front.
+
+Every problem is one ConfigError whose message starts with the dotted key, so the CLI
+can print one line and exit 2. Relative paths are resolved against the directory of the
+config file that names them (contract §3).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mxsend.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/mxsend/mxsend.toml")
+CONFIG_ENV = "MXSEND_CONFIG"
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?B?)\s*$", re.IGNORECASE)
+
+
+def parse_duration(value: object, key: str) -> float:
+    """`30`, `30s`, `5m`, `2h`, `5d` -> seconds. Booleans are not numbers here."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration such as 30s or 5m, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
+        seconds = float(match.group(1)) * _DURATION_UNITS[(match.group(2) or "s").lower()]
+    else:
+        raise ConfigError(f"{key}: expected a duration such as 30s or 5m, got {value!r}")
+    if seconds < 0:
+        raise ConfigError(f"{key}: a duration cannot be negative, got {value!r}")
+    return seconds
+
+
+def parse_size(value: object, key: str) -> int:
+    """`1024`, `64KB`, `50MB`, `1GB` -> bytes (binary multiples, as Postfix operators expect)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size such as 50MB, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
+        unit = match.group(2).upper()
+        if unit and not unit.endswith("B"):
+            unit += "B"
+        size = int(match.group(1)) * _SIZE_UNITS[unit]
+    else:
+        raise ConfigError(f"{key}: expected a size such as 50MB, got {value!r}")
+    if size < 0:
+        raise ConfigError(f"{key}: a size cannot be negative, got {value!r}")
+    return size
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    path: Path = Path("/var/spool/mxsend")
+    max_message_size: int = 50 * 1024**2
+    keep_sent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptConfig:
+    path: Path = Path("/etc/mxsend/mxout.lua")
+    timeout: float = 1.0
+    memory: int = 64 * 1024**2
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    nameservers: tuple[str, ...] = ()
+    timeout: float = 5.0
+    ipv6: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    port: int = 25
+    helo_name: str = ""
+    source_address: str = ""
+    ca_file: Path | None = None
+    max_connections: int = 100
+    max_connections_per_domain: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    scan_interval: float = 30.0
+    retry: tuple[float, ...] = (300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
+    max_age: float = 5 * 86400.0
+    delay_warning: float = 4 * 3600.0
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class BatvConfig:
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: str = "text"
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    script: ScriptConfig = field(default_factory=ScriptConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    batv: BatvConfig = field(default_factory=BatvConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: Path | None = None  # the file this came from; None for built-in defaults
+
+
+T = TypeVar("T")
+
+
+class _Section:
+    """Reads one TOML table, remembering which keys were consumed."""
+
+    def __init__(self, name: str, table: object, base: Path | None) -> None:
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{name}: expected a table, got {type(table).__name__}")
+        self.name = name
+        self.table: Mapping[str, Any] = table
+        self.base = base
+        self.seen: set[str] = set()
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    def get(self, key: str, default: T, convert: Callable[[object, str], T]) -> T:
+        self.seen.add(key)
+        if key not in self.table:
+            return default
+        return convert(self.table[key], self.key(key))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _str(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ConfigError(f"{key}: control characters are not allowed")
+    return value
+
+
+def _int_range(low: int, high: int) -> Callable[[object, str], int]:
+    def convert(value: object, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        if not low <= value <= high:
+            raise ConfigError(f"{key}: must be between {low} and {high}, got {value}")
+        return value
+
+    return convert
+
+
+def _choice(*choices: str) -> Callable[[object, str], str]:
+    def convert(value: object, key: str) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        return value.lower()
+
+    return convert
+
+
+def _nameservers(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of addresses, got {value!r}")
+    servers: list[str] = []
+    for item in value:
+        text = _str(item, key)
+        try:
+            split_host_port(text, 53)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        servers.append(text)
+    return tuple(servers)
+
+
+def split_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """`1.2.3.4`, `1.2.3.4:5353`, `[::1]:5353`, `::1` -> (host, port)."""
+    import ipaddress
+
+    host, port = text, default_port
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"bad address {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise ValueError(f"bad port in {text!r}")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        if not port_text.isdigit():
+            raise ValueError(f"bad port in {text!r}")
+        port = int(port_text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {text!r}")
+    return host, port
+
+
+def _retry(value: object, key: str) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected a non-empty list of durations, got {value!r}")
+    intervals = tuple(parse_duration(item, key) for item in value)
+    if any(interval <= 0 for interval in intervals):
+        raise ConfigError(f"{key}: retry intervals must be positive")
+    return intervals
+
+
+def _positive_duration(value: object, key: str) -> float:
+    seconds = parse_duration(value, key)
+    if seconds <= 0:
+        raise ConfigError(f"{key}: must be greater than zero")
+    return seconds
+
+
+def _path_converter(base: Path | None, *, empty_is_none: bool) -> Callable[[object, str], Any]:
+    def convert(value: object, key: str) -> Path | None:
+        text = _str(value, key)
+        if not text:
+            if empty_is_none:
+                return None
+            raise ConfigError(f"{key}: a path is required")
+        path = Path(text).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = Path(os.path.normpath(base / path))
+        return path
+
+    return convert
+
+
+def load_config(path: Path | None) -> Config:
+    """Load and validate a config file; None gives the built-in defaults."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config: {path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"config: {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path}: {exc}") from None
+    return config_from_mapping(data, base=path.resolve().parent, source=path)
+
+
+def config_from_mapping(
+    data: Mapping[str, Any], *, base: Path | None = None, source: Path | None = None
+) -> Config:
+    """Validate an already-parsed TOML document."""
+    known = {"spool", "script", "dns", "smtp", "queue", "batv", "log"}
+    for name in data:
+        if name not in known:
+            raise ConfigError(f"{name}: unknown section")
+    defaults = Config()
+
+    def section(name: str) -> _Section:
+        return _Section(name, data.get(name, {}), base)
+
+    s = section("spool")
+    spool = SpoolConfig(
+        path=s.get("path", defaults.spool.path, _path_converter(base, empty_is_none=False)),
+        max_message_size=s.get("max_message_size", defaults.spool.max_message_size, parse_size),
+        keep_sent=s.get("keep_sent", defaults.spool.keep_sent, _bool),
+    )
+    s.finish()
+
+    s = section("script")
+    script = ScriptConfig(
+        path=s.get("path", defaults.script.path, _path_converter(base, empty_is_none=False)),
+        timeout=s.get("timeout", defaults.script.timeout, _positive_duration),
+        memory=s.get("memory", defaults.script.memory, parse_size),
+    )
+    s.finish()
+
+    s = section("dns")
+    dns = DnsConfig(
+        nameservers=s.get("nameservers", defaults.dns.nameservers, _nameservers),
+        timeout=s.get("timeout", defaults.dns.timeout, _positive_duration),
+        ipv6=s.get("ipv6", defaults.dns.ipv6, _bool),
+    )
+    s.finish()
+
+    s = section("smtp")
+    smtp = SmtpConfig(
+        port=s.get("port", defaults.smtp.port, _int_range(1, 65535)),
+        helo_name=s.get("helo_name", defaults.smtp.helo_name, _str),
+        source_address=s.get("source_address", defaults.smtp.source_address, _str),
+        ca_file=s.get("ca_file", defaults.smtp.ca_file, _path_converter(base, empty_is_none=True)),
+        max_connections=s.get(
+            "max_connections", defaults.smtp.max_connections, _int_range(1, 100_000)
+        ),
+        max_connections_per_domain=s.get(
+            "max_connections_per_domain",
+            defaults.smtp.max_connections_per_domain,
+            _int_range(1, 100_000),
+        ),
+    )
+    s.finish()
+
+    s = section("queue")
+    queue = QueueConfig(
+        scan_interval=s.get("scan_interval", defaults.queue.scan_interval, _positive_duration),
+        retry=s.get("retry", defaults.queue.retry, _retry),
+        max_age=s.get("max_age", defaults.queue.max_age, _positive_duration),
+        delay_warning=s.get("delay_warning", defaults.queue.delay_warning, parse_duration),
+        shutdown_grace=s.get("shutdown_grace", defaults.queue.shutdown_grace, parse_duration),
+    )
+    s.finish()
+
+    s = section("batv")
+    batv = BatvConfig(
+        key_file=s.get(
+            "key_file", defaults.batv.key_file, _path_converter(base, empty_is_none=True)
+        ),
+    )
+    s.finish()
+
+    s = section("log")
+    log = LogConfig(
+        format=s.get("format", defaults.log.format, _choice("text", "json")),
+        level=s.get("level", defaults.log.level, _choice("debug", "info", "warning", "error")),
+    )
+    s.finish()
+
+    return Config(
+        spool=spool, script=script, dns=dns, smtp=smtp, queue=queue, batv=batv, log=log,
+        source=source,
+    )
+
+
+def config_path(explicit: str | None, environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The lookup order of contract §2: -c, $MXSEND_CONFIG, /etc/mxsend/mxsend.toml, none."""
+    if explicit:
+        return Path(explicit)
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    if DEFAULT_CONFIG_PATH.exists():
+        return DEFAULT_CONFIG_PATH
+    return None
