@@ -1,0 +1,878 @@
+"""The on-disk queue: acceptance from new/, durable per-recipient state, claims, recovery.
+
+Rules of this file (docs/spool.md has the full picture and the crash analysis):
+
+- Every state change is one rename, one exclusive link, or one atomic replace (temp file,
+  fsync, rename, fsync of the directory). Nothing is ever rewritten in place.
+- A message is claimed by renaming its state file from queue/ into the claimant's own
+  active/<owner>/ directory; a rename succeeds for exactly one process.
+- Nobody holds a lock a dead process could keep: a live process refreshes the mtime of
+  owners/<owner>; the directories of an owner whose heartbeat is stale or gone are taken
+  over by renaming the whole directory (again, exactly one process wins) and put right.
+- Temporary files live in the writer's own directory and start with "." so that no
+  scanner ever reads them.
+- Nothing here logs: results are returned, and the daemon logs the contract's events.
+
+All of the spool's OS calls go through the `os` module attribute (never `from os import`),
+so the crash test can interpose on them and kill the process between any two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from mxsend.envelope import Message, parse_bsmtp, serialise_bsmtp
+from mxsend.errors import EnvelopeError, SpoolError
+
+STATE_VERSION = 1
+# A queue id is also a file name and appears in logs and in Lua: keep it short and
+# printable. 128 leaves room for maildir-style names ("1700000000.M1P2.host,S=42").
+MAX_ID_LENGTH = 128
+# Maildir's rule for abandoned writer files: untouched for 36 hours means dead.
+TMP_MAX_AGE = 36 * 3600.0
+
+DIRS = ("tmp", "new", "incoming", "bad", "msg", "queue", "active", "owners", "sent", "control")
+
+# Sortable alphabet (ASCII order) without I, L, O, U (Crockford's base32).
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_OWNER_SAFE = re.compile(r"[^A-Za-z0-9.\-]")
+_TAKEN = "~"  # active/<owner>~<token>: a directory taken over from a dead owner
+
+
+class RecipientStatus(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    BOUNCED = "bounced"
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientState:
+    """What is known about one recipient of a queued message."""
+
+    address: str
+    status: RecipientStatus = RecipientStatus.PENDING
+    response: str = ""  # last reply or reason
+    dsn: str = ""  # last enhanced status code x.y.z (RFC 3463)
+    relay: str = ""  # last host[ip]:port
+    remote_mta: str = ""  # last server host name
+    last_attempt: float = 0.0
+    delay_notified: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.status is not RecipientStatus.PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class MessageState:
+    """The durable state of one queued message; recipients in envelope order."""
+
+    id: str
+    created: float  # epoch seconds of acceptance
+    sender: str  # "" is the null sender
+    size: int  # bytes of message data (CRLF, not dot-stuffed)
+    recipients: tuple[RecipientState, ...]
+    attempts: int = 0
+    last_try: float | None = None
+    next_try: float = 0.0
+    last_error: str = ""
+    # "dev:ino:mtime_ns" of msg/ID at acceptance. Recovery uses it to tell this
+    # message's file from a later file that reused the same name (docs/spool.md).
+    file_stamp: str = ""
+
+    def pending(self) -> tuple[RecipientState, ...]:
+        return tuple(r for r in self.recipients if not r.final)
+
+    def is_final(self) -> bool:
+        return all(r.final for r in self.recipients)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    id: str
+    state: MessageState
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A message's state file held in active/<owner>/ by this process."""
+
+    id: str
+    path: Path
+    owner: str = field(default="")
+
+
+# --- pure helpers -----------------------------------------------------------------------
+
+
+def new_queue_id(now: float | None = None, token: bytes | None = None) -> str:
+    """11 characters of microseconds since the epoch, then 10 random ones; sorts by time.
+
+    Like Postfix's long queue ids: unique without coordination, safe as a file name.
+    """
+    micros = int((time.time() if now is None else now) * 1_000_000)
+    stamp = "".join(_ALPHABET[(micros >> (5 * i)) & 31] for i in range(10, -1, -1))
+    rand = int.from_bytes(token if token is not None else secrets.token_bytes(7), "big")
+    tail = "".join(_ALPHABET[(rand >> (5 * i)) & 31] for i in range(9, -1, -1))
+    return stamp + tail
+
+
+def id_problem(name: str) -> str | None:
+    """Why a writer-chosen file name cannot be a queue id, or None if it can."""
+    if not name or name in (".", ".."):
+        return "empty file name"
+    if len(name) > MAX_ID_LENGTH:
+        return f"file name longer than {MAX_ID_LENGTH} characters"
+    if "/" in name or "\0" in name:
+        return "file name contains '/' or NUL"
+    if not all(33 <= ord(c) <= 126 for c in name):
+        # Ids appear in logs, on command lines and in Lua: printable ASCII, no spaces.
+        return "file name has spaces, control or non-ASCII characters"
+    return None
+
+
+def default_owner() -> str:
+    host = _OWNER_SAFE.sub("_", socket.gethostname())[:64] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def owner_of(directory_name: str) -> str:
+    """The owner of active/<name> or incoming/<name>: the part before any '~'."""
+    return directory_name.partition(_TAKEN)[0]
+
+
+def state_to_json(state: MessageState) -> bytes:
+    doc: dict[str, Any] = {
+        "version": STATE_VERSION,
+        "id": state.id,
+        "created": state.created,
+        "sender": state.sender,
+        "size": state.size,
+        "attempts": state.attempts,
+        "last_try": state.last_try,
+        "next_try": state.next_try,
+        "last_error": state.last_error,
+        "file_stamp": state.file_stamp,
+        "recipients": [
+            {
+                "address": r.address,
+                "status": r.status.value,
+                "response": r.response,
+                "dsn": r.dsn,
+                "relay": r.relay,
+                "remote_mta": r.remote_mta,
+                "last_attempt": r.last_attempt,
+                "delay_notified": r.delay_notified,
+            }
+            for r in state.recipients
+        ],
+    }
+    return (json.dumps(doc, ensure_ascii=False, indent=1) + "\n").encode()
+
+
+def state_from_json(raw: bytes) -> MessageState:
+    """Parse a state file; SpoolError if it is not one we wrote."""
+    try:
+        doc = json.loads(raw)
+        if doc.get("version") != STATE_VERSION:
+            raise SpoolError(f"unknown state version {doc.get('version')!r}")
+        recipients = tuple(
+            RecipientState(
+                address=str(r["address"]),
+                status=RecipientStatus(r["status"]),
+                response=str(r.get("response", "")),
+                dsn=str(r.get("dsn", "")),
+                relay=str(r.get("relay", "")),
+                remote_mta=str(r.get("remote_mta", "")),
+                last_attempt=float(r.get("last_attempt", 0.0)),
+                delay_notified=bool(r.get("delay_notified", False)),
+            )
+            for r in doc["recipients"]
+        )
+        last_try = doc.get("last_try")
+        return MessageState(
+            id=str(doc["id"]),
+            created=float(doc["created"]),
+            sender=str(doc["sender"]),
+            size=int(doc["size"]),
+            recipients=recipients,
+            attempts=int(doc.get("attempts", 0)),
+            last_try=None if last_try is None else float(last_try),
+            next_try=float(doc.get("next_try", 0.0)),
+            last_error=str(doc.get("last_error", "")),
+            file_stamp=str(doc.get("file_stamp", "")),
+        )
+    except SpoolError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SpoolError(f"corrupt state file: {exc}") from None
+
+
+def initial_state(id: str, message: Message, now: float, file_stamp: str = "") -> MessageState:
+    """A freshly accepted message: every recipient pending, due now."""
+    return MessageState(
+        id=id,
+        created=now,
+        sender=message.envelope.sender,
+        size=len(message.data),
+        recipients=tuple(RecipientState(r.address) for r in message.envelope.recipients),
+        next_try=now,
+        file_stamp=file_stamp,
+    )
+
+
+# --- the spool --------------------------------------------------------------------------
+
+
+class Spool:
+    """One process's handle on a spool directory shared with writers and other mxsends."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        keep_sent: bool = False,
+        max_message_size: int = 50 * 1024**2,
+        owner: str | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.keep_sent = keep_sent
+        self.max_message_size = max_message_size
+        if owner is not None and (not owner or _OWNER_SAFE.search(owner)):
+            raise ValueError(f"owner must be letters, digits, '.' and '-': {owner!r}")
+        self.owner = owner or default_owner()
+        self._registered = False
+
+    # -- paths
+
+    def _dir(self, name: str) -> Path:
+        return self.root / name
+
+    def message_path(self, id: str) -> Path:
+        """msg/ID, the accepted spool file (Lua's `Filename`)."""
+        return self.root / "msg" / _checked(id)
+
+    def _active_dir(self) -> Path:
+        return self.root / "active" / self.owner
+
+    def _incoming_dir(self) -> Path:
+        return self.root / "incoming" / self.owner
+
+    # -- set-up and liveness
+
+    def create_dirs(self) -> None:
+        try:
+            for name in DIRS:
+                os.makedirs(self.root / name, exist_ok=True)
+            _fsync_dir(self.root)
+        except OSError as exc:
+            raise SpoolError(f"cannot create spool directories in {self.root}: {exc}") from exc
+
+    def heartbeat(self) -> None:
+        """Refresh owners/<owner>; others treat our claims as live while it is fresh."""
+        path = self.root / "owners" / self.owner
+        try:
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+                os.close(fd)
+        except OSError as exc:
+            raise SpoolError(f"cannot write heartbeat {path}: {exc}") from exc
+        self._registered = True
+
+    def retire(self) -> None:
+        """Remove our heartbeat on a clean exit: anything we still hold is recovered at once."""
+        for directory in (self._active_dir(), self._incoming_dir()):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)  # only if empty: a leftover claim stays for recovery
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.root / "owners" / self.owner)
+        self._registered = False
+
+    def _register(self, directory: Path) -> None:
+        # The heartbeat must exist before our first private directory does, or a
+        # recoverer could see the directory without a live owner and take it.
+        if not self._registered:
+            self.heartbeat()
+        os.makedirs(directory, exist_ok=True)
+
+    # -- acceptance from new/
+
+    def incoming(self) -> list[str]:
+        """Names waiting in new/, oldest first; dot-files are the writers' business."""
+        try:
+            with os.scandir(self.root / "new") as it:
+                found = [
+                    (_mtime(e), e.name) for e in it if not e.name.startswith(".")
+                ]
+        except FileNotFoundError:
+            return []
+        return [name for _, name in sorted(found)]
+
+    def accept(self, name: str, now: float) -> Accepted | Quarantined | None:
+        """Take new/NAME: queue it (due now) or quarantine it; None if someone else took it."""
+        if "/" in name or name in ("", ".", "..") or name.startswith("."):
+            return None
+        inbox = self._incoming_dir()
+        try:
+            self._register(inbox)
+            held = inbox / name
+            try:
+                # The claim: exactly one process's rename succeeds (contract §1).
+                os.rename(self.root / "new" / name, held)
+            except FileNotFoundError:
+                return None
+            return self._accept_held(name, held, now)
+        except OSError as exc:
+            raise SpoolError(f"cannot accept {name}: {exc}") from exc
+
+    def _accept_held(self, name: str, held: Path, now: float) -> Accepted | Quarantined:
+        problem = id_problem(name)
+        if problem:
+            return self._quarantine(name, held, problem)
+        info = os.lstat(held)
+        if not stat.S_ISREG(info.st_mode):
+            # A symlink could point anywhere (/etc/shadow); a spool file is a file.
+            return self._quarantine(name, held, "not a regular file")
+        size = info.st_size
+        if size > self.max_message_size:
+            # Decided from the size alone: a huge file is never read into memory.
+            return self._quarantine(
+                name, held, f"file of {size} bytes exceeds spool.max_message_size"
+            )
+        fd = os.open(held, os.O_RDONLY | os.O_NOFOLLOW)
+        with open(fd, "rb") as handle:
+            raw = handle.read(self.max_message_size + 1)
+        try:
+            message = parse_bsmtp(raw)
+        except EnvelopeError as exc:
+            return self._quarantine(name, held, str(exc))
+        state = initial_state(name, message, now, _stamp(info))
+        inbox = held.parent
+        pending_state = inbox / f".{name}.state"
+        # 1. The state, private to us until published.
+        _write_atomic(pending_state, state_to_json(state), mtime=state.next_try)
+        # 2. Reserve the id: link() fails if msg/NAME exists, atomically, so two
+        #    processes accepting two files of one name cannot both win.
+        try:
+            os.link(held, self.root / "msg" / name, follow_symlinks=False)
+        except FileExistsError:
+            os.unlink(pending_state)
+            return self._quarantine(name, held, "queue id in use")
+        _fsync_dir(self.root / "msg")
+        # 3. Publish: from this rename on the message is queued and claimable.
+        os.rename(pending_state, self.root / "queue" / name)
+        _fsync_dir(self.root / "queue")
+        # 4. Drop our second name of the file.
+        os.unlink(held)
+        _fsync_dir(inbox)
+        return Accepted(id=name, state=state, message=message)
+
+    def _quarantine(self, name: str, held: Path, reason: str) -> Quarantined:
+        reason = " ".join(reason.split())  # one line, whatever the parser said
+        bad = self.root / "bad"
+        target = _free_name(bad, name, reasons=True)
+        # The reason first: a crash before the file's move leaves the file in incoming/,
+        # which recovery returns to new/ and this runs again, overwriting the reason.
+        _write_atomic(bad / f"{target}.reason", (reason + "\n").encode())
+        moved = _move_noreplace(held, bad, target)
+        if moved != target:  # someone took the name meanwhile
+            _write_atomic(bad / f"{moved}.reason", (reason + "\n").encode())
+        _fsync_dir(bad)
+        _fsync_dir(held.parent)
+        return Quarantined(id=name, reason=reason)
+
+    # -- scheduling
+
+    def due(self, now: float) -> list[str]:
+        """Ids in queue/ whose next_try (the state file's mtime) has come, earliest first."""
+        return [id for mtime, id in self._queued() if mtime <= now]
+
+    def next_due(self) -> float | None:
+        queued = self._queued()
+        return min(mtime for mtime, _ in queued) if queued else None
+
+    def _queued(self) -> list[tuple[float, str]]:
+        try:
+            with os.scandir(self.root / "queue") as it:
+                found = [(_mtime(e), e.name) for e in it if not e.name.startswith(".")]
+        except FileNotFoundError:
+            return []
+        return sorted(item for item in found if item[0] >= 0)
+
+    # -- claims
+
+    def claim(self, id: str) -> Claim | None:
+        """Move queue/ID into active/<owner>/; None if it is not there (someone else has it)."""
+        active = self._active_dir()
+        try:
+            self._register(active)
+            path = active / _checked(id)
+            try:
+                os.rename(self.root / "queue" / id, path)
+            except FileNotFoundError:
+                return None
+        except OSError as exc:
+            raise SpoolError(f"cannot claim {id}: {exc}") from exc
+        # No directory fsync: if a power loss undoes the claim, the message is simply
+        # queued again, which is the state recovery would have restored anyway.
+        return Claim(id=id, path=path, owner=self.owner)
+
+    def read(self, claim: Claim) -> MessageState:
+        try:
+            with open(claim.path, "rb") as handle:
+                return state_from_json(handle.read())
+        except FileNotFoundError:
+            raise SpoolError(f"{claim.id}: claim lost (presumed dead and recovered)") from None
+        except OSError as exc:
+            raise SpoolError(f"{claim.id}: cannot read state: {exc}") from exc
+
+    def load_message(self, id: str) -> Message:
+        """Parse msg/ID; SpoolError if it is gone, EnvelopeError if it no longer parses."""
+        path = self.message_path(id)
+        try:
+            with open(path, "rb") as handle:
+                raw = handle.read()
+        except OSError as exc:
+            raise SpoolError(f"{id}: cannot read message: {exc}") from exc
+        return parse_bsmtp(raw)
+
+    def update(self, claim: Claim, state: MessageState) -> None:
+        """Make `state` durable; the message stays claimed."""
+        self._write_claimed(claim, state)
+
+    def release(self, claim: Claim, state: MessageState) -> None:
+        """Make `state` durable and put the message back into queue/, due at next_try."""
+        self._write_claimed(claim, state)
+        try:
+            os.rename(claim.path, self.root / "queue" / claim.id)
+            _fsync_dir(self.root / "queue")
+            _fsync_dir(claim.path.parent)
+        except FileNotFoundError:
+            raise SpoolError(f"{claim.id}: claim lost (presumed dead and recovered)") from None
+        except OSError as exc:
+            raise SpoolError(f"{claim.id}: cannot release: {exc}") from exc
+
+    def complete(self, claim: Claim, state: MessageState) -> None:
+        """Every recipient is final: record that, then remove the message (or keep it in sent/)."""
+        if not state.is_final():
+            raise SpoolError(f"{claim.id}: complete() with recipients still pending")
+        # The final state first: if we die below, recovery sees a final state and
+        # finishes the removal instead of queueing the message again.
+        self._write_claimed(claim, state)
+        try:
+            self._finish(claim.id, claim.path)
+        except OSError as exc:
+            raise SpoolError(f"{claim.id}: cannot complete: {exc}") from exc
+
+    def delete(self, claim: Claim) -> None:
+        """Remove a claimed message without a bounce (queue delete)."""
+        try:
+            # Message first, then state: a state without its message is recognised by
+            # recovery as an interrupted removal and dropped.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.message_path(claim.id))
+            _fsync_dir(self.root / "msg")
+            os.unlink(claim.path)
+            _fsync_dir(claim.path.parent)
+        except FileNotFoundError:
+            raise SpoolError(f"{claim.id}: claim lost (presumed dead and recovered)") from None
+        except OSError as exc:
+            raise SpoolError(f"{claim.id}: cannot delete: {exc}") from exc
+
+    def _finish(self, id: str, state_path: Path) -> None:
+        message = self.message_path(id)
+        if self.keep_sent:
+            with contextlib.suppress(FileNotFoundError):
+                _move_noreplace(message, self.root / "sent", _free_name(self.root / "sent", id))
+                _fsync_dir(self.root / "sent")
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(message)
+        _fsync_dir(self.root / "msg")
+        os.unlink(state_path)
+        _fsync_dir(state_path.parent)
+
+    def _write_claimed(self, claim: Claim, state: MessageState) -> None:
+        if state.id != claim.id:
+            raise SpoolError(f"state of {state.id} written to the claim of {claim.id}")
+        # A process presumed dead has had its directory taken away: refuse rather than
+        # resurrect a claim someone else now holds (a new rename would recreate it).
+        if not os.path.exists(claim.path):
+            raise SpoolError(f"{claim.id}: claim lost (presumed dead and recovered)")
+        try:
+            _write_atomic(claim.path, state_to_json(state), mtime=state.next_try)
+        except FileNotFoundError:
+            raise SpoolError(f"{claim.id}: claim lost (presumed dead and recovered)") from None
+        except OSError as exc:
+            raise SpoolError(f"{claim.id}: cannot write state: {exc}") from exc
+
+    # -- recovery
+
+    def recover(self, stale_after: float, now: float) -> list[str]:
+        """Take back what dead owners held; return the ids of the messages put right.
+
+        An owner is dead when owners/<owner> is missing or older than `stale_after`.
+        Each dead owner's directory is first renamed to active/<me>~<token> (or
+        incoming/...): exactly one recoverer wins it, and a presumed-dead process that
+        is in fact alive finds its directory gone instead of writing over a new claim.
+        """
+        recovered: list[str] = []
+        try:
+            for kind in ("incoming", "active"):
+                parent = self.root / kind
+                try:
+                    names = sorted(os.listdir(parent))
+                except FileNotFoundError:
+                    continue
+                for name in names:
+                    if name == self.owner:
+                        continue
+                    if owner_of(name) == self.owner:
+                        taken: Path | None = parent / name  # our own unfinished recovery
+                    elif self._is_dead(owner_of(name), stale_after, now):
+                        taken = self._take(parent, name)
+                    else:
+                        continue
+                    if taken is None:
+                        continue
+                    if kind == "incoming":
+                        recovered += self._recover_incoming(taken)
+                    else:
+                        recovered += self._recover_active(taken)
+            self._forget_dead_owners(stale_after, now)
+            self._clean_tmp(now)
+        except OSError as exc:
+            raise SpoolError(f"recovery failed: {exc}") from exc
+        return recovered
+
+    def _is_dead(self, owner: str, stale_after: float, now: float) -> bool:
+        if owner == self.owner:
+            return False
+        try:
+            beat = os.stat(self.root / "owners" / owner).st_mtime
+        except FileNotFoundError:
+            return True
+        return beat < now - stale_after
+
+    def _take(self, parent: Path, name: str) -> Path | None:
+        self._register(parent / self.owner)
+        taken = parent / f"{self.owner}{_TAKEN}{secrets.token_hex(4)}"
+        try:
+            os.rename(parent / name, taken)
+        except FileNotFoundError:
+            return None  # another recoverer won it
+        _fsync_dir(parent)
+        return taken
+
+    def _recover_incoming(self, taken: Path) -> list[str]:
+        """Finish or undo each acceptance that was in progress (see docs/spool.md)."""
+        ids: list[str] = []
+        for name in sorted(os.listdir(taken)):
+            if name.startswith("."):
+                continue
+            held = taken / name
+            pending_state = taken / f".{name}.state"
+            ids.append(name)
+            msg = self.root / "msg" / name
+            if _same_file(held, msg):
+                # The id was reserved by our link: the acceptance gets finished.
+                if os.path.exists(pending_state):
+                    os.rename(pending_state, self.root / "queue" / name)
+                    _fsync_dir(self.root / "queue")
+                os.unlink(held)
+            else:
+                # Not reserved: hand the file back to new/ to be accepted again.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(pending_state)
+                _move_noreplace(held, self.root / "new", _free_name(self.root / "new", name))
+                _fsync_dir(self.root / "new")
+        self._remove_dir(taken)
+        return ids
+
+    def _recover_active(self, taken: Path) -> list[str]:
+        """Queue each claimed message again; finish removals that were interrupted."""
+        ids: list[str] = []
+        for name in sorted(os.listdir(taken)):
+            if name.startswith("."):
+                continue
+            path = taken / name
+            ids.append(name)
+            with open(path, "rb") as handle:
+                state = state_from_json(handle.read())
+            if not self._owns_file(state):
+                # complete()/delete() remove the message before the state: this one
+                # was being removed. (A file of the same name accepted since is not
+                # ours, which the stamp tells.)
+                os.unlink(path)
+                _fsync_dir(taken)
+            elif state.is_final():
+                self._finish(name, path)
+            else:
+                # rename keeps the mtime, which is next_try: due as planned.
+                os.rename(path, self.root / "queue" / name)
+                _fsync_dir(self.root / "queue")
+        self._remove_dir(taken)
+        return ids
+
+    def _owns_file(self, state: MessageState) -> bool:
+        try:
+            info = os.lstat(self.message_path(state.id))
+        except FileNotFoundError:
+            return False
+        return not state.file_stamp or state.file_stamp == _stamp(info)
+
+    def _remove_dir(self, directory: Path) -> None:
+        for name in os.listdir(directory):
+            # Only temp files remain (a write that died before its rename).
+            os.unlink(directory / name)
+        os.rmdir(directory)
+        _fsync_dir(directory.parent)
+
+    def _forget_dead_owners(self, stale_after: float, now: float) -> None:
+        owners = self.root / "owners"
+        try:
+            names = os.listdir(owners)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name != self.owner and self._is_dead(name, stale_after, now):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(owners / name)
+
+    def _clean_tmp(self, now: float) -> None:
+        tmp = self.root / "tmp"
+        try:
+            with os.scandir(tmp) as it:
+                old = [e.name for e in it if e.is_file() and _mtime(e) < now - TMP_MAX_AGE]
+        except FileNotFoundError:
+            return
+        for name in old:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp / name)
+
+    # -- writers
+
+    def enqueue(self, message: Message, *, name: str | None = None) -> str:
+        """Hand a message to the spool by the writers' protocol; return its queue id."""
+        return self.enqueue_bytes(serialise_bsmtp(message), name=name)
+
+    def enqueue_bytes(self, raw: bytes, *, name: str | None = None) -> str:
+        """tmp/ -> write, fsync -> link into new/ -> fsync new/ (contract §1)."""
+        if name is not None and id_problem(name):
+            raise SpoolError(f"bad queue id {name!r}: {id_problem(name)}")
+        tmp = self.root / "tmp"
+        new = self.root / "new"
+        for _ in range(8):
+            id = name or new_queue_id()
+            temp = tmp / f"{id}.{self.owner}"
+            try:
+                _write_file(temp, raw)
+                try:
+                    # link, not rename: never replace a file another writer handed over.
+                    os.link(temp, new / id, follow_symlinks=False)
+                except FileExistsError:
+                    if name is not None:
+                        raise SpoolError(f"queue id {id} is already in new/") from None
+                    continue
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temp)
+                _fsync_dir(new)
+                return id
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                raise SpoolError(f"cannot write to {self.root}: {exc}") from exc
+        raise SpoolError("could not find a free queue id")
+
+    # -- inspection (the queue CLI)
+
+    def entries(self) -> Iterator[tuple[MessageState, str]]:
+        """Every queued message with "queue" or "active"; files vanishing meanwhile are skipped."""
+        for path, where in self._state_files():
+            state = _read_state(path)
+            if state is not None:
+                yield state, where
+
+    def find(self, id: str) -> tuple[MessageState, str] | None:
+        if id_problem(id):
+            return None
+        candidates = [(self.root / "queue" / id, "queue")]
+        with contextlib.suppress(FileNotFoundError):
+            candidates += [
+                (self.root / "active" / d / id, "active")
+                for d in sorted(os.listdir(self.root / "active"))
+            ]
+        # Queue again last: a state moving between queue/ and active/ while we look is
+        # still found on one side or the other.
+        candidates.append((self.root / "queue" / id, "queue"))
+        for path, where in candidates:
+            state = _read_state(path)
+            if state is not None:
+                return state, where
+        return None
+
+    def _state_files(self) -> Iterator[tuple[Path, str]]:
+        with contextlib.suppress(FileNotFoundError):
+            for name in sorted(os.listdir(self.root / "queue")):
+                if not name.startswith("."):
+                    yield self.root / "queue" / name, "queue"
+        with contextlib.suppress(FileNotFoundError):
+            for directory in sorted(os.listdir(self.root / "active")):
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    for name in sorted(os.listdir(self.root / "active" / directory)):
+                        if not name.startswith("."):
+                            yield self.root / "active" / directory / name, "active"
+
+    def request_rescan(self) -> None:
+        """Touch control/rescan: the daemon watches it and rescans the queue at once."""
+        path = self.root / "control" / "rescan"
+        try:
+            os.makedirs(path.parent, exist_ok=True)
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+        except OSError as exc:
+            raise SpoolError(f"cannot write {path}: {exc}") from exc
+
+
+# --- file primitives --------------------------------------------------------------------
+
+
+def _checked(id: str) -> str:
+    if "/" in id or "\0" in id or id in ("", ".", ".."):
+        raise SpoolError(f"bad queue id {id!r}")
+    return id
+
+
+def _mtime(entry: os.DirEntry[str]) -> float:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime
+    except FileNotFoundError:
+        return -1.0  # vanished while we looked
+
+
+def _read_state(path: Path) -> MessageState | None:
+    try:
+        with open(path, "rb") as handle:
+            return state_from_json(handle.read())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise SpoolError(f"cannot read {path}: {exc}") from exc
+
+
+def _write_file(path: Path, data: bytes, mtime: float | None = None) -> None:
+    """Create `path` exclusively, write, set mtime, fsync (the data before any rename)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes, mtime: float | None = None) -> None:
+    """Replace `path` with `data` so a reader sees the old or the new file, never a mix."""
+    temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        _write_file(temp, data, mtime)
+        os.rename(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """A rename is durable only once its directory is (POSIX leaves it to fsync)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _stamp(info: os.stat_result) -> str:
+    return f"{info.st_dev}:{info.st_ino}:{info.st_mtime_ns}"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(sa.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _free_name(directory: Path, name: str, *, reasons: bool = False) -> str:
+    """`name`, or `name-<token>` if a file of that name is in `directory`.
+
+    In bad/ (`reasons`), a data file's name never ends in ".reason", so every such file
+    there is a reason; one without its data file is a leftover of a quarantine that
+    died half-way, and is overwritten when the file comes back.
+    """
+    candidate = name
+    while (reasons and candidate.endswith(".reason")) or os.path.lexists(directory / candidate):
+        candidate = f"{name}-{secrets.token_hex(3)}"
+    return candidate
+
+
+def _move_noreplace(source: Path, directory: Path, name: str) -> str:
+    """Move `source` to directory/name, or a free variant of it; return the name used.
+
+    rename() would silently replace a file that is there; link() fails instead, so a
+    name taken meanwhile costs a retry, never a file. Directories cannot be linked:
+    they (only ever quarantined, never queued) are renamed after a check.
+    """
+    if stat.S_ISDIR(os.lstat(source).st_mode):
+        name = _free_name(directory, name)
+        os.rename(source, directory / name)
+        return name
+    while True:
+        try:
+            os.link(source, directory / name, follow_symlinks=False)
+            break
+        except FileExistsError:
+            name = _free_name(directory, f"{name}-{secrets.token_hex(3)}", reasons=True)
+    os.unlink(source)
+    return name
+
+
+__all__ = [
+    "Accepted",
+    "Claim",
+    "MessageState",
+    "Quarantined",
+    "RecipientState",
+    "RecipientStatus",
+    "Spool",
+]
