@@ -1,0 +1,307 @@
+"""`mxsend queue ...` as a real subprocess against a spool filled through the Spool API."""
+
+from __future__ import annotations
+
+import dataclasses
+import email
+import email.policy
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mxsend.envelope import parse_bsmtp
+from mxsend.spool import Accepted, RecipientStatus, Spool
+from tests.fixtures.daemon import REPO, write_config
+
+MXSEND = REPO / ".venv" / "bin" / "mxsend"
+HOUR = 3600.0
+
+PLAIN = (
+    b"MAIL FROM:<alice@example.com> ENVID=Q+2B1\r\n"
+    b"RCPT TO:<bob@example.org> ORCPT=rfc822;bob@example.org\r\n"
+    b"RCPT TO:<carol@example.net> NOTIFY=NEVER\r\n"
+    b"RCPT TO:<dave@example.net> NOTIFY=SUCCESS,FAILURE\r\n"
+    b"DATA\r\nFrom: alice@example.com\r\nSubject: stuck\r\n\r\nbody line\r\n.\r\n"
+)
+
+
+@dataclasses.dataclass
+class Env:
+    config: Path
+    root: Path
+    spool: Spool  # the "daemon" side: fills the queue, may hold claims
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    config = write_config(tmp_path, {"smtp": {"helo_name": "out.example.com"}})
+    root = tmp_path / "spool"
+    spool = Spool(root, owner="filler")
+    spool.create_dirs()
+    yield Env(config=config, root=root, spool=spool)
+    spool.retire()
+
+
+def mxsend(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(MXSEND), "-c", str(env.config), "queue", *args],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+
+
+def queued(
+    env: Env,
+    raw: bytes = PLAIN,
+    *,
+    age: float = HOUR,
+    **changes: Any,
+) -> str:
+    """Accept a message `age` seconds ago, then give its state `changes`."""
+    now = time.time()
+    id = env.spool.enqueue_bytes(raw)
+    accepted = env.spool.accept(id, now - age)
+    assert isinstance(accepted, Accepted)
+    claim = env.spool.claim(id)
+    assert claim is not None
+    state = env.spool.read(claim)
+    env.spool.release(claim, dataclasses.replace(state, **changes))
+    return id
+
+
+def state_of(env: Env, id: str) -> Any:
+    found = env.spool.find(id)
+    return None if found is None else found[0]
+
+
+def reports(env: Env) -> list[bytes]:
+    new = env.root / "new"
+    return [(new / name).read_bytes() for name in sorted(os.listdir(new))]
+
+
+# --- list / show ---------------------------------------------------------------------------
+
+
+def test_list_shows_aligned_columns_and_a_summary(env: Env) -> None:
+    now = time.time()
+    first = queued(env, age=2 * HOUR, attempts=3, next_try=now + 600,
+                   last_error="mx1.example.org said 452 4.2.2 mailbox full")
+    second = queued(env, b"MAIL FROM:<>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nS: x\r\n\r\n.\r\n",
+                    age=60)
+    result = mxsend(env, "list")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header, row1, row2, summary = lines
+    columns = ["ID", "AGE", "SENDER", "ATTEMPTS", "NEXT TRY", "PENDING", "LAST ERROR"]
+    starts = [header.index(name) for name in columns]
+    assert starts == sorted(starts)
+    assert row1.startswith(first) and row2.startswith(second)  # oldest first
+    for row, values in (
+        (row1, ["2h", "<alice@example.com>", "3", "in 9m",
+                "bob@example.org,carol@example.net,dave@example.net",
+                "mx1.example.org said 452 4.2.2 mailbox full"]),
+        (row2, ["1m", "<>", "0", "due", "x@example.com", "-"]),
+    ):
+        for start, value in zip(starts[1:], values, strict=True):
+            assert row[start:].startswith(value), (row, value)
+    assert summary == "-- 2 messages, 4 recipients pending"
+
+
+def test_list_json_and_empty_queue(env: Env) -> None:
+    result = mxsend(env, "list")
+    assert (result.returncode, result.stdout) == (0, "The queue is empty.\n")
+    assert json.loads(mxsend(env, "list", "--json").stdout) == {"messages": []}
+    id = queued(env, attempts=2, last_error="boom")
+    claim = env.spool.claim(id)
+    assert claim is not None
+    sent = env.spool.read(claim)
+    sent = dataclasses.replace(sent, recipients=(
+        dataclasses.replace(sent.recipients[0], status=RecipientStatus.SENT, dsn="2.0.0"),
+        *sent.recipients[1:],
+    ))
+    env.spool.update(claim, sent)  # still claimed: in flight for the CLI
+    doc = json.loads(mxsend(env, "list", "--json").stdout)
+    (message,) = doc["messages"]
+    assert message["id"] == id and message["state"] == "in-flight"
+    assert message["sender"] == "alice@example.com"
+    assert message["attempts"] == 2 and message["last_error"] == "boom"
+    assert message["pending"] == ["carol@example.net", "dave@example.net"]
+    assert [r["status"] for r in message["recipients"]] == ["sent", "pending", "pending"]
+    assert 3500 < message["age"] < 3700
+    env.spool.release(claim, sent)
+
+
+def test_show_text_and_json(env: Env) -> None:
+    id = queued(env, attempts=1, last_error="421 try later")
+    result = mxsend(env, "show", id)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert f"id:          {id}" in text
+    assert "state:       queued" in text
+    assert "sender:      <alice@example.com>" in text
+    assert "last error:  421 try later" in text
+    assert "envelope:    ENVID=Q+2B1" in text
+    assert "carol@example.net  pending" in text and "NOTIFY=NEVER" in text
+    doc = json.loads(mxsend(env, "show", id, "--json").stdout)
+    assert doc["id"] == id and doc["attempts"] == 1
+    assert doc["envelope"]["envid"] == "Q+2B1"
+    assert doc["envelope"]["notify"]["carol@example.net"] == ["NEVER"]
+    assert doc["envelope"]["orcpt"] == {"bob@example.org": "rfc822;bob@example.org"}
+
+
+@pytest.mark.parametrize("action", ["show", "flush", "delete", "bounce"])
+def test_unknown_id_is_one_line_and_exit_1(env: Env, action: str) -> None:
+    result = mxsend(env, action, "NOSUCHID")
+    assert result.returncode == 1
+    assert result.stderr == "mxsend: no message NOSUCHID in the queue\n"
+
+
+def test_missing_spool_is_reported(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"spool": {"path": str(tmp_path / "nowhere")}})
+    result = subprocess.run([str(MXSEND), "-c", str(config), "queue", "list"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "spool.path" in result.stderr and result.stderr.count("\n") == 1
+
+
+# --- changes ---------------------------------------------------------------------------------
+
+
+def test_flush_one_makes_it_due_and_asks_for_a_rescan(env: Env) -> None:
+    later = time.time() + 5 * HOUR
+    id = queued(env, attempts=4, next_try=later)
+    other = queued(env, attempts=1, next_try=later)
+    rescan = env.root / "control" / "rescan"
+    before = time.time()
+    result = mxsend(env, "flush", id)
+    assert (result.returncode, result.stdout) == (0, f"{id}: due now\n")
+    assert before - 1 <= state_of(env, id).next_try <= time.time()
+    assert state_of(env, id).attempts == 4  # a flush is not an attempt
+    assert state_of(env, other).next_try == later
+    assert id in env.spool.due(time.time())
+    assert rescan.exists() and rescan.stat().st_mtime >= before - 1
+    assert os.listdir(env.root / "owners") == ["filler"]  # the CLI left no heartbeat
+
+
+def test_flush_all_skips_what_is_in_flight(env: Env) -> None:
+    later = time.time() + HOUR
+    ids = [queued(env, next_try=later) for _ in range(3)]
+    busy = env.spool.claim(ids[1])
+    assert busy is not None
+    result = mxsend(env, "flush")
+    assert (result.returncode, result.stdout) == (0, "2 messages due now (1 in flight already)\n")
+    assert set(env.spool.due(time.time())) == {ids[0], ids[2]}
+    env.spool.release(busy, env.spool.read(busy))
+    assert state_of(env, ids[1]).next_try == later
+
+
+def test_in_flight_messages_are_not_touched(env: Env) -> None:
+    id = queued(env)
+    claim = env.spool.claim(id)  # the daemon is delivering it
+    assert claim is not None
+    for action in ("flush", "delete", "bounce"):
+        result = mxsend(env, action, id)
+        assert result.returncode == 1
+        assert result.stderr == (
+            f"mxsend: {id} is being delivered right now; try again when the attempt ends\n"
+        )
+    shown = mxsend(env, "show", id)
+    assert shown.returncode == 0 and "in flight" in shown.stdout
+    assert claim.path.exists() and reports(env) == []
+    env.spool.release(claim, env.spool.read(claim))
+
+
+def test_delete_removes_without_a_report(env: Env) -> None:
+    id = queued(env)
+    keep = queued(env)
+    result = mxsend(env, "delete", id)
+    assert (result.returncode, result.stdout) == (0, f"{id}: deleted\n")
+    assert state_of(env, id) is None and not env.spool.message_path(id).exists()
+    assert state_of(env, keep) is not None
+    assert reports(env) == []
+    # Nothing of the CLI's is left behind: no heartbeat, no private folder.
+    assert os.listdir(env.root / "owners") == ["filler"]
+    assert os.listdir(env.root / "active") == ["filler"]
+
+
+def test_bounce_queues_a_report_where_notify_allows(env: Env) -> None:
+    id = queued(env, attempts=2, last_error="452 4.2.2 mailbox full")
+    claim = env.spool.claim(id)
+    assert claim is not None
+    state = env.spool.read(claim)
+    bob, carol, dave = state.recipients
+    state = dataclasses.replace(state, recipients=(
+        dataclasses.replace(bob, response="452 4.2.2 mailbox full", dsn="4.2.2",
+                            remote_mta="mx1.example.org", last_attempt=time.time() - 60),
+        carol,  # NOTIFY=NEVER: bounced, but not reported
+        dataclasses.replace(dave, status=RecipientStatus.SENT, dsn="2.0.0"),  # already final
+    ))
+    env.spool.release(claim, state)
+
+    result = mxsend(env, "bounce", id)
+    assert result.returncode == 0, result.stderr
+    (raw,) = reports(env)
+    report_id = os.listdir(env.root / "new")[0]
+    assert result.stdout == f"{id}: 2 recipients bounced; report {report_id} queued\n"
+    assert state_of(env, id) is None and not env.spool.message_path(id).exists()
+
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    deliveries = [e for e in events if e["event"] == "delivery"]
+    assert [(e["recipient"], e["status"], e["relay"], e["dsn"]) for e in deliveries] == [
+        ("bob@example.org", "bounced", None, "5.0.0"),
+        ("carol@example.net", "bounced", None, "5.0.0"),
+    ]
+    (bounce_event,) = [e for e in events if e["event"] == "bounce"]
+    assert bounce_event["id"] == id and bounce_event["bounce_id"] == report_id
+    assert bounce_event["recipients"] == ["bob@example.org"]
+
+    dsn = parse_bsmtp(raw)
+    assert dsn.envelope.sender == ""
+    assert [r.address for r in dsn.envelope.recipients] == ["alice@example.com"]
+    parsed = email.message_from_bytes(dsn.data, policy=email.policy.default)
+    assert parsed["Subject"] == "Undelivered Mail Returned to Sender"
+    assert parsed["From"] == "Mail Delivery System <MAILER-DAEMON@out.example.com>"
+    _, status, returned = parsed.get_payload()  # type: ignore[misc]
+    per_message, block = status.get_payload()
+    assert per_message["Reporting-MTA"] == "dns; out.example.com"
+    assert per_message["Original-Envelope-Id"] == "Q+1"
+    assert block["Final-Recipient"] == "rfc822; bob@example.org"
+    assert block["Original-Recipient"] == "rfc822; bob@example.org"
+    assert block["Action"] == "failed" and block["Status"] == "5.0.0"
+    assert block["Diagnostic-Code"] == (
+        "X-mxsend; delivery cancelled by the mail system operator; "
+        "the last attempt got: 452 4.2.2 mailbox full"
+    )
+    assert returned.get_content_type() == "message/rfc822"
+    assert b"body line" in dsn.data
+
+
+def test_bounce_without_anyone_to_tell(env: Env) -> None:
+    never = queued(env, b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org> NOTIFY=NEVER\r\n"
+                        b"DATA\r\nS: x\r\n\r\n.\r\n")
+    null = queued(env, b"MAIL FROM:<>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nS: x\r\n\r\n.\r\n")
+    first = mxsend(env, "bounce", never)
+    assert first.stdout == f"{never}: 1 recipient bounced; no report (NOTIFY asked for none)\n"
+    second = mxsend(env, "bounce", null)
+    assert second.stdout == f"{null}: 1 recipient bounced; no report (null sender)\n"
+    assert reports(env) == []
+    assert state_of(env, never) is None and state_of(env, null) is None
+
+
+def test_bounce_keeps_the_message_in_sent_when_asked(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"spool": {"keep_sent": True}})
+    root = tmp_path / "spool"
+    spool = Spool(root, owner="filler")
+    spool.create_dirs()
+    environment = Env(config=config, root=root, spool=spool)
+    try:
+        id = queued(environment)
+        assert mxsend(environment, "bounce", id).returncode == 0
+        assert (root / "sent" / id).exists()
+    finally:
+        spool.retire()
