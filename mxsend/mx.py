@@ -106,8 +106,12 @@ def _shuffle_ties(
 
 
 def order_mx(records: Sequence[tuple[int, str]], rng: random.Random) -> list[tuple[int, str]]:
-    """(preference, host) by preference, equal preferences shuffled (RFC 5321 §5.1)."""
-    return _shuffle_ties(sorted(records, key=lambda record: record[0]), lambda r: r[0], rng)
+    """(preference, host) by preference, equal preferences shuffled (RFC 5321 §5.1).
+
+    Ties are put in name order before the shuffle: servers return an RRset in any order
+    (RFC 2181 §5), and with it sorted the result depends only on the records and the rng.
+    """
+    return _shuffle_ties(sorted(records), lambda record: record[0], rng)
 
 
 def normalise_domain(domain: str) -> str:
@@ -211,7 +215,7 @@ class _Plan:
 
 
 def _plan_of(hosts: Sequence[MxHost]) -> _Plan:
-    ordered = tuple(sorted(hosts, key=lambda host: host.preference))
+    ordered = tuple(sorted(hosts, key=lambda host: (host.preference, host.name)))
     prefs = [host.preference for host in ordered]
     return _Plan(hosts=ordered, has_ties=len(set(prefs)) != len(prefs))
 
