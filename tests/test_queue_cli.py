@@ -115,7 +115,15 @@ def test_list_shows_aligned_columns_and_a_summary(env: Env) -> None:
 def test_list_json_and_empty_queue(env: Env) -> None:
     result = mxsend(env, "list")
     assert (result.returncode, result.stdout) == (0, "The queue is empty.\n")
-    assert json.loads(mxsend(env, "list", "--json").stdout) == {"messages": []}
+    assert json.loads(mxsend(env, "list", "--json").stdout) == {"messages": [], "incoming": []}
+    waiting = env.spool.enqueue_bytes(PLAIN)  # not accepted by any daemon yet
+    result = mxsend(env, "list")
+    assert result.stdout == "-- 1 file in new/ waiting for a daemon to accept them\n"
+    assert json.loads(mxsend(env, "list", "--json").stdout)["incoming"] == [waiting]
+    assert mxsend(env, "show", waiting).stderr == (
+        f"mxsend: {waiting} is waiting in new/ for a daemon to accept it\n"
+    )
+    os.unlink(env.root / "new" / waiting)
     id = queued(env, attempts=2, last_error="boom")
     claim = env.spool.claim(id)
     assert claim is not None
@@ -303,5 +311,62 @@ def test_bounce_keeps_the_message_in_sent_when_asked(tmp_path: Path) -> None:
         id = queued(environment)
         assert mxsend(environment, "bounce", id).returncode == 0
         assert (root / "sent" / id).exists()
+    finally:
+        spool.retire()
+
+
+# --- against a running daemon ------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    """A loopback port nobody listens on: connections to it are refused (a 4xx-like failure)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.mark.slow
+def test_against_a_running_daemon(tmp_path: Path, daemon: Any) -> None:
+    pytest.importorskip("mxsend.scheduler", reason="the daemon is not built yet")
+    from tests.fixtures.daemon import wait_until
+
+    config = write_config(tmp_path, {
+        "smtp": {"port": _closed_port(), "helo_name": "out.example.com"},
+        "queue": {"retry": ["1h"], "max_age": "5d", "scan_interval": "1s"},
+    })
+    root = tmp_path / "spool"
+    spool = Spool(root, owner="writer")
+    spool.create_dirs()
+    environment = Env(config=config, root=root, spool=spool)
+    try:
+        running = daemon(config)
+        id = spool.enqueue_bytes(
+            b"MAIL FROM:<alice@[127.0.0.1]>\r\nRCPT TO:<bob@[127.0.0.1]>\r\n"
+            b"DATA\r\nSubject: t\r\n\r\nhi\r\n.\r\n"
+        )
+        running.wait_event("delivery", id=id, status="deferred")
+
+        def queued_with(attempts: int) -> bool:
+            found = spool.find(id)
+            return found is not None and found[1] == "queue" and found[0].attempts == attempts
+
+        wait_until(lambda: queued_with(1), message="the first attempt to be recorded")
+        listed = mxsend(environment, "list")
+        assert listed.returncode == 0 and id in listed.stdout
+        assert "in 59m" in listed.stdout or "in 1h" in listed.stdout
+
+        flushed = mxsend(environment, "flush", id)
+        assert flushed.returncode == 0, flushed.stderr
+        running.wait_event("delivery", count=2, id=id, status="deferred")
+        wait_until(lambda: queued_with(2), message="the flushed attempt to be recorded")
+
+        bounced = mxsend(environment, "bounce", id)
+        assert bounced.returncode == 0, bounced.stderr
+        report_id = bounced.stdout.split("report ")[1].split()[0]
+        running.wait_event("queued", id=report_id)  # the daemon took the report in
+        assert spool.find(id) is None
     finally:
         spool.retire()

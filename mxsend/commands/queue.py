@@ -270,18 +270,25 @@ def _claim(spool: Spool, id: str) -> Claim:
 
 def _list(spool: Spool, args: argparse.Namespace, config: Config, now: float) -> int:
     entries = sorted(spool.entries(), key=lambda e: (e[0].created, e[0].id))
+    # Files not yet accepted have no state to show, but an operator whose daemon is down
+    # must not be told the queue is empty while new/ fills up.
+    incoming = spool.incoming()
     if args.json:
-        doc = {"messages": [state_document(s, w, now) for s, w in entries]}
+        doc = {"messages": [state_document(s, w, now) for s, w in entries],
+               "incoming": incoming}
         print(json.dumps(doc, ensure_ascii=False, indent=2))
         return EXIT_OK
-    if not entries:
+    if entries:
+        for line in table(list_rows(entries, now)):
+            print(line)
+        pending = sum(len(s.pending()) for s, _ in entries)
+        print(f"-- {len(entries)} message{'s' * (len(entries) != 1)}, "
+              f"{pending} recipient{'s' * (pending != 1)} pending")
+    elif not incoming:
         print("The queue is empty.")
-        return EXIT_OK
-    for line in table(list_rows(entries, now)):
-        print(line)
-    pending = sum(len(s.pending()) for s, _ in entries)
-    print(f"-- {len(entries)} message{'s' * (len(entries) != 1)}, "
-          f"{pending} recipient{'s' * (pending != 1)} pending")
+    if incoming:
+        print(f"-- {len(incoming)} file{'s' * (len(incoming) != 1)} in new/ "
+              "waiting for a daemon to accept them")
     return EXIT_OK
 
 
