@@ -1,0 +1,466 @@
+"""The spool's operations on a real directory; two owners and two real processes racing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mxsend.envelope import Envelope, Message, Recipient, parse_bsmtp
+from mxsend.errors import SpoolError
+from mxsend.spool import (
+    Accepted,
+    MessageState,
+    Quarantined,
+    RecipientState,
+    RecipientStatus,
+    Spool,
+    id_problem,
+    new_queue_id,
+    state_from_json,
+    state_to_json,
+)
+
+GOOD = b"MAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nRCPT TO:<c@dst.test>\r\nDATA\r\n" \
+       b"Subject: hi\r\n\r\n..dot\r\n.\r\n"
+NOW = 1_800_000_000.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path / "spool", owner="one")
+    s.create_dirs()
+    return s
+
+
+def drop(spool: Spool, name: str, raw: bytes) -> None:
+    """What a writer does: tmp/, then rename into new/."""
+    temp = spool.root / "tmp" / name
+    temp.write_bytes(raw)
+    os.rename(temp, spool.root / "new" / name)
+
+
+def accepted(spool: Spool, name: str, raw: bytes = GOOD, now: float = NOW) -> Accepted:
+    drop(spool, name, raw)
+    result = spool.accept(name, now)
+    assert isinstance(result, Accepted), result
+    return result
+
+
+def files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+# --- ids ------------------------------------------------------------------------------
+
+
+def test_queue_ids_sort_by_time_and_are_unique() -> None:
+    ids = [new_queue_id(NOW + i / 1000) for i in range(200)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 200
+    assert len(set(new_queue_id(NOW) for _ in range(200))) == 200
+    assert all(id_problem(i) is None and len(i) == 21 for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [("abc", True), ("1700000000.M1P2.host,S=42:2,", True), ("a" * 128, True),
+     ("a" * 129, False), ("", False), (".", False), ("..", False), ("a b", False),
+     ("a\tb", False), ("é", False), ("a/b", False), ("a\0b", False)],
+)
+def test_id_rules(name: str, ok: bool) -> None:
+    assert (id_problem(name) is None) is ok
+
+
+# --- acceptance -----------------------------------------------------------------------
+
+
+def test_enqueue_then_accept(spool: Spool) -> None:
+    id = spool.enqueue_bytes(GOOD)
+    assert spool.incoming() == [id]
+    assert os.listdir(spool.root / "tmp") == []
+    result = spool.accept(id, NOW)
+    assert isinstance(result, Accepted)
+    assert result.message == parse_bsmtp(GOOD)
+    assert result.state.sender == "a@src.test"
+    assert [r.address for r in result.state.recipients] == ["b@dst.test", "c@dst.test"]
+    assert result.state.size == len(b"Subject: hi\r\n\r\n.dot\r\n")
+    assert result.state.created == NOW and result.state.next_try == NOW
+    assert spool.message_path(id).read_bytes() == GOOD  # unchanged bytes
+    assert spool.incoming() == []
+    assert spool.due(NOW) == [id]
+    assert spool.load_message(id) == parse_bsmtp(GOOD)
+    assert files(spool.root) == [f"msg/{id}", "owners/one", f"queue/{id}"]
+
+
+def test_enqueue_a_message_value(spool: Spool) -> None:
+    message = Message(Envelope("", (Recipient("x@y.test", notify=("NEVER",)),)), b"a\r\n")
+    id = spool.enqueue(message)
+    assert parse_bsmtp((spool.root / "new" / id).read_bytes()) == message
+
+
+def test_accept_of_a_vanished_file_is_none(spool: Spool) -> None:
+    assert spool.accept("nothing", NOW) is None
+    assert spool.accept(".hidden", NOW) is None
+
+
+def test_dot_files_in_new_are_ignored(spool: Spool) -> None:
+    drop(spool, ".partial", GOOD)
+    assert spool.incoming() == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"", "empty file"),
+        (b"hello\n", "expected MAIL FROM"),
+        (b"MAIL FROM:<a@b.test>\nDATA\nx\n.\n", "no RCPT"),
+        (b"MAIL FROM:<a@b.test>\nRCPT TO:<c@d.test>\nDATA\nx\n", "single '.'"),
+        (b"MAIL FROM:<a@b.test> FOO=1\nRCPT TO:<c@d.test>\nDATA\nx\n.\n", "unknown MAIL"),
+    ],
+)
+def test_bad_files_are_quarantined_with_a_reason(spool: Spool, raw: bytes, reason: str) -> None:
+    drop(spool, "bad", raw)
+    result = spool.accept("bad", NOW)
+    assert isinstance(result, Quarantined)
+    assert reason in result.reason
+    assert (spool.root / "bad" / "bad").read_bytes() == raw
+    assert (spool.root / "bad" / "bad.reason").read_text() == result.reason + "\n"
+    assert "\n" not in result.reason
+
+
+def test_good_files_beside_bad_ones_are_unaffected(spool: Spool) -> None:
+    for i in range(3):
+        drop(spool, f"good{i}", GOOD)
+        drop(spool, f"bad{i}", b"junk %d\n" % i)
+    results = {name: spool.accept(name, NOW) for name in spool.incoming()}
+    assert sorted(n for n, r in results.items() if isinstance(r, Accepted)) == [
+        "good0", "good1", "good2"]
+    assert sorted(n for n, r in results.items() if isinstance(r, Quarantined)) == [
+        "bad0", "bad1", "bad2"]
+    assert sorted(spool.due(NOW)) == ["good0", "good1", "good2"]
+
+
+def test_too_big_is_quarantined_without_reading(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, owner="one", max_message_size=1000)
+    spool.create_dirs()
+    path = spool.root / "new" / "huge"
+    with open(path, "wb") as handle:
+        handle.truncate(50 * 1024**3)  # sparse: reading it whole would take 50 GB
+    result = spool.accept("huge", NOW)
+    assert isinstance(result, Quarantined)
+    assert "max_message_size" in result.reason
+    assert (spool.root / "bad" / "huge").stat().st_size == 50 * 1024**3
+
+
+def test_size_limit_lets_a_file_of_exactly_the_limit_through(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, owner="one", max_message_size=len(GOOD))
+    spool.create_dirs()
+    assert isinstance(accepted(spool, "fits"), Accepted)
+
+
+@pytest.mark.parametrize("name", ["with space", "x" * 129, "tab\there"])
+def test_unusable_names_are_quarantined(spool: Spool, name: str) -> None:
+    drop(spool, name, GOOD)
+    result = spool.accept(name, NOW)
+    assert isinstance(result, Quarantined)
+    assert "file name" in result.reason
+    assert (spool.root / "bad" / name).read_bytes() == GOOD
+
+
+def test_symlinks_and_directories_are_quarantined(spool: Spool, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(GOOD)
+    os.symlink(secret, spool.root / "new" / "link")
+    os.mkdir(spool.root / "new" / "dir")
+    for name in ("link", "dir"):
+        result = spool.accept(name, NOW)
+        assert isinstance(result, Quarantined)
+        assert result.reason == "not a regular file"
+    assert os.path.islink(spool.root / "bad" / "link")
+    assert spool.due(NOW) == []
+
+
+def test_a_name_still_queued_is_quarantined_as_in_use(spool: Spool) -> None:
+    accepted(spool, "same")
+    drop(spool, "same", GOOD.replace(b"hi", b"second"))
+    result = spool.accept("same", NOW)
+    assert result == Quarantined("same", "queue id in use")
+    assert b"second" in (spool.root / "bad" / "same").read_bytes()
+    assert spool.message_path("same").read_bytes() == GOOD
+
+
+def test_bad_names_do_not_overwrite_each_other(spool: Spool) -> None:
+    for content in (b"one\n", b"two\n"):
+        drop(spool, "x", content)
+        assert isinstance(spool.accept("x", NOW), Quarantined)
+    kept = sorted(p.read_bytes() for p in (spool.root / "bad").iterdir()
+                  if not p.name.endswith(".reason"))
+    assert kept == [b"one\n", b"two\n"]
+    drop(spool, "y.reason", b"junk\n")  # must not pass for the reason of a file "y"
+    assert isinstance(spool.accept("y.reason", NOW), Quarantined)
+    assert not (spool.root / "bad" / "y.reason").exists()
+
+
+# --- scheduling and claims ------------------------------------------------------------
+
+
+def test_due_and_next_due_follow_next_try(spool: Spool) -> None:
+    assert spool.next_due() is None
+    a = accepted(spool, "a").state
+    accepted(spool, "b", now=NOW + 5)
+    claim = spool.claim("a")
+    assert claim is not None
+    spool.release(claim, replace(a, next_try=NOW + 100))
+    assert spool.due(NOW + 4) == []
+    assert spool.due(NOW + 5) == ["b"]
+    assert spool.due(NOW + 100) == ["b", "a"]
+    assert spool.next_due() == NOW + 5
+
+
+def test_claim_update_release_round_trip(spool: Spool) -> None:
+    state = accepted(spool, "m").state
+    claim = spool.claim("m")
+    assert claim is not None and claim.owner == "one"
+    assert spool.claim("m") is None  # already ours: not in queue/
+    assert spool.due(NOW) == []
+    assert spool.find("m") == (state, "active")
+    sent = replace(state.recipients[0], status=RecipientStatus.SENT, response="250 2.0.0 ok",
+                   dsn="2.0.0", relay="mx.dst.test[127.0.0.2]:25", remote_mta="mx.dst.test",
+                   last_attempt=NOW + 1)
+    state = replace(state, recipients=(sent, state.recipients[1]), attempts=1,
+                    last_try=NOW + 1, next_try=NOW + 300, last_error="451 later")
+    spool.update(claim, state)
+    assert spool.read(claim) == state
+    spool.release(claim, state)
+    assert spool.find("m") == (state, "queue")
+    assert list(spool.entries()) == [(state, "queue")]
+    assert state.pending() == (state.recipients[1],)
+    assert not state.is_final()
+
+
+def test_complete_removes_everything(spool: Spool) -> None:
+    state = accepted(spool, "m").state
+    claim = spool.claim("m")
+    assert claim is not None
+    with pytest.raises(SpoolError):
+        spool.complete(claim, state)  # still pending
+    done = tuple(replace(r, status=RecipientStatus.BOUNCED) for r in state.recipients)
+    spool.complete(claim, replace(state, recipients=done))
+    assert files(spool.root) == ["owners/one"]
+    assert spool.find("m") is None
+
+
+def test_keep_sent_keeps_the_message(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, owner="one", keep_sent=True)
+    spool.create_dirs()
+    state = accepted(spool, "m").state
+    claim = spool.claim("m")
+    assert claim is not None
+    done = tuple(replace(r, status=RecipientStatus.SENT) for r in state.recipients)
+    spool.complete(claim, replace(state, recipients=done))
+    assert (spool.root / "sent" / "m").read_bytes() == GOOD
+    assert files(spool.root) == ["owners/one", "sent/m"]
+
+
+def test_delete(spool: Spool) -> None:
+    accepted(spool, "m")
+    claim = spool.claim("m")
+    assert claim is not None
+    spool.delete(claim)
+    assert files(spool.root) == ["owners/one"]
+
+
+def test_load_message_of_a_missing_id(spool: Spool) -> None:
+    with pytest.raises(SpoolError):
+        spool.load_message("nope")
+    with pytest.raises(SpoolError):
+        spool.message_path("../etc")
+
+
+def test_two_owners_claim_each_message_once(tmp_path: Path) -> None:
+    one, two = Spool(tmp_path, owner="one"), Spool(tmp_path, owner="two")
+    one.create_dirs()
+    for i in range(20):
+        drop(one, f"m{i:02}", GOOD)
+    won: dict[str, list[str]] = {"one": [], "two": []}
+    for name in one.incoming():
+        for s in (one, two):
+            if isinstance(s.accept(name, NOW), Accepted):
+                won[s.owner].append(name)
+    assert sorted(won["one"] + won["two"]) == [f"m{i:02}" for i in range(20)]
+    claimed = []
+    for id in one.due(NOW):
+        for s in (two, one):
+            claim = s.claim(id)
+            if claim is not None:
+                claimed.append(id)
+    assert sorted(claimed) == [f"m{i:02}" for i in range(20)]
+
+
+def test_two_processes_race_and_each_message_is_taken_once(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, owner="setup")
+    spool.create_dirs()
+    names = [spool.enqueue_bytes(GOOD) for _ in range(150)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    driver = str(Path(__file__).with_name("spool_crash_driver.py"))
+    procs = [subprocess.Popen([sys.executable, driver, "race", str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(2)]
+    try:
+        assert all(p.stdout is not None and p.stdout.readline() == b"ready\n" for p in procs)
+        (tmp_path / "go").touch()
+        outputs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    lines = [line.split() for out, _ in outputs for line in out.decode().splitlines()]
+    for verb in ("accepted", "claimed"):
+        taken = [id for v, id in lines if v == verb]
+        assert sorted(taken) == sorted(names), verb  # each exactly once
+    per_process = [sum(1 for ln in out.decode().splitlines() if ln.startswith("claimed"))
+                   for out, _ in outputs]
+    assert files(tmp_path) == ["go"]
+    print("claims per process", per_process)
+
+
+# --- recovery -------------------------------------------------------------------------
+
+
+def test_claims_of_a_dead_owner_come_back(tmp_path: Path) -> None:
+    dead, alive = Spool(tmp_path, owner="dead"), Spool(tmp_path, owner="alive")
+    dead.create_dirs()
+    state = accepted(dead, "m").state
+    claim = dead.claim("m")
+    assert claim is not None
+    half = replace(state, recipients=(replace(state.recipients[0],
+                                              status=RecipientStatus.SENT),
+                                      state.recipients[1]), next_try=NOW + 60)
+    dead.update(claim, half)
+    alive.heartbeat()
+    beat = os.stat(tmp_path / "owners" / "dead").st_mtime
+    assert alive.recover(stale_after=30, now=beat + 10) == []  # still fresh
+    assert alive.due(NOW + 60) == []
+    assert alive.recover(stale_after=30, now=beat + 31) == ["m"]
+    assert alive.find("m") == (half, "queue")
+    assert alive.due(NOW + 60) == ["m"]  # next_try survives as the mtime
+    assert not (tmp_path / "owners" / "dead").exists()
+    # The presumed-dead process, if it wakes up, cannot write over the new owner's claim.
+    with pytest.raises(SpoolError, match="claim lost"):
+        dead.update(claim, state)
+    with pytest.raises(SpoolError, match="claim lost"):
+        dead.release(claim, state)
+    assert alive.find("m") == (half, "queue")
+
+
+def test_retire_makes_leftovers_recoverable_at_once(tmp_path: Path) -> None:
+    one, two = Spool(tmp_path, owner="one"), Spool(tmp_path, owner="two")
+    one.create_dirs()
+    accepted(one, "m")
+    assert one.claim("m") is not None
+    one.retire()
+    assert two.recover(stale_after=3600, now=time.time()) == ["m"]
+    assert two.due(NOW) == ["m"]
+
+
+def test_recover_finishes_a_completion_that_died(tmp_path: Path) -> None:
+    dead, alive = Spool(tmp_path, owner="dead"), Spool(tmp_path, owner="alive")
+    dead.create_dirs()
+    state = accepted(dead, "m").state
+    claim = dead.claim("m")
+    assert claim is not None
+    final = replace(state, recipients=tuple(replace(r, status=RecipientStatus.SENT)
+                                            for r in state.recipients))
+    dead.update(claim, final)  # complete() writes this first, then dies
+    dead.retire()
+    assert alive.recover(stale_after=1, now=time.time()) == ["m"]
+    assert files(tmp_path) == ["owners/alive"]
+
+
+def test_recover_ignores_a_later_file_of_the_same_name(tmp_path: Path) -> None:
+    dead, alive = Spool(tmp_path, owner="dead"), Spool(tmp_path, owner="alive")
+    dead.create_dirs()
+    state = accepted(dead, "m").state
+    claim = dead.claim("m")
+    assert claim is not None
+    # complete() removed msg/m and died before removing the state; meanwhile a new
+    # file called "m" was accepted.
+    os.unlink(dead.message_path("m"))
+    drop(alive, "m", GOOD.replace(b"hi", b"later"))
+    later = alive.accept("m", NOW + 1)
+    assert isinstance(later, Accepted)
+    final = replace(state, recipients=tuple(replace(r, status=RecipientStatus.SENT)
+                                            for r in state.recipients))
+    os.unlink(claim.path)
+    (claim.path).write_bytes(state_to_json(final))
+    dead.retire()
+    alive.recover(stale_after=1, now=time.time())
+    assert alive.find("m") == (later.state, "queue")
+    assert b"later" in alive.message_path("m").read_bytes()
+
+
+def test_abandoned_writer_files_are_cleaned_after_36_hours(spool: Spool) -> None:
+    temp = spool.root / "tmp" / "old"
+    temp.write_bytes(b"x")
+    os.utime(temp, (NOW, NOW))
+    (spool.root / "tmp" / "fresh").write_bytes(b"x")
+    os.utime(spool.root / "tmp" / "fresh", (NOW + 36 * 3600, NOW + 36 * 3600))
+    spool.recover(stale_after=60, now=NOW + 35 * 3600)
+    assert temp.exists()
+    spool.recover(stale_after=60, now=NOW + 37 * 3600)
+    assert sorted(os.listdir(spool.root / "tmp")) == ["fresh"]
+
+
+def test_request_rescan_touches_the_control_file(spool: Spool) -> None:
+    spool.request_rescan()
+    first = (spool.root / "control" / "rescan").stat().st_mtime_ns
+    os.utime(spool.root / "control" / "rescan", (0, 0))
+    spool.request_rescan()
+    assert (spool.root / "control" / "rescan").stat().st_mtime_ns >= first
+
+
+def test_owner_names_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        Spool(tmp_path, owner="a/b")
+    with pytest.raises(ValueError):
+        Spool(tmp_path, owner="a~b")
+    assert "~" not in Spool(tmp_path).owner
+
+
+# --- the state file -------------------------------------------------------------------
+
+_text = st.text(max_size=30)
+_recipient = st.builds(
+    RecipientState, address=_text, status=st.sampled_from(list(RecipientStatus)),
+    response=_text, dsn=_text, relay=_text, remote_mta=_text,
+    last_attempt=st.floats(0, 4e9), delay_notified=st.booleans(),
+)
+
+
+@given(st.builds(
+    MessageState, id=_text, created=st.floats(0, 4e9), sender=_text,
+    size=st.integers(0, 2**40), recipients=st.lists(_recipient, max_size=4).map(tuple),
+    attempts=st.integers(0, 1000), last_try=st.none() | st.floats(0, 4e9),
+    next_try=st.floats(0, 4e9), last_error=_text, file_stamp=_text,
+))
+def test_state_json_round_trip(state: MessageState) -> None:
+    assert state_from_json(state_to_json(state)) == state
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"[]", b'{"version": 1}', b'{"version": 99}',
+                                 b'{"version":1,"id":"x","created":0,"sender":"","size":0,'
+                                 b'"recipients":[{"address":"a","status":"nonsense"}]}'])
+def test_corrupt_state_is_a_spool_error(raw: bytes) -> None:
+    with pytest.raises(SpoolError):
+        state_from_json(raw)
