@@ -1,0 +1,416 @@
+"""Per-domain delivery: MX hosts in order, ServerDetails per server, the connection pool.
+
+`Deliverer.deliver()` makes one transaction per domain per attempt (contract §5) and
+returns one RecipientOutcome per recipient; delivery problems, DNS included, become
+outcomes, never exceptions. Every address of every MX host is tried in order until one
+answers (RFC 5321 §5.1): a connection failure, or a host that answered 4xx for the
+whole transaction, moves on to the next address; anything sent or bounced is final.
+
+Connections are pooled (the big lever for throughput): after a transaction the session
+is RSET (RFC 5321 §4.1.1.5) and kept for the next message to the same (ip, port) whose
+ServerActions are equal (contract §4); idle sessions are closed after IDLE_SECONDS. The
+pool enforces `smtp.max_connections`, `smtp.max_connections_per_domain` and a bound per
+destination. A refused connection or a 421 puts that address in a short Backoff so a
+struggling server is not hammered by every queued message at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mxsend.actions import ServerActions, ServerParameters
+from mxsend.batv import BatvKey, sign
+from mxsend.config import Config
+from mxsend.envelope import Message, Recipient
+from mxsend.errors import ConfigError, DeliveryError, Phase, TemporaryFailure
+from mxsend.outcome import (
+    RecipientOutcome,
+    Where,
+    failure_outcomes,
+    should_try_next_host,
+    transaction_outcomes,
+)
+from mxsend.smtp import (
+    ClientSettings,
+    Destination,
+    HandshakeFailed,
+    SmtpConnection,
+    Transaction,
+    choose_return_path,
+)
+
+ServerDetailsFn = Callable[[ServerParameters], Awaitable[ServerActions]]
+
+# Idle sessions are closed after this long: long enough to catch the next message of a
+# burst, short enough not to hold a server's slot (Postfix: smtp_connection_cache_time_limit
+# is 2s; servers commonly drop idle clients after 30-60s).
+IDLE_SECONDS = 5.0
+# Sessions open to one (ip, port) at once; RFC 5321 §4.5.3.2 gives no number, and many
+# receivers throttle above a handful of concurrent connections per client.
+MAX_PER_DESTINATION = 10
+# A session is closed after this many transactions so that no server sees it forever.
+MAX_TRANSACTIONS = 1000
+
+
+class HostLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def addresses(self) -> tuple[str, ...]: ...
+
+
+class ResolverLike(Protocol):
+    async def resolve(self, domain: str) -> Sequence[HostLike]: ...
+
+
+# --- backoff (pure) ------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Per-address pause after a refused connection or a 421; doubles, then caps."""
+
+    base: float = 5.0
+    cap: float = 300.0
+    _state: dict[tuple[str, int], tuple[float, float]] = field(default_factory=dict)
+
+    def failed(self, key: tuple[str, int], now: float) -> float:
+        """Record a failure; returns the time until which the address is skipped."""
+        _, previous = self._state.get(key, (0.0, 0.0))
+        delay = min(self.cap, previous * 2 if previous else self.base)
+        self._state[key] = (now + delay, delay)
+        return now + delay
+
+    def succeeded(self, key: tuple[str, int]) -> None:
+        self._state.pop(key, None)
+
+    def blocked_until(self, key: tuple[str, int], now: float) -> float | None:
+        entry = self._state.get(key)
+        if entry is None or entry[0] <= now:
+            return None
+        return entry[0]
+
+
+def backoff_worthy(error: DeliveryError) -> bool:
+    """Refused or unreachable, or told to go away (421, RFC 5321 §3.8)."""
+    return error.code == 421 or (error.phase is Phase.CONNECT and error.code is None)
+
+
+# --- the pool ---------------------------------------------------------------------------
+
+PoolKey = tuple[str, int, ServerActions]
+
+
+@dataclass(slots=True)
+class _Entry:
+    connection: SmtpConnection
+    domain: str
+    timer: asyncio.TimerHandle | None = None
+
+
+class ConnectionPool:
+    """Open sessions, idle ones by (ip, port, actions), and the connection limits."""
+
+    def __init__(self, max_total: int, max_per_domain: int,
+                 max_per_destination: int = MAX_PER_DESTINATION,
+                 idle_seconds: float = IDLE_SECONDS) -> None:
+        self.max_total = max_total
+        self.max_per_domain = max_per_domain
+        self.max_per_destination = max_per_destination
+        self.idle_seconds = idle_seconds
+        self._idle: dict[PoolKey, list[_Entry]] = {}
+        self._total = 0
+        self._per_domain: Counter[str] = Counter()
+        self._per_destination: Counter[tuple[str, int]] = Counter()
+        self._changed = asyncio.Condition()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def open_count(self) -> int:
+        return self._total
+
+    def idle_connid(self, ip: str, port: int) -> int | None:
+        """The id of an idle session to (ip, port), for ServerDetails' `connid`."""
+        for (kip, kport, _), entries in self._idle.items():
+            if kip == ip and kport == port and entries:
+                return entries[-1].connection.connid
+        return None
+
+    def take(self, key: PoolKey) -> _Entry | None:
+        """An idle live session for exactly this key, now busy."""
+        entries = self._idle.get(key)
+        while entries:
+            entry = entries.pop()
+            if entry.timer is not None:
+                entry.timer.cancel()
+                entry.timer = None
+            if entry.connection.alive:
+                return entry
+            self._forget(entry)
+        return None
+
+    async def reserve(self, domain: str, destination: tuple[str, int]) -> None:
+        """Wait for room for one more session; evict idle ones to make it."""
+        async with self._changed:
+            while not self._room(domain, destination):
+                if not self._evict(domain, destination):
+                    await self._changed.wait()
+            self._total += 1
+            self._per_domain[domain] += 1
+            self._per_destination[destination] += 1
+
+    def _room(self, domain: str, destination: tuple[str, int]) -> bool:
+        return (self._total < self.max_total
+                and self._per_domain[domain] < self.max_per_domain
+                and self._per_destination[destination] < self.max_per_destination)
+
+    def _evict(self, domain: str, destination: tuple[str, int]) -> bool:
+        """Close the oldest idle session that stands in the way; False if none does."""
+        candidates = [
+            entry for entries in self._idle.values() for entry in entries
+            if self._total >= self.max_total
+            or entry.domain == domain
+            or (entry.connection.destination.ip, entry.connection.destination.port)
+            == destination
+        ]
+        if not candidates:
+            return False
+        oldest = min(candidates, key=lambda entry: entry.connection.last_used)
+        self._remove_idle(oldest)
+        self._close(oldest)
+        return True
+
+    def unreserve(self, domain: str, destination: tuple[str, int]) -> None:
+        self._total -= 1
+        self._per_domain[domain] -= 1
+        self._per_destination[destination] -= 1
+        self._notify()
+
+    def give_back(self, entry: _Entry) -> None:
+        """A busy session is idle again (already RSET), or gone if it is not alive."""
+        conn = entry.connection
+        if not conn.alive or conn.transactions >= MAX_TRANSACTIONS:
+            self._close(entry)
+            return
+        key = (conn.destination.ip, conn.destination.port, conn.actions)
+        self._idle.setdefault(key, []).append(entry)
+        loop = asyncio.get_running_loop()
+        entry.timer = loop.call_later(self.idle_seconds, self._expire, key, entry)
+        self._notify()
+
+    def discard(self, entry: _Entry) -> None:
+        self._close(entry)
+
+    def _expire(self, key: PoolKey, entry: _Entry) -> None:
+        entries = self._idle.get(key, [])
+        if entry in entries:
+            entries.remove(entry)
+            self._close(entry)
+
+    def _remove_idle(self, entry: _Entry) -> None:
+        conn = entry.connection
+        key = (conn.destination.ip, conn.destination.port, conn.actions)
+        entries = self._idle.get(key, [])
+        if entry in entries:
+            entries.remove(entry)
+        if not entries:
+            self._idle.pop(key, None)
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+
+    def _close(self, entry: _Entry) -> None:
+        """QUIT in the background; the slot is free at once."""
+        self._forget(entry)
+        task = asyncio.get_running_loop().create_task(entry.connection.quit())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _forget(self, entry: _Entry) -> None:
+        conn = entry.connection
+        self.unreserve(entry.domain, (conn.destination.ip, conn.destination.port))
+
+    def _notify(self) -> None:
+        async def wake() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        task = asyncio.get_running_loop().create_task(wake())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """QUIT every idle session and wait for every QUIT under way."""
+        for entries in list(self._idle.values()):
+            for entry in list(entries):
+                self._remove_idle(entry)
+                self._close(entry)
+        self._idle.clear()
+        while self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
+
+
+# --- the deliverer -----------------------------------------------------------------------
+
+
+class Deliverer:
+    """Delivers one message's recipients of one domain per call; see the module doc."""
+
+    def __init__(self, config: Config, resolver: ResolverLike, *, batv_key: bytes | None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        smtp = config.smtp
+        self._port = smtp.port
+        self._resolver = resolver
+        self._settings = ClientSettings(
+            helo_name=smtp.helo_name or socket.getfqdn(),
+            source_address=smtp.source_address,
+            ca_file=smtp.ca_file,
+        )
+        self._batv = BatvKey(batv_key) if batv_key else None
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._ids = itertools.count(1)
+        self.backoff = Backoff()
+        self.pool = ConnectionPool(smtp.max_connections, smtp.max_connections_per_domain)
+
+    async def deliver(self, queue_id: str, message: Message, recipients: Sequence[Recipient],
+                      domain: str, server_details: ServerDetailsFn) -> list[RecipientOutcome]:
+        """One transaction for these recipients of `domain`; one outcome per recipient.
+
+        Raises ConfigError only when a script asks for BATV and no key is configured.
+        """
+        addresses = [r.address for r in recipients]
+        if not recipients:
+            return []
+        try:
+            hosts = await self._resolver.resolve(domain)
+        except DeliveryError as exc:
+            return failure_outcomes(addresses, exc)
+        if not hosts:
+            return failure_outcomes(addresses, TemporaryFailure(
+                f"{domain}: no host to deliver to", dsn="4.4.4", phase=Phase.DNS, host=domain))
+        last: list[RecipientOutcome] | None = None
+        for host in hosts:
+            for ip in host.addresses:
+                destination = Destination(host.name, ip, self._port)
+                outcomes = await self._try(destination, message, recipients, domain,
+                                           server_details)
+                if not should_try_next_host(outcomes):
+                    return outcomes
+                last = outcomes
+        if last is None:
+            return failure_outcomes(addresses, TemporaryFailure(
+                f"{domain}: no address to deliver to", dsn="4.4.4", phase=Phase.DNS,
+                host=domain))
+        return last
+
+    async def close(self) -> None:
+        """QUIT every pooled connection."""
+        await self.pool.close()
+
+    # -- one destination ----------------------------------------------------------------
+
+    async def _try(self, dest: Destination, message: Message, recipients: Sequence[Recipient],
+                   domain: str, server_details: ServerDetailsFn) -> list[RecipientOutcome]:
+        addresses = [r.address for r in recipients]
+        key = (dest.ip, dest.port)
+        until = self.backoff.blocked_until(key, self._clock())
+        if until is not None:
+            return failure_outcomes(addresses, TemporaryFailure(
+                f"{dest.relay} is in backoff after a refused connection or 421",
+                dsn="4.4.1", phase=Phase.CONNECT, host=dest.name), Where(dest.relay, dest.name))
+        connid = self.pool.idle_connid(dest.ip, dest.port) or next(self._ids)
+        env = message.envelope
+        params = ServerParameters(
+            authsender=env.auth or "", originator=env.sender, server=dest.name, domain=domain,
+            length=len(message.data), connid=connid, connection=dest.relay,
+        )
+        actions = await server_details(params)
+        try:
+            tx = self._transaction(message, recipients, actions)
+        except DeliveryError as exc:
+            return failure_outcomes(addresses, exc)
+
+        entry = self.pool.take((dest.ip, dest.port, actions))
+        if entry is not None:
+            outcomes = await self._send(entry, tx, addresses)
+            if outcomes is not None:
+                return outcomes
+            # The pooled session had died while idle: nothing was sent; open a new one.
+        try:
+            entry = await self._open(dest, actions, domain, connid)
+        except DeliveryError as exc:
+            if backoff_worthy(exc):
+                self.backoff.failed(key, self._clock())
+            return failure_outcomes(addresses, exc, Where(dest.relay, dest.name))
+        self.backoff.succeeded(key)
+        outcomes = await self._send(entry, tx, addresses, fresh=True)
+        assert outcomes is not None
+        return outcomes
+
+    def _transaction(self, message: Message, recipients: Sequence[Recipient],
+                     actions: ServerActions) -> Transaction:
+        return_path = choose_return_path(message.envelope.sender, actions)
+        if actions.use_batv and return_path:
+            if self._batv is None:
+                raise ConfigError("batv.key_file: required when a script sets useBATV")
+            return_path = sign(return_path, self._batv, self._wall_clock())
+        return Transaction(envelope=message.envelope, return_path=return_path,
+                           recipients=tuple(recipients), data=message.data)
+
+    async def _open(self, dest: Destination, actions: ServerActions, domain: str,
+                    connid: int) -> _Entry:
+        slot = (dest.ip, dest.port)
+        await self.pool.reserve(domain, slot)
+        try:
+            try:
+                conn = await SmtpConnection.open(dest, actions, self._settings, connid=connid)
+            except HandshakeFailed:
+                # Contract §4: without forceTLS, a failed handshake is retried once in
+                # plaintext on a new connection.
+                conn = await SmtpConnection.open(dest, actions, self._settings, connid=connid,
+                                                 allow_tls=False)
+        except BaseException:
+            self.pool.unreserve(domain, slot)
+            raise
+        return _Entry(conn, domain)
+
+    async def _send(self, entry: _Entry, tx: Transaction, addresses: list[str],
+                    *, fresh: bool = False) -> list[RecipientOutcome] | None:
+        """Run the transaction; give the session back. None: a stale pooled session."""
+        conn = entry.connection
+        where = Where(conn.destination.relay, conn.destination.name, conn.tls_version)
+        try:
+            result = await conn.send(tx)
+        except DeliveryError as exc:
+            stale = (not fresh and not conn.alive and exc.phase is Phase.MAIL
+                     and exc.code is None)
+            if stale:
+                self.pool.discard(entry)
+                return None
+            if exc.code == 421:
+                self.backoff.failed((conn.destination.ip, conn.destination.port), self._clock())
+            await self._recycle(entry)
+            return failure_outcomes(addresses, exc, where)
+        if isinstance(result.final, DeliveryError) and result.final.code == 421:
+            self.backoff.failed((conn.destination.ip, conn.destination.port), self._clock())
+        await self._recycle(entry)
+        return transaction_outcomes(
+            addresses, dict(result.rcpt_replies), result.final, where,
+            final_phase=result.final_phase, relayed=result.relayed,
+            eight_bit_unadvertised=result.eight_bit_unadvertised,
+        )
+
+    async def _recycle(self, entry: _Entry) -> None:
+        if await entry.connection.reset():
+            self.pool.give_back(entry)
+        else:
+            self.pool.discard(entry)

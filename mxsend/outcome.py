@@ -1,0 +1,234 @@
+"""Replies -> per-recipient results (contract §5). Pure: values in, values out.
+
+Rules (RFC 5321 §4.2.1, §3.3):
+- a RCPT reply decides for its recipient when it is not 2xx: 4xx deferred, 5xx bounced;
+- a recipient accepted at RCPT is SENT only when the final reply to DATA is 2xx; a 4xx
+  there defers every accepted recipient, a 5xx bounces them, and a connection lost (or
+  a timeout) before that reply defers them all;
+- a failure of the whole transaction (connect, greeting, EHLO, STARTTLS, MAIL, a local
+  check such as SIZE) gives every recipient the same result.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from mxsend.errors import DeliveryError, Phase
+
+# RFC 5321 §4.5.3.1.5 allows 512 octets per reply line; servers exceed it, so keep a
+# generous cap on what we carry around (logs, DSNs), not on what we accept.
+MAX_RESPONSE_TEXT = 1000
+# RFC 3463 §2: class "." subject "." detail; the class must match the reply's first digit.
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+
+
+class DeliveryStatus(StrEnum):
+    SENT = "sent"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply; multi-line text joined with newlines, enhanced code split off."""
+
+    code: int
+    message: str
+    enhanced: str | None
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    @property
+    def dsn(self) -> str:
+        return self.enhanced or default_dsn(self.code)
+
+    def __str__(self) -> str:
+        """`550 5.1.1 no such user`, on one line."""
+        text = " ".join(self.message.split())
+        parts = [str(self.code)]
+        if self.enhanced:
+            parts.append(self.enhanced)
+        if text:
+            parts.append(text)
+        return truncate(" ".join(parts))
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """The server a transaction reached, as outcomes and logs report it."""
+
+    relay: str | None = None  # "host[ip]:port"
+    remote_mta: str | None = None  # host name, for a DSN's Remote-MTA (RFC 3464 §2.3.5)
+    tls: str | None = None  # "TLSv1.3", None for plaintext
+
+
+NOWHERE = Where()
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientOutcome:
+    address: str
+    status: DeliveryStatus
+    dsn: str  # enhanced status x.y.z (derived from the code if the server gave none)
+    response: str  # "550 5.1.1 no such user" or a reason for local failures
+    phase: Phase | None
+    relay: str | None  # "host[ip]:port", None if no server was reached
+    remote_mta: str | None  # host name of the server, for the DSN's Remote-MTA
+    tls: str | None  # e.g. "TLSv1.3", None for plaintext
+    dsn_relayed: bool = False  # NOTIFY=SUCCESS asked but server lacked DSN (RFC 3461 §4.1)
+    # 8-bit data sent to a server that did not offer 8BITMIME (contract §5: send, log).
+    eight_bit_unadvertised: bool = False
+
+
+def truncate(text: str, limit: int = MAX_RESPONSE_TEXT) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_reply(code: int, text: str) -> Reply:
+    """Split an RFC 3463 enhanced status code off the reply text when it matches the code."""
+    lines = text.split("\n")
+    first = lines[0].strip()
+    match = _ENHANCED.match(first)
+    enhanced: str | None = None
+    if match and str(code)[:1] == match.group(1):
+        enhanced = f"{match.group(1)}.{int(match.group(2))}.{int(match.group(3))}"
+        # RFC 2034 §3: every line of a multi-line reply repeats the code; drop each.
+        lines = [_ENHANCED.sub("", line.strip(), count=1) for line in lines]
+    message = "\n".join(line.strip() for line in lines).strip()
+    return Reply(code=code, message=truncate(message), enhanced=enhanced)
+
+
+def default_dsn(code: int | None) -> str:
+    """An enhanced code for a reply that gave none (RFC 3463 §3.1: x.0.0, other)."""
+    if code is None:
+        return "4.0.0"
+    if code == 421:
+        return "4.4.2"  # RFC 3463 §3.5: service not available / connection dropped
+    cls = code // 100
+    return f"{cls}.0.0" if cls in (2, 4, 5) else "4.0.0"
+
+
+def status_of(code: int) -> DeliveryStatus:
+    """2xx sent, 5xx bounced, anything else (4xx, or nonsense) deferred."""
+    if 200 <= code < 300:
+        return DeliveryStatus.SENT
+    if 500 <= code < 600:
+        return DeliveryStatus.BOUNCED
+    return DeliveryStatus.DEFERRED
+
+
+def failure_outcomes(
+    addresses: Sequence[str], error: DeliveryError, where: Where = NOWHERE
+) -> list[RecipientOutcome]:
+    """The same failure for every recipient (DNS, connect, greeting, MAIL, SIZE...)."""
+    status = DeliveryStatus.BOUNCED if error.permanent else DeliveryStatus.DEFERRED
+    dsn = error.dsn or default_dsn(error.code or (550 if error.permanent else 450))
+    response = truncate(" ".join(error.message.split()))
+    return [
+        RecipientOutcome(
+            address=address, status=status, dsn=dsn, response=response, phase=error.phase,
+            relay=where.relay, remote_mta=where.remote_mta, tls=where.tls,
+        )
+        for address in addresses
+    ]
+
+
+def transaction_outcomes(
+    addresses: Sequence[str],
+    rcpt_replies: Mapping[str, Reply],
+    final: Reply | DeliveryError | None,
+    where: Where,
+    *,
+    final_phase: Phase = Phase.DATAEND,
+    relayed: frozenset[str] = frozenset(),
+    eight_bit_unadvertised: bool = False,
+) -> list[RecipientOutcome]:
+    """Outcomes of one transaction that got at least as far as RCPT.
+
+    `rcpt_replies` has the reply to each RCPT sent (a recipient without one was never
+    asked: the connection failed first). `final` is the reply to DATA or to the end of
+    data, or the error that ended the transaction after RCPT, or None when no recipient
+    was accepted (DATA was not sent); `final_phase` says whether a reply in `final`
+    answered the DATA command or the end of data. `relayed` are the recipients that asked for
+    NOTIFY=SUCCESS without the server offering DSN.
+    """
+    outcomes: list[RecipientOutcome] = []
+    for address in addresses:
+        reply = rcpt_replies.get(address)
+        if reply is not None and not reply.positive:
+            outcomes.append(_from_reply(address, reply, Phase.RCPT, where))
+        elif reply is None or final is None:
+            error = final if isinstance(final, DeliveryError) else None
+            outcomes.append(_unfinished(address, error, where))
+        elif isinstance(final, DeliveryError):
+            outcomes.append(_unfinished(address, final, where))
+        else:
+            outcome = _from_reply(address, final, final_phase, where)
+            if outcome.status is DeliveryStatus.SENT:
+                outcome = _replace_flags(
+                    outcome, address in relayed, eight_bit_unadvertised
+                )
+            outcomes.append(outcome)
+    return outcomes
+
+
+def _replace_flags(outcome: RecipientOutcome, relayed: bool, eight_bit: bool) -> RecipientOutcome:
+    if not relayed and not eight_bit:
+        return outcome
+    return RecipientOutcome(
+        address=outcome.address, status=outcome.status, dsn=outcome.dsn,
+        response=outcome.response, phase=outcome.phase, relay=outcome.relay,
+        remote_mta=outcome.remote_mta, tls=outcome.tls, dsn_relayed=relayed,
+        eight_bit_unadvertised=eight_bit,
+    )
+
+
+def _from_reply(address: str, reply: Reply, phase: Phase, where: Where) -> RecipientOutcome:
+    status = status_of(reply.code)
+    dsn = reply.dsn
+    if status is DeliveryStatus.DEFERRED and not dsn.startswith("4"):
+        dsn = "4.0.0"  # a 3xx or nonsense where 2xx/4xx/5xx belongs: try again later
+    return RecipientOutcome(
+        address=address, status=status, dsn=dsn, response=str(reply), phase=phase,
+        relay=where.relay, remote_mta=where.remote_mta, tls=where.tls,
+    )
+
+
+def _unfinished(address: str, error: DeliveryError | None, where: Where) -> RecipientOutcome:
+    """Accepted (or never asked) but the transaction did not complete: try again later.
+
+    Even a permanent-looking error here defers: the message was never refused for this
+    recipient, so nothing says it cannot be delivered (RFC 5321 §4.1.1.4, §6.1).
+    """
+    if error is None:
+        message, dsn, phase = "transaction not completed", "4.0.0", None
+    else:
+        message = " ".join(error.message.split())
+        dsn = error.dsn if error.dsn and error.dsn.startswith("4") else "4.4.2"
+        phase = error.phase
+    return RecipientOutcome(
+        address=address, status=DeliveryStatus.DEFERRED, dsn=dsn, response=truncate(message),
+        phase=phase, relay=where.relay, remote_mta=where.remote_mta, tls=where.tls,
+    )
+
+
+def should_try_next_host(outcomes: Sequence[RecipientOutcome]) -> bool:
+    """A host that answered 4xx for the whole transaction: the next MX may do better.
+
+    Anything sent or bounced is final for this attempt (RFC 5321 §5.1: the MX list is
+    for hosts that cannot be reached or decline temporarily).
+    """
+    return all(o.status is DeliveryStatus.DEFERRED for o in outcomes)
