@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -33,17 +34,27 @@ class FakeClock:
         return self.now
 
 
-def resolver_for(server: DnsTestServer, **kwargs: object) -> Resolver:
-    timeout = float(kwargs.pop("timeout", 2.0))  # type: ignore[arg-type]
-    ipv6 = bool(kwargs.pop("ipv6", True))
-    return Resolver(server.dns_config(timeout=timeout, ipv6=ipv6), **kwargs)  # type: ignore[arg-type]
+def resolver_for(
+    server: DnsTestServer,
+    *,
+    timeout: float = 2.0,
+    ipv6: bool = True,
+    rng: random.Random | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    failure_ttl: float = 30.0,
+    max_entries: int = 10_000,
+) -> Resolver:
+    return Resolver(
+        server.dns_config(timeout=timeout, ipv6=ipv6),
+        rng=rng, clock=clock, failure_ttl=failure_ttl, max_entries=max_entries,
+    )
 
 
-async def wait_for(condition: object, limit: float = 5.0) -> None:
-    """Bounded polling: call `condition` (an async callable) until it returns True."""
+async def wait_for(condition: Callable[[], Awaitable[bool]], limit: float = 5.0) -> None:
+    """Bounded polling: await `condition()` until it is true, for at most `limit` seconds."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        if await condition():  # type: ignore[operator]
+        if await condition():
             return
         await asyncio.sleep(0.05)
     raise AssertionError("condition not met in time")

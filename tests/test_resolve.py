@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -113,10 +114,10 @@ def test_dns_errors_are_one_line_and_exit_1(
     capsys: pytest.CaptureFixture[str],
     config_file: Path,
     dns_server: DnsTestServer,
-    setup: object,
+    setup: Callable[[DnsTestServer], None],
     dsn: str,
 ) -> None:
-    setup(dns_server)  # type: ignore[operator]
+    setup(dns_server)
     code, out, err = resolve(capsys, config_file, "fail.test")
     assert code == 1
     assert out == ""
