@@ -156,25 +156,37 @@ class ConnectionPool:
             self._forget(entry)
         return None
 
-    async def reserve(self, domain: str, destination: tuple[str, int]) -> None:
-        """Wait for room for one more session; evict idle ones to make it."""
+    async def acquire(self, key: PoolKey, domain: str) -> _Entry | None:
+        """An idle session for `key`, or None with room reserved for a new one.
+
+        Waits while the limits are reached, closing idle sessions of other keys that
+        stand in the way; a session given back meanwhile is taken rather than replaced.
+        """
+        destination = (key[0], key[1])
         async with self._changed:
-            while not self._room(domain, destination):
-                if not self._evict(domain, destination):
+            while True:
+                entry = self.take(key)
+                if entry is not None:
+                    return entry
+                if self._room(domain, destination):
+                    break
+                if not self._evict(key, domain, destination):
                     await self._changed.wait()
             self._total += 1
             self._per_domain[domain] += 1
             self._per_destination[destination] += 1
+        return None
 
     def _room(self, domain: str, destination: tuple[str, int]) -> bool:
         return (self._total < self.max_total
                 and self._per_domain[domain] < self.max_per_domain
                 and self._per_destination[destination] < self.max_per_destination)
 
-    def _evict(self, domain: str, destination: tuple[str, int]) -> bool:
+    def _evict(self, key: PoolKey, domain: str, destination: tuple[str, int]) -> bool:
         """Close the oldest idle session that stands in the way; False if none does."""
         candidates = [
-            entry for entries in self._idle.values() for entry in entries
+            entry for entry_key, entries in self._idle.items() if entry_key != key
+            for entry in entries
             if self._total >= self.max_total
             or entry.domain == domain
             or (entry.connection.destination.ip, entry.connection.destination.port)
@@ -339,12 +351,14 @@ class Deliverer:
         except DeliveryError as exc:
             return failure_outcomes(addresses, exc)
 
-        entry = self.pool.take((dest.ip, dest.port, actions))
-        if entry is not None:
+        while True:
+            entry = await self.pool.acquire((dest.ip, dest.port, actions), domain)
+            if entry is None:
+                break  # room was reserved for a new session
             outcomes = await self._send(entry, tx, addresses)
             if outcomes is not None:
                 return outcomes
-            # The pooled session had died while idle: nothing was sent; open a new one.
+            # The pooled session had died while idle: nothing was sent; try again.
         try:
             entry = await self._open(dest, actions, domain, connid)
         except DeliveryError as exc:
@@ -368,8 +382,8 @@ class Deliverer:
 
     async def _open(self, dest: Destination, actions: ServerActions, domain: str,
                     connid: int) -> _Entry:
+        """Open a session in the room `acquire` reserved; give the room back on failure."""
         slot = (dest.ip, dest.port)
-        await self.pool.reserve(domain, slot)
         try:
             try:
                 conn = await SmtpConnection.open(dest, actions, self._settings, connid=connid)
