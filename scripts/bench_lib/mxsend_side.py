@@ -1,0 +1,393 @@
+"""mxsend under measurement: `run --once` throughput, idle latency, a 100k deferred queue."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from bench_lib.procstat import TreeMonitor, proc_cpu, proc_mem, sys_cpu, vm_status
+from bench_lib.sink import Sink
+from bench_lib.workload import Msg, drop_message, fill_spool, to_bsmtp
+
+ROOT = Path(__file__).resolve().parents[2]
+LUA = ROOT / "scripts" / "bench_mxout.lua"
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_config(path: Path, *, spool: Path, sink_port: int, nameserver: str,
+                 scan_interval: str = "30s", log_level: str = "warning") -> Path:
+    assert nameserver.startswith("127."), "the benchmark only resolves through loopback"
+    sections: dict[str, dict[str, object]] = {
+        "spool": {"path": str(spool)},
+        "script": {"path": str(LUA)},
+        "dns": {"nameservers": [nameserver], "timeout": "2s"},
+        # helo_name set: "" would mean socket.getfqdn(), a lookup that may leave loopback
+        "smtp": {"port": sink_port, "helo_name": "bench.localdomain"},
+        "queue": {"scan_interval": scan_interval, "shutdown_grace": "10s"},
+        "log": {"format": "json", "level": log_level},
+    }
+    lines: list[str] = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def mxsend_exe() -> str:
+    exe = ROOT / ".venv" / "bin" / "mxsend"
+    if not exe.exists():
+        raise RuntimeError(f"{exe} is missing: run scripts/bench (it makes the venv)")
+    return str(exe)
+
+
+def spool_leftovers(spool: Path) -> dict[str, int]:
+    """Files still in the spool's folders (dot-files and owners/ heartbeats aside)."""
+    out: dict[str, int] = {}
+    for sub in ("new", "incoming", "msg", "queue", "active", "bad"):
+        count = 0
+        for _root, _dirs, files in os.walk(spool / sub):
+            count += sum(1 for f in files if not f.startswith("."))
+        if count:
+            out[sub] = count
+    return out
+
+
+def log_summary(path: Path) -> dict[str, Any]:
+    """Event counts in a JSON log (at log.level warning most runs log nothing)."""
+    events: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
+    other = 0
+    first: list[str] = []
+    with contextlib.suppress(FileNotFoundError), open(path, errors="replace") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                other += 1
+                if len(first) < 5:
+                    first.append(line.rstrip()[:300])
+                continue
+            events[str(record.get("event", record.get("msg", "?")))] += 1
+            if "status" in record:
+                statuses[str(record["status"])] += 1
+            if len(first) < 5:
+                first.append(line.rstrip()[:300])
+    return {"events": dict(events), "statuses": dict(statuses), "non_json_lines": other,
+            "first_lines": first}
+
+
+def _wait4(pid: int) -> tuple[int, Any] | None:
+    done, status, usage = os.wait4(pid, os.WNOHANG)
+    if done == 0:
+        return None
+    return os.waitstatus_to_exitcode(status), usage
+
+
+def _stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _wait_until(cond: Callable[[], bool], timeout: float, what: str,
+                interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------- throughput
+def run_once(msgs: list[Msg], workdir: Path, nameserver: str, timeout: float) -> dict[str, Any]:
+    """Fill a spool, then time `mxsend run --once` until the sink has everything."""
+    spool = workdir / "spool-once"
+    if spool.exists():
+        raise RuntimeError(f"{spool} exists: use a fresh --workdir")
+    t = time.perf_counter()
+    fill_spool(spool, msgs)
+    fill_s = time.perf_counter() - t
+    expected = sum(m.domains for m in msgs)
+    res: dict[str, Any] = {
+        "n": len(msgs), "rcpts": sum(len(m.rcpts) for m in msgs),
+        "bytes": sum(len(m.data) for m in msgs), "expected_transactions": expected,
+        "fill_s": fill_s,
+    }
+    log = workdir / "mxsend-once.log"
+    with Sink(workdir / "sink-once.out") as sink:
+        config = write_config(workdir / "mxsend-once.toml", spool=spool, sink_port=sink.port,
+                              nameserver=nameserver)
+        os.sync()  # the fill's writeback must not land inside the timed window
+        time.sleep(0.5)
+        busy0, _ = sys_cpu()
+        sink_cpu0 = sink.cpu()
+        t0 = time.perf_counter()
+        with open(log, "wb") as err:
+            proc = subprocess.Popen([mxsend_exe(), "-c", str(config), "run", "--once"],
+                                    stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        monitor = TreeMonitor(proc.pid, progress=sink.mesg, interval=0.5)
+        monitor.start()
+        t_sink = None
+        exited: tuple[int, Any] | None = None
+        hwm = 0
+        try:
+            deadline = time.monotonic() + timeout
+            while exited is None:
+                if t_sink is None and sink.mesg() >= expected:
+                    t_sink = time.perf_counter()
+                hwm = max(hwm, vm_status(proc.pid).get("VmHWM", 0))
+                exited = _wait4(proc.pid)
+                if exited is None:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"mxsend run --once still running after {timeout:.0f}s; "
+                            f"sink has {sink.mesg()} of {expected}")
+                    time.sleep(0.02)
+            t_exit = time.perf_counter()
+            proc.returncode = exited[0]
+        finally:
+            peak = monitor.stop()
+            _stop_process(proc)
+        busy1, _ = sys_cpu()
+        code, usage = exited
+        wall = t_exit - t0
+        cpu = usage.ru_utime + usage.ru_stime
+        res.update({
+            "exit_code": code,
+            "wall_s": wall,
+            "wall_to_sink_s": (t_sink - t0) if t_sink else None,
+            "msgs_per_s": len(msgs) / wall,
+            "cpu_s": cpu,
+            "user_s": usage.ru_utime,
+            "sys_s": usage.ru_stime,
+            "cpu_ms_per_msg": cpu / len(msgs) * 1000,
+            "peak_rss_mb": max(usage.ru_maxrss * 1024, hwm) / 2**20,
+            "peak_pss_mb": peak.pss / 2**20,
+            "machine_busy_cores": (busy1 - busy0) / wall,
+            "sink_cpu_s": sink.cpu() - sink_cpu0,
+            "sink_counted": sink.mesg(),
+            "sink_sessions": sink.sessions(),
+            "timeline": peak.timeline,
+        })
+    res["leftovers"] = spool_leftovers(spool)
+    res["log"] = log_summary(log)
+    res["ok"] = (code == 0 and res["sink_counted"] == expected and not res["leftovers"])
+    return res
+
+
+# ------------------------------------------------------------------- a live daemon
+class NotifySocket:
+    """Our own $NOTIFY_SOCKET: the daemon sends READY=1 after its first scan."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+
+    def wait_for(self, word: str, timeout: float) -> float:
+        """perf_counter() when a datagram containing `word` arrived."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {word} from the daemon within {timeout:.0f}s")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            if word.encode() in data.split(b"\n"):
+                return time.perf_counter()
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+@contextlib.contextmanager
+def daemon(config: Path, workdir: Path, log: Path, ready_timeout: float
+           ) -> Iterator[tuple[subprocess.Popen[bytes], float, float]]:
+    """`mxsend run` (not --once); yields (process, t_start, t_ready) and stops it by PID."""
+    notify = NotifySocket(workdir / "notify.sock")
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path)}
+    with open(log, "wb") as err:
+        t_start = time.perf_counter()
+        proc = subprocess.Popen([mxsend_exe(), "-c", str(config), "run"], env=env,
+                                stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+    try:
+        t_ready = notify.wait_for("READY=1", ready_timeout)
+        yield proc, t_start, t_ready
+    finally:
+        _stop_process(proc)
+        notify.close()
+
+
+def _percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+def latencies(sink: Sink, spool: Path, msgs: list[Msg], prefix: str,
+              per_message_timeout: float = 30.0) -> list[float]:
+    """Drop each message into new/ by the writers' protocol; time until the sink has it."""
+    out: list[float] = []
+    base = sink.mesg()
+    for i, msg in enumerate(msgs):
+        raw = to_bsmtp(msg)
+        want = base + msg.domains
+        t0 = time.perf_counter()
+        drop_message(spool, f"{prefix}{i:06d}", raw)
+        deadline = time.monotonic() + per_message_timeout
+        while sink.mesg() < want:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"message {prefix}{i:06d} not at the sink after "
+                                   f"{per_message_timeout:.0f}s")
+            time.sleep(0.0005)
+        out.append(time.perf_counter() - t0)
+        base = want
+        time.sleep(0.02)  # one message at a time, on an otherwise idle daemon
+    return out
+
+
+def _latency_stats(values: list[float]) -> dict[str, Any]:
+    ms = [v * 1000 for v in values]
+    return {"count": len(ms), "p50_ms": statistics.median(ms), "p99_ms": _percentile(ms, 99),
+            "min_ms": min(ms), "max_ms": max(ms), "mean_ms": statistics.fmean(ms)}
+
+
+def run_latency(msgs: list[Msg], workdir: Path, nameserver: str,
+                timeout: float) -> dict[str, Any]:
+    spool = workdir / "spool-latency"
+    for sub in ("tmp", "new"):
+        (spool / sub).mkdir(parents=True, exist_ok=True)
+    log = workdir / "mxsend-latency.log"
+    with Sink(workdir / "sink-latency.out") as sink:
+        config = write_config(workdir / "mxsend-latency.toml", spool=spool,
+                              sink_port=sink.port, nameserver=nameserver)
+        with daemon(config, workdir, log, timeout) as (proc, t_start, t_ready):
+            values = latencies(sink, spool, msgs, "L")
+            cpu = sum(proc_cpu(proc.pid)[:2])
+            rss = vm_status(proc.pid)
+        res: dict[str, Any] = {
+            "start_to_ready_s": t_ready - t_start,
+            **_latency_stats(values),
+            "daemon_cpu_s": cpu,
+            "rss_mb": rss.get("VmRSS", 0) / 2**20,
+            "peak_rss_mb": rss.get("VmHWM", 0) / 2**20,
+            "sink_counted": sink.mesg(),
+        }
+    res["leftovers"] = spool_leftovers(spool)
+    res["log"] = log_summary(log)
+    res["ok"] = res["sink_counted"] == sum(m.domains for m in msgs) and not res["leftovers"]
+    return res
+
+
+# ----------------------------------------------------------- the 100k deferred queue
+def park_deferred(spool: Path, msgs: list[Msg], hold_s: float = 7 * 86400) -> float:
+    """Queue every message through mxsend's own Spool API, then defer it `hold_s`.
+
+    The spool's fsyncs are switched off while filling (this is fixture data; one
+    os.sync() at the end makes it durable) so 100,000 messages take seconds, not minutes.
+    """
+    import mxsend.spool as spool_mod  # the project's venv, imported only here
+
+    for sub in ("tmp", "new"):
+        (spool / sub).mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    real_fsync, real_fsync_dir = spool_mod.os.fsync, spool_mod._fsync_dir
+    handle = spool_mod.Spool(spool, owner="bench-filler")
+    handle.create_dirs()
+    spool_mod.os.fsync = lambda fd: None  # type: ignore[assignment]
+    spool_mod._fsync_dir = lambda path: None  # type: ignore[assignment]
+    try:
+        now = time.time()
+        for i, msg in enumerate(msgs):
+            name = f"D{i:08d}"
+            drop_message(spool, name, to_bsmtp(msg), sync_dir=False)
+            accepted = handle.accept(name, now)
+            if not isinstance(accepted, spool_mod.Accepted):
+                raise RuntimeError(f"the spool did not accept {name}: {accepted}")
+            claim = handle.claim(name)
+            if claim is None:
+                raise RuntimeError(f"could not claim {name}")
+            state = dataclasses.replace(
+                handle.read(claim), attempts=1, last_try=now, next_try=now + hold_s,
+                last_error="451 4.3.0 parked by scripts/bench",
+            )
+            handle.release(claim, state)
+        handle.retire()
+    finally:
+        spool_mod.os.fsync = real_fsync  # type: ignore[assignment]
+        spool_mod._fsync_dir = real_fsync_dir
+    os.sync()
+    return time.perf_counter() - t
+
+
+def run_deferred(parked: list[Msg], probes: list[Msg], workdir: Path, nameserver: str,
+                 timeout: float) -> dict[str, Any]:
+    spool = workdir / "spool-deferred"
+    fill_s = park_deferred(spool, parked)
+    queued = len(os.listdir(spool / "queue"))
+    log = workdir / "mxsend-deferred.log"
+    with Sink(workdir / "sink-deferred.out") as sink:
+        config = write_config(workdir / "mxsend-deferred.toml", spool=spool,
+                              sink_port=sink.port, nameserver=nameserver)
+        with daemon(config, workdir, log, timeout) as (proc, t_start, t_ready):
+            cpu_ready = sum(proc_cpu(proc.pid)[:2])
+            rss_ready = vm_status(proc.pid)
+            pss_ready = proc_mem(proc.pid)[1]
+            values = latencies(sink, spool, probes, "P")
+            time.sleep(1.0)
+            rss_after = vm_status(proc.pid)
+            cpu_after = sum(proc_cpu(proc.pid)[:2])
+        res: dict[str, Any] = {
+            "deferred": len(parked),
+            "queued_before_start": queued,
+            "park_s": fill_s,
+            "start_to_ready_s": t_ready - t_start,
+            "cpu_to_ready_s": cpu_ready,
+            "rss_at_ready_mb": rss_ready.get("VmRSS", 0) / 2**20,
+            "pss_at_ready_mb": pss_ready / 2**20,
+            "rss_after_probes_mb": rss_after.get("VmRSS", 0) / 2**20,
+            "peak_rss_mb": rss_after.get("VmHWM", 0) / 2**20,
+            "cpu_total_s": cpu_after,
+            "probe_latency": _latency_stats(values),
+            "sink_counted": sink.mesg(),
+        }
+    left = spool_leftovers(spool)
+    res["leftovers"] = left
+    res["log"] = log_summary(log)
+    # the probes went out, and nothing parked was sent or lost
+    res["ok"] = (res["sink_counted"] == sum(m.domains for m in probes)
+                 and left.get("queue", 0) == len(parked))
+    return res
