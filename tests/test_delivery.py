@@ -21,7 +21,7 @@ from mxsend.batv import BatvKey, verify
 from mxsend.config import Config, config_from_mapping
 from mxsend.delivery import Backoff, Deliverer
 from mxsend.envelope import Envelope, Message, Recipient
-from mxsend.errors import ConfigError, DeliveryError, Phase, PermanentFailure
+from mxsend.errors import ConfigError, DeliveryError, PermanentFailure, Phase
 from mxsend.mx import MxHost, literal_host
 from mxsend.outcome import DeliveryStatus, RecipientOutcome
 from tests.fixtures.smtp_receiver import Behaviour, ReceiverGroup, TlsCa
@@ -239,7 +239,7 @@ async def test_batv_signs_the_return_path_but_never_the_null_sender(smtp_receive
 async def test_batv_without_a_key_is_a_config_error(smtp_receivers, make):
     smtp_receivers.start("127.0.0.2")
     deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2")]})
-    with pytest.raises(ConfigError, match="batv.key_file"):
+    with pytest.raises(ConfigError, match=r"batv\.key_file"):
         await deliver(deliverer, message("bob@example.org"), details=Details(use_batv=True))
 
 
