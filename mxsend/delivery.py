@@ -52,8 +52,8 @@ ServerDetailsFn = Callable[[ServerParameters], Awaitable[ServerActions]]
 # burst, short enough not to hold a server's slot (Postfix: smtp_connection_cache_time_limit
 # is 2s; servers commonly drop idle clients after 30-60s).
 IDLE_SECONDS = 5.0
-# Sessions open to one (ip, port) at once; RFC 5321 §4.5.3.2 gives no number, and many
-# receivers throttle above a handful of concurrent connections per client.
+# Sessions open to one (ip, port) at once, by default; RFC 5321 gives no number, and
+# many receivers throttle above a handful of concurrent connections per client.
 MAX_PER_DESTINATION = 10
 # A session is closed after this many transactions so that no server sees it forever.
 MAX_TRANSACTIONS = 1000
@@ -130,6 +130,7 @@ class ConnectionPool:
         self._per_domain: Counter[str] = Counter()
         self._per_destination: Counter[tuple[str, int]] = Counter()
         self._changed = asyncio.Condition()
+        self._waiters = 0
         self._closing: set[asyncio.Task[None]] = set()
 
     @property
@@ -171,7 +172,11 @@ class ConnectionPool:
                 if self._room(domain, destination):
                     break
                 if not self._evict(key, domain, destination):
-                    await self._changed.wait()
+                    self._waiters += 1
+                    try:
+                        await self._changed.wait()
+                    finally:
+                        self._waiters -= 1
             self._total += 1
             self._per_domain[domain] += 1
             self._per_destination[destination] += 1
@@ -250,6 +255,9 @@ class ConnectionPool:
         self.unreserve(entry.domain, (conn.destination.ip, conn.destination.port))
 
     def _notify(self) -> None:
+        if not self._waiters:
+            return  # the common case: nobody waits, so no task per transaction
+
         async def wake() -> None:
             async with self._changed:
                 self._changed.notify_all()
@@ -291,7 +299,10 @@ class Deliverer:
         self._wall_clock = wall_clock
         self._ids = itertools.count(1)
         self.backoff = Backoff()
-        self.pool = ConnectionPool(smtp.max_connections, smtp.max_connections_per_domain)
+        # One domain's sessions usually go to one or two hosts: the per-destination bound
+        # follows the per-domain limit so an operator who raises one raises both.
+        self.pool = ConnectionPool(smtp.max_connections, smtp.max_connections_per_domain,
+                                   max_per_destination=smtp.max_connections_per_domain)
 
     async def deliver(self, queue_id: str, message: Message, recipients: Sequence[Recipient],
                       domain: str, server_details: ServerDetailsFn) -> list[RecipientOutcome]:

@@ -660,3 +660,12 @@ def test_backoff_doubles_and_clears():
     assert backoff.failed(key, 300) == 312  # capped
     backoff.succeeded(key)
     assert backoff.blocked_until(key, 301) is None
+
+
+async def test_idle_connections_are_closed_after_a_while(smtp_receivers, make):
+    server = smtp_receivers.start("127.0.0.2")
+    deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2")]})
+    deliverer.pool.idle_seconds = 0.2
+    await deliver(deliverer, message("a@example.org"))
+    await asyncio.to_thread(server.wait_for_sessions, 1, 5.0, True)
+    assert deliverer.pool.open_count == 0
