@@ -669,3 +669,11 @@ async def test_idle_connections_are_closed_after_a_while(smtp_receivers, make):
     await deliver(deliverer, message("a@example.org"))
     await asyncio.to_thread(server.wait_for_sessions, 1, 5.0, True)
     assert deliverer.pool.open_count == 0
+
+
+async def test_ipv6_failure_falls_back_to_ipv4(smtp_receivers, make):
+    server = smtp_receivers.start("127.0.0.3")  # nothing listens on [::1] at this port
+    deliverer = make({"example.org": [mx("mx1.example.org", "::1", "127.0.0.3")]})
+    [outcome] = await deliver(deliverer, message("bob@example.org"))
+    assert outcome.status is DeliveryStatus.SENT and "[127.0.0.3]" in (outcome.relay or "")
+    assert len(server.messages) == 1
