@@ -130,6 +130,9 @@ def address_literal(domain: str) -> str | None:
     if not domain.endswith("]"):
         raise EnvelopeError(f"bad address literal: {domain!r}")
     inner = domain[1:-1]
+    if "%" in inner or not inner.isascii():
+        # RFC 5321 §4.1.3 has no zone index ("%eth0"): it would pick a local interface.
+        raise EnvelopeError(f"bad address literal: {domain!r}")
     try:
         if inner[:5].lower() == "ipv6:":
             return str(ipaddress.IPv6Address(inner[5:]))
@@ -165,9 +168,14 @@ def parse_path(text: str, *, allow_null: bool, utf8: bool) -> str:
 
 
 def xtext_decode(text: str) -> str:
+    """xtext -> text; "+XX" are octets, so UTF-8 (RFC 6533 addresses) decodes as a whole."""
     if not _XTEXT.match(text):
         raise EnvelopeError(f"bad xtext: {text!r}")
-    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
+    octets = re.sub(rb"\+([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), text.encode())
+    try:
+        return octets.decode("utf-8")
+    except UnicodeDecodeError:
+        raise EnvelopeError(f"xtext is not UTF-8: {text!r}") from None
 
 
 def xtext_encode(text: str) -> str:
@@ -269,7 +277,8 @@ def _mail_params(params: dict[str, str | None], lineno: int) -> dict[str, object
             out["smtputf8"] = True
         elif keyword == "SIZE":
             size = _need_value(keyword, value, lineno)
-            if not size.isdigit() or len(size) > 20:
+            # isascii: str.isdigit() also takes "²" and "٣", which int() refuses or reads.
+            if not (size.isascii() and size.isdigit()) or len(size) > 20:
                 raise EnvelopeError(f"line {lineno}: SIZE must be a number")
             out["size"] = int(size)
         else:
