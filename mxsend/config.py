@@ -7,6 +7,8 @@ config file that names them (contract §3).
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -36,6 +38,8 @@ def parse_duration(value: object, key: str) -> float:
         seconds = float(match.group(1)) * _DURATION_UNITS[(match.group(2) or "s").lower()]
     else:
         raise ConfigError(f"{key}: expected a duration such as 30s or 5m, got {value!r}")
+    if not math.isfinite(seconds):  # TOML has inf and nan
+        raise ConfigError(f"{key}: expected a finite duration, got {value!r}")
     if seconds < 0:
         raise ConfigError(f"{key}: a duration cannot be negative, got {value!r}")
     return seconds
@@ -201,8 +205,6 @@ def _nameservers(value: object, key: str) -> tuple[str, ...]:
 
 def split_host_port(text: str, default_port: int) -> tuple[str, int]:
     """`1.2.3.4`, `1.2.3.4:5353`, `[::1]:5353`, `::1` -> (host, port)."""
-    import ipaddress
-
     host, port = text, default_port
     if text.startswith("["):
         end = text.find("]")
@@ -210,12 +212,12 @@ def split_host_port(text: str, default_port: int) -> tuple[str, int]:
             raise ValueError(f"bad address {text!r}")
         host, rest = text[1:end], text[end + 1 :]
         if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
+            if not rest.startswith(":") or not _is_port(rest[1:]):
                 raise ValueError(f"bad port in {text!r}")
             port = int(rest[1:])
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
-        if not port_text.isdigit():
+        if not _is_port(port_text):
             raise ValueError(f"bad port in {text!r}")
         port = int(port_text)
     try:
@@ -225,6 +227,28 @@ def split_host_port(text: str, default_port: int) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"port out of range in {text!r}")
     return host, port
+
+
+def _is_port(text: str) -> bool:
+    # isascii: str.isdigit() also takes "٣", which int() reads as 3.
+    return text.isascii() and text.isdigit() and len(text) <= 5
+
+
+def _source_address(value: object, key: str) -> str:
+    text = _str(value, key)
+    if text:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an IP address or \"\", got {text!r}") from None
+    return text
+
+
+def _positive_size(value: object, key: str) -> int:
+    size = parse_size(value, key)
+    if size <= 0:
+        raise ConfigError(f"{key}: must be greater than zero")
+    return size
 
 
 def _retry(value: object, key: str) -> tuple[float, ...]:
@@ -250,7 +274,10 @@ def _path_converter(base: Path | None, *, empty_is_none: bool) -> Callable[[obje
             if empty_is_none:
                 return None
             raise ConfigError(f"{key}: a path is required")
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # "~user" with no such user, or no $HOME
+            raise ConfigError(f"{key}: cannot expand {text!r}") from None
         if not path.is_absolute() and base is not None:
             path = Path(os.path.normpath(base / path))
         return path
@@ -271,6 +298,8 @@ def load_config(path: Path | None) -> Config:
         raise ConfigError(f"config: {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {path}: {exc}") from None
+    except UnicodeDecodeError:  # TOML is UTF-8 (TOML 1.0 "Spec")
+        raise ConfigError(f"config: {path}: not valid UTF-8") from None
     return config_from_mapping(data, base=path.resolve().parent, source=path)
 
 
@@ -290,7 +319,9 @@ def config_from_mapping(
     s = section("spool")
     spool = SpoolConfig(
         path=s.get("path", defaults.spool.path, _path_converter(base, empty_is_none=False)),
-        max_message_size=s.get("max_message_size", defaults.spool.max_message_size, parse_size),
+        max_message_size=s.get(
+            "max_message_size", defaults.spool.max_message_size, _positive_size
+        ),
         keep_sent=s.get("keep_sent", defaults.spool.keep_sent, _bool),
     )
     s.finish()
@@ -299,7 +330,7 @@ def config_from_mapping(
     script = ScriptConfig(
         path=s.get("path", defaults.script.path, _path_converter(base, empty_is_none=False)),
         timeout=s.get("timeout", defaults.script.timeout, _positive_duration),
-        memory=s.get("memory", defaults.script.memory, parse_size),
+        memory=s.get("memory", defaults.script.memory, _positive_size),
     )
     s.finish()
 
@@ -315,7 +346,7 @@ def config_from_mapping(
     smtp = SmtpConfig(
         port=s.get("port", defaults.smtp.port, _int_range(1, 65535)),
         helo_name=s.get("helo_name", defaults.smtp.helo_name, _str),
-        source_address=s.get("source_address", defaults.smtp.source_address, _str),
+        source_address=s.get("source_address", defaults.smtp.source_address, _source_address),
         ca_file=s.get("ca_file", defaults.smtp.ca_file, _path_converter(base, empty_is_none=True)),
         max_connections=s.get(
             "max_connections", defaults.smtp.max_connections, _int_range(1, 100_000)
