@@ -1,0 +1,815 @@
+"""The VPOP3-compatible delivery policy: CheckFile and ServerDetails (contract §4).
+
+The operator's `mxout.lua` runs in a worker process (mxsend/luasandbox.py, Lua 5.2
+through lupa) so that a call stuck in C can be abandoned by killing the worker; see
+docs/policy.md for that decision and its measured cost. This module is the daemon's
+side: it marshals requests, enforces the hard deadline, and reads the script's Actions
+back with VPOP3's rules through the small pure functions below.
+
+Faults never cost mail: a missing function, a nil or wrongly typed return, a runtime
+error, a timeout, memory exhaustion or a dead worker is one `script_error` event and the
+Actions as passed in. A bad single field (a CR in HELOname, a Priority that is not a
+number) is one `script_error` and that field's default; the rest of the Actions stand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mxsend import luasandbox
+from mxsend.actions import FileActions, ServerActions, ServerParameters, Timeouts
+from mxsend.config import Config
+from mxsend.envelope import split_header, validate_mailbox
+from mxsend.errors import EnvelopeError
+from mxsend.log import event, get_logger
+
+PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 1, 100, 50
+# A call that outlives script.timeout by this much is stuck in C (the Lua hook would
+# have fired): the worker is killed. At least half a second so a busy machine's
+# scheduling noise does not kill a worker that was about to answer.
+MIN_GRACE = 0.5
+# Starting a worker (a Python interpreter importing lupa) is slow on a loaded machine.
+STARTUP_TIMEOUT = 30.0
+# Replies usually arrive within tens of microseconds: spin this long for one, then
+# sleep in poll() this long, before paying for the event loop's reader machinery.
+SPIN_WAIT = 0.0003
+FAST_WAIT = 0.002
+# A timeout longer than a day is a typo, not a policy (RFC 5321 §4.5.3.2 suggests minutes).
+MAX_SMTP_TIMEOUT = 86400.0
+# Editors write a file in several steps; reload once things settle.
+RELOAD_SETTLE = 0.1
+
+SCRIPT_ERROR = "script_error"
+CHECKFILE = "CheckFile"
+SERVERDETAILS = "ServerDetails"
+LOAD = "load"
+
+
+# --- values ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CheckFileRequest:
+    """Everything CheckFile is told about one message (contract §4)."""
+
+    queue_id: str  # for log events
+    filename: str  # path of the message file (Lua `Filename`)
+    size: int  # len(message data) (Lua `Size`)
+    creation_time: float  # epoch seconds -> YYYYMMDDHHMMSS local time
+    retries: int  # attempts so far
+    last_try_time: float | None  # None -> ""
+    return_path: str  # "" for the null sender
+    recipients: tuple[str, ...]  # pending bare addresses
+    data: bytes  # message bytes (CRLF); only the header part is read
+
+
+@dataclass(frozen=True, slots=True)
+class Opaque:
+    """A Lua value that is not nil, boolean, number or string (a table, a function)."""
+
+    kind: str
+
+
+class FieldError(ValueError):
+    """One Actions field the script set to something unusable."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    path: Path
+    source: bytes
+    version: int
+
+    @property
+    def chunkname(self) -> str:
+        # "@path" makes Lua name the file in messages: "/etc/mxout.lua:3: ...".
+        return f"@{self.path}"
+
+
+# --- pure: Lua values in and out ------------------------------------------------------
+
+
+def lua_time(epoch: float | None) -> str:
+    """Epoch seconds -> `YYYYMMDDHHMMSS` in local time, as VPOP3 passes times; None -> ""."""
+    if epoch is None:
+        return ""
+    return time.strftime("%Y%m%d%H%M%S", time.localtime(epoch))
+
+
+def _decode(value: bytes | str) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="strict")
+    return value
+
+
+def _number(value: object) -> float | None:
+    """A Lua number, or a string Lua's tonumber() would accept; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, bytes | str):
+        try:
+            text = _decode(value).strip()
+            return float(int(text, 16)) if text.lower().startswith("0x") else float(text)
+        except ValueError:
+            return None
+    return None
+
+
+_FALSE_WORDS = frozenset({"0", "false", "no"})
+_TRUE_WORDS = frozenset({"1", "true", "yes"})
+
+
+def vpop3_flag(value: object) -> bool:
+    """VPOP3's reading of a flag: `0`, `"0"`, `false`, `"false"`, `"no"` are false.
+
+    Other numbers and `true` are true; "1", "true", "yes" and other numeric strings are
+    read the same way. Anything else (a table, "maybe") raises FieldError.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value != 0
+    if isinstance(value, bytes | str):
+        try:
+            word = _decode(value).strip().lower()
+        except UnicodeDecodeError:
+            raise FieldError("not a flag: invalid UTF-8") from None
+        if word in _FALSE_WORDS:
+            return False
+        if word in _TRUE_WORDS:
+            return True
+        number = _number(word)
+        if number is not None:
+            return number != 0
+        raise FieldError(f"not a flag: {word[:40]!r}")
+    raise FieldError(f"not a flag: {_kind(value)}")
+
+
+def clamp_priority(value: object) -> int:
+    """Priority 1..100 (contract §4), clamped; fractions round down."""
+    number = _number(value)
+    if number is None or math.isnan(number):
+        raise FieldError(f"Priority must be a number, got {_kind(value)}")
+    if number == math.inf:
+        return PRIORITY_MAX
+    if number == -math.inf:
+        return PRIORITY_MIN
+    return max(PRIORITY_MIN, min(PRIORITY_MAX, math.floor(number)))
+
+
+def text_value(value: object) -> str:
+    """A string (or a number, as Lua's tostring would write it) for logging."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return _lua_number_text(value)
+    raise FieldError(f"expected a string, got {_kind(value)}")
+
+
+def _lua_number_text(value: float) -> str:
+    if isinstance(value, int) or value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
+def wire_string(value: object) -> str:
+    """A string that will reach the SMTP wire: UTF-8 without CR, LF or other controls.
+
+    RFC 5321 §2.3.8: CR and LF only ever end a command; one inside a value would let a
+    script inject commands (style.md point 10).
+    """
+    if not isinstance(value, bytes | str):
+        raise FieldError(f"expected a string, got {_kind(value)}")
+    try:
+        text = _decode(value)
+    except UnicodeDecodeError:
+        raise FieldError("not valid UTF-8") from None
+    for char in text:
+        if ord(char) < 0x20 or ord(char) == 0x7F:
+            raise FieldError(f"contains the control character {char!r}")
+    return text
+
+
+def helo_name(value: object) -> str:
+    """EHLO/HELO argument (RFC 5321 §4.1.1.1): a domain or an address literal, ASCII."""
+    text = wire_string(value)
+    if not text:
+        raise FieldError("is empty")
+    if not text.isascii() or " " in text:
+        raise FieldError(f"is not a domain or address literal: {text[:60]!r}")
+    return text
+
+
+def return_address(value: object) -> str:
+    """A return path as a bare address; `<x>` is accepted, `""`/`<>` is the null path."""
+    text = wire_string(value).strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    if not text:
+        return ""
+    try:
+        return validate_mailbox(text, utf8=True)
+    except EnvelopeError as exc:
+        raise FieldError(str(exc)) from None
+
+
+def thumbprint(value: object) -> str:
+    """checkCertThumbprint: hex SHA-1 (40) or SHA-256 (64), spaces and colons allowed."""
+    text = wire_string(value)
+    digits = text.replace(":", "").replace(" ", "")
+    if digits and (len(digits) not in (40, 64) or any(c not in "0123456789abcdefABCDEF"
+                                                        for c in digits)):
+        raise FieldError("is not 40 or 64 hex digits")
+    return text
+
+
+def modifier(value: object) -> int:
+    """returnAddressModifier: 0 as queued, 1 defaultReturnAddress, 2 nullReturnAddress."""
+    number = _number(value)
+    if number is None or number not in (0.0, 1.0, 2.0):
+        raise FieldError("must be 0, 1 or 2")
+    return int(number)
+
+
+def smtp_timeout(value: object) -> float:
+    number = _number(value)
+    if number is None or not 0 < number <= MAX_SMTP_TIMEOUT:
+        raise FieldError(f"must be a number of seconds in (0, {MAX_SMTP_TIMEOUT:g}]")
+    return number
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nil"
+    if isinstance(value, Opaque):
+        return value.kind
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, bytes | str):
+        return "string"
+    return type(value).__name__
+
+
+Fault = tuple[str, str]  # (field, problem) for a script_error event
+
+
+def _read(
+    fields: dict[str, object], name: str, reader: Callable[[object], Any], default: Any,
+    faults: list[Fault], label: str = "",
+) -> Any:
+    """One field through its reader; nil (the script removed it) means the default."""
+    value = fields.get(name)
+    if value is None:
+        return default
+    try:
+        return reader(value)
+    except FieldError as exc:
+        faults.append((label or name, str(exc)))
+        return default
+
+
+def file_actions_from_lua(fields: dict[str, object]) -> tuple[FileActions, list[Fault]]:
+    """CheckFile's returned Actions -> FileActions and the faults found on the way."""
+    faults: list[Fault] = []
+    base = FileActions()
+    actions = FileActions(
+        skip_send=_read(fields, "SkipSend", vpop3_flag, base.skip_send, faults),
+        force_last_try=_read(fields, "ForceLastTry", vpop3_flag, base.force_last_try, faults),
+        priority=_read(fields, "Priority", clamp_priority, base.priority, faults),
+        reason=_read(fields, "Reason", text_value, base.reason, faults),
+    )
+    return actions, faults
+
+
+# ServerActions field <- Lua name, reader. Order matches sandbox.lua SERVER_FIELDS.
+_SERVER_FIELDS: tuple[tuple[str, str, Callable[[object], Any]], ...] = (
+    ("try_esmtp", "tryESMTP", vpop3_flag),
+    ("try_tls", "tryTLS", vpop3_flag),
+    ("helo_name", "HELOname", helo_name),
+    ("use_batv", "useBATV", vpop3_flag),
+    ("allow_dsn", "allowDSN", vpop3_flag),
+    ("force_tls", "forceTLS", vpop3_flag),
+    ("verify_cert", "verifyCert", vpop3_flag),
+    ("check_cert_name", "checkCertName", wire_string),
+    ("check_cert_thumbprint", "checkCertThumbprint", thumbprint),
+    ("return_address_modifier", "returnAddressModifier", modifier),
+    ("default_return_address", "defaultReturnAddress", return_address),
+    ("null_return_address", "nullReturnAddress", return_address),
+)
+_TIMEOUT_FIELDS = tuple(f.name for f in dataclasses.fields(Timeouts))
+_PINS = ("checkCertName", "checkCertThumbprint")
+
+
+def server_actions_from_lua(
+    fields: dict[str, object], timeouts: dict[str, object] | Opaque | None,
+    defaults: ServerActions,
+) -> tuple[ServerActions, list[Fault]]:
+    """ServerDetails' returned Actions -> ServerActions and the faults found on the way.
+
+    A pin (checkCertName, checkCertThumbprint) that cannot be used falls back to its
+    default as every field does, but forceTLS is then turned on: the operator asked for
+    a protected connection, so it must not silently become a plaintext one.
+    """
+    faults: list[Fault] = []
+    values: dict[str, Any] = {}
+    for attr, lua_name, reader in _SERVER_FIELDS:
+        values[attr] = _read(fields, lua_name, reader, getattr(defaults, attr), faults)
+    if any(name in _PINS for name, _ in faults):
+        values["force_tls"] = True
+    if isinstance(timeouts, Opaque) or (timeouts is not None and not isinstance(timeouts, dict)):
+        faults.append(("timeouts", f"must be a table, got {_kind(timeouts)}"))
+        timeouts = None
+    timeout_values: dict[str, Any] = {}
+    for name in _TIMEOUT_FIELDS:
+        fallback = getattr(defaults.timeouts, name)
+        if timeouts is None:
+            timeout_values[name] = fallback
+        else:
+            timeout_values[name] = _read(
+                timeouts, name, smtp_timeout, fallback, faults, label=f"timeouts.{name}"
+            )
+    return ServerActions(**values, timeouts=Timeouts(**timeout_values)), faults
+
+
+def _lua_flag(value: bool) -> int:
+    return 1 if value else 0
+
+
+def _lua_number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def server_actions_to_lua(actions: ServerActions) -> tuple[object, ...]:
+    """ServerActions -> the flat Actions-in values (SERVER_FIELDS, then timeouts)."""
+    out: list[object] = []
+    for attr, _, _ in _SERVER_FIELDS:
+        value = getattr(actions, attr)
+        if isinstance(value, bool):
+            out.append(_lua_flag(value))
+        elif isinstance(value, str):
+            out.append(value.encode())
+        else:
+            out.append(value)
+    out.extend(_lua_number(getattr(actions.timeouts, name)) for name in _TIMEOUT_FIELDS)
+    return tuple(out)
+
+
+_PRIMITIVE_KINDS = frozenset({b"nil", b"boolean", b"number", b"string"})
+
+
+def _pairs(values: Sequence[object], names: Sequence[str]) -> dict[str, object]:
+    """(type, value) pairs from the worker -> {name: value} with Opaque for non-primitives."""
+    fields: dict[str, object] = {}
+    for index, name in enumerate(names):
+        kind = values[2 * index]
+        value = values[2 * index + 1]
+        fields[name] = value if kind in _PRIMITIVE_KINDS else Opaque(text_value(kind))
+    return fields
+
+
+# --- the worker process ----------------------------------------------------------------
+
+
+class WorkerStuck(Exception):
+    """The worker did not answer in time: it is stuck in C or overloaded."""
+
+
+class WorkerGone(Exception):
+    """The worker process died or closed its socket."""
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Worker:
+    """One luasandbox.py process and the socket to it."""
+
+    def __init__(self, memory: int) -> None:
+        parent, child = socket.socketpair()
+        self.loaded_version: int | None = None
+        self.ready = False
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", str(Path(luasandbox.__file__)), str(child.fileno()),
+             str(memory)],
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+        )
+        child.close()
+        self.channel = luasandbox.Channel(parent)
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        try:
+            self.channel.send(message)
+        except OSError as exc:
+            raise WorkerGone(str(exc)) from None
+
+    def _fill(self) -> bool:
+        """Read what is there; True if something was read."""
+        try:
+            if not self.channel.fill():
+                raise WorkerGone("the policy worker exited")
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise WorkerGone(str(exc)) from None
+        return True
+
+    def _spin(self, seconds: float) -> bool:
+        """Try to read for up to `seconds` without sleeping; True if data arrived.
+
+        Sleeping in poll() and being woken costs tens of microseconds on a virtual
+        machine, more than a typical script call; spinning briefly is cheaper.
+        """
+        end = time.perf_counter() + seconds
+        while not self._fill():
+            if time.perf_counter() >= end:
+                return False
+        return True
+
+    def _poll(self, seconds: float) -> bool:
+        # poll, not select: a busy daemon has descriptors above select's FD_SETSIZE.
+        return bool(self.channel.poller.poll(max(0, math.ceil(seconds * 1000))))
+
+    def receive_sync(self, deadline: float) -> object:
+        while True:
+            frame = self.channel.take()
+            if frame is not None:
+                return frame
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerStuck()
+            if self._poll(remaining):
+                self._fill()
+
+    async def receive(self, deadline: float) -> object:
+        loop = asyncio.get_running_loop()
+        while True:
+            frame = self.channel.take()
+            if frame is not None:
+                return frame
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerStuck()
+            if self._spin(min(SPIN_WAIT, remaining)):
+                continue
+            if self._poll(min(FAST_WAIT, remaining)):
+                self._fill()
+                continue
+            # Slow path: let the loop serve other work until the worker answers.
+            waiter: asyncio.Future[None] = loop.create_future()
+            sock = self.channel.sock
+            loop.add_reader(sock, _wake, waiter)
+            try:
+                await asyncio.wait_for(waiter, deadline - time.monotonic())
+            except TimeoutError:
+                raise WorkerStuck() from None
+            finally:
+                loop.remove_reader(sock)
+            self._fill()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self.process.wait()
+        self.channel.sock.close()
+
+    def close(self) -> None:
+        self.channel.sock.close()  # EOF: the worker leaves its loop
+        try:
+            self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+# --- the policy -------------------------------------------------------------------------
+
+
+class Policy:
+    """The operator's mxout.lua, as the daemon uses it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.path = config.script.path
+        self.timeout = config.script.timeout
+        self.hard_timeout = config.script.timeout + max(MIN_GRACE, config.script.timeout)
+        self._defaults = ServerActions(helo_name=config.smtp.helo_name or socket.getfqdn())
+        self._good: _Script | None = None  # the version the worker runs
+        self._pending: _Script | None = None  # compiled, not yet run in a worker
+        self._version = 0
+        self._worker: _Worker | None = None
+        self._lock = asyncio.Lock()
+        self._missing_logged = False
+        self._missing_functions: set[tuple[int, str]] = set()
+        self._observer: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reload_handle: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.reload()
+
+    # -- public --------------------------------------------------------------------------
+
+    @property
+    def has_script(self) -> bool:
+        return self._good is not None or self._pending is not None
+
+    def default_server_actions(self) -> ServerActions:
+        """The Actions ServerDetails is given: HELOname = smtp.helo_name or the FQDN."""
+        return self._defaults
+
+    async def check_file(self, request: CheckFileRequest) -> FileActions:
+        defaults = FileActions()
+        if not self.has_script:
+            return defaults
+        header_block, _ = split_header(request.data)
+        message = (
+            "check", self.timeout, request.filename.encode(), request.size,
+            lua_time(request.creation_time).encode(), request.retries,
+            lua_time(request.last_try_time).encode(), request.return_path.encode(),
+            "\n".join(request.recipients).encode(), header_block,
+        )
+        values = await self._call(CHECKFILE, request.queue_id, message)
+        if values is None:
+            return defaults
+        fields = _pairs(values[2:], ("SkipSend", "ForceLastTry", "Priority", "Reason"))
+        actions, faults = file_actions_from_lua(fields)
+        self._log_faults(CHECKFILE, request.queue_id, faults)
+        return actions
+
+    async def server_details(
+        self, queue_id: str, params: ServerParameters, header_lines: Sequence[str]
+    ) -> ServerActions:
+        defaults = self._defaults
+        if not self.has_script:
+            return defaults
+        message = (
+            "server", self.timeout, params.authsender.encode(), params.originator.encode(),
+            params.server.encode(), params.domain.encode(), params.length, params.connid,
+            params.connection.encode(),
+            "\r\n".join(header_lines).encode("utf-8", errors="surrogateescape"),
+            server_actions_to_lua(defaults),
+        )
+        values = await self._call(SERVERDETAILS, queue_id, message)
+        if values is None:
+            return defaults
+        names = [lua for _, lua, _ in _SERVER_FIELDS]
+        fields = _pairs(values[2 : 2 + 2 * len(names)], names)
+        timeout_kind = text_value(values[1])
+        timeouts: dict[str, object] | Opaque | None
+        if timeout_kind == "table":
+            timeouts = _pairs(values[2 + 2 * len(names) :], _TIMEOUT_FIELDS)
+        elif timeout_kind == "nil":
+            timeouts = None
+        else:
+            timeouts = Opaque(timeout_kind)
+        actions, faults = server_actions_from_lua(fields, timeouts, defaults)
+        self._log_faults(SERVERDETAILS, queue_id, faults)
+        return actions
+
+    def reload(self) -> bool:
+        """Re-read the script; True if a new version is active (or will be at next call).
+
+        A version that does not compile, or whose top level fails, is logged as
+        script_error (function="load") and the previous one stays.
+        """
+        try:
+            source = self.path.read_bytes()
+        except FileNotFoundError:
+            if not self.has_script and not self._missing_logged:
+                get_logger().warning(
+                    "script %s not found: using the built-in defaults", self.path
+                )
+                self._missing_logged = True
+            # An editor replacing the file by rename leaves it missing for a moment;
+            # the version in use stays.
+            return False
+        except OSError as exc:
+            event(SCRIPT_ERROR, None, function=LOAD, error=f"{self.path}: {exc.strerror}")
+            return False
+        current = self._pending or self._good
+        if current is not None and current.source == source:
+            return False
+        self._version += 1
+        script = _Script(self.path, source, self._version)
+        error = luasandbox.compile_check(source, script.chunkname)
+        if error is not None:
+            event(SCRIPT_ERROR, None, function=LOAD, error=error)
+            return False
+        self._pending = script
+        self._missing_logged = False
+        if self._lock.locked():
+            return True  # a call is waiting on the worker; the next call loads it
+        return self._load_pending_sync()
+
+    def start_watching(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Reload when the script file is written or replaced by a rename (watchdog).
+
+        watchdog calls back on its own thread; the reload is handed to the event loop
+        with call_soon_threadsafe so it never races a call in progress.
+        """
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        if self._observer is not None:
+            return
+        self._loop = loop or asyncio.get_running_loop()
+        target = os.path.abspath(self.path)
+        policy = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, fs_event: FileSystemEvent) -> None:
+                paths = {os.fsdecode(fs_event.src_path)}
+                dest = getattr(fs_event, "dest_path", "")
+                if dest:
+                    paths.add(os.fsdecode(dest))
+                if target in {os.path.abspath(p) for p in paths}:
+                    policy._changed_threadsafe()
+
+        observer = Observer()
+        observer.schedule(Handler(), str(self.path.parent), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def stop_watching(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            if threading.current_thread() is not observer:
+                observer.join(timeout=5)
+        if self._reload_handle is not None:
+            self._reload_handle.cancel()
+            self._reload_handle = None
+
+    def close(self) -> None:
+        self._closed = True
+        self.stop_watching()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close()
+
+    # -- reload plumbing -------------------------------------------------------------------
+
+    def _changed_threadsafe(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        # RuntimeError: the loop closed while watchdog was reporting.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._schedule_reload)
+
+    def _schedule_reload(self) -> None:
+        if self._closed or self._loop is None:
+            return
+        if self._reload_handle is not None:
+            self._reload_handle.cancel()
+        self._reload_handle = self._loop.call_later(RELOAD_SETTLE, self._reload_now)
+
+    def _reload_now(self) -> None:
+        self._reload_handle = None
+        if not self._closed:
+            self.reload()
+
+    # -- the worker ----------------------------------------------------------------------
+
+    def _spawn(self) -> _Worker:
+        if self._worker is None:
+            self._worker = _Worker(self.config.script.memory)
+        return self._worker
+
+    def _kill_worker(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.kill()
+
+    def _load_pending_sync(self) -> bool:
+        """Run the pending version's top level now (startup, reload when idle)."""
+        worker = self._spawn()
+        try:
+            if not worker.ready:
+                worker.receive_sync(time.monotonic() + STARTUP_TIMEOUT)
+                worker.ready = True
+            if worker.loaded_version is None and self._good is not None:
+                self._load_into(worker, self._good, None, sync=True)
+            pending, self._pending = self._pending, None
+            if pending is None:
+                return False
+            return self._load_into(worker, pending, None, sync=True)
+        except (WorkerStuck, WorkerGone) as exc:
+            self._kill_worker()
+            event(SCRIPT_ERROR, None, function=LOAD, error=_worker_problem(exc, self))
+            return False
+
+    def _load_into(self, worker: _Worker, script: _Script, reply: object, *, sync: bool) -> bool:
+        """Handle a load reply (sync: send and wait here). True if the script is active."""
+        if sync:
+            worker.send(("load", script.source, script.chunkname, self.timeout))
+            reply = worker.receive_sync(time.monotonic() + self.hard_timeout)
+        assert isinstance(reply, tuple)
+        _, error, prints = reply
+        self._log_prints(None, prints)
+        if error is not None:
+            event(SCRIPT_ERROR, None, function=LOAD, error=error)
+            if worker.loaded_version is None:
+                self._good = None if self._good is script else self._good
+            return False
+        worker.loaded_version = script.version
+        self._good = script
+        return True
+
+    async def _ensure_loaded(self, worker: _Worker) -> None:
+        if not worker.ready:
+            await worker.receive(time.monotonic() + STARTUP_TIMEOUT)
+            worker.ready = True
+        wanted: list[_Script] = []
+        if worker.loaded_version is None and self._good is not None:
+            wanted.append(self._good)
+        if self._pending is not None:
+            wanted.append(self._pending)
+            self._pending = None
+        for script in wanted:
+            worker.send(("load", script.source, script.chunkname, self.timeout))
+            reply = await worker.receive(time.monotonic() + self.hard_timeout)
+            self._load_into(worker, script, reply, sync=False)
+
+    async def _call(self, function: str, queue_id: str, message: tuple[object, ...]
+                    ) -> tuple[object, ...] | None:
+        """Send one call; its values on success, None after logging a script_error."""
+        async with self._lock:
+            try:
+                worker = self._spawn()
+                await self._ensure_loaded(worker)
+                if worker.loaded_version is None:
+                    return None  # no version of the script could be loaded
+                worker.send(message)
+                reply = await worker.receive(time.monotonic() + self.hard_timeout)
+            except (WorkerStuck, WorkerGone) as exc:
+                self._kill_worker()
+                event(SCRIPT_ERROR, queue_id, function=function, error=_worker_problem(exc, self))
+                return None
+        assert isinstance(reply, tuple)
+        _, values, prints = reply
+        self._log_prints(queue_id, prints)
+        if values[0] == b"ok":
+            return tuple(values)
+        status = text_value(values[0])
+        if status == "missing":
+            # VPOP3 scripts often define only CheckFile: say so once per version, not
+            # once per message.
+            key = (worker.loaded_version or 0, function)
+            if key in self._missing_functions:
+                return None
+            self._missing_functions.add(key)
+        event(SCRIPT_ERROR, queue_id, function=function, error=_status_message(
+            function, status, values[1] if len(values) > 1 else None, self.timeout))
+        return None
+
+    def _log_prints(self, queue_id: str | None, prints: Sequence[str]) -> None:
+        for line in prints:
+            event("script_log", queue_id, message=line)
+
+    @staticmethod
+    def _log_faults(function: str, queue_id: str, faults: Sequence[Fault]) -> None:
+        for name, problem in faults:
+            event(SCRIPT_ERROR, queue_id, function=function,
+                  error=f"{name}: {problem}; using the default")
+
+
+def _status_message(function: str, status: str, detail: object, timeout: float) -> str:
+    if status == "missing":
+        return f"the script defines no function {function}"
+    if status == "nil":
+        return f"{function} returned nil"
+    if status == "type":
+        return f"{function} returned a {text_value(detail)}, not the Actions table"
+    if status == "timeout":
+        return f"{function} did not finish within {timeout:g}s"
+    return text_value(detail) if detail is not None else f"{function} failed"
+
+
+def _worker_problem(exc: Exception, policy: Policy) -> str:
+    if isinstance(exc, WorkerStuck):
+        return (f"no answer within {policy.hard_timeout:g}s (stuck in a C function such as"
+                " a string pattern); the script worker was killed and will be restarted")
+    return f"the script worker died ({exc}); it will be restarted"
