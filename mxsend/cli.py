@@ -120,7 +120,14 @@ _COMMAND_MODULES = {
 
 
 def _is_enqueue(argv: Sequence[str]) -> bool:
-    return "enqueue" in argv
+    """Whether the subcommand (the first word that is not an option) is enqueue."""
+    words = iter(argv)
+    for word in words:
+        if word in ("-c", "--config"):
+            next(words, None)  # its value, which may be any word
+        elif not word.startswith("-"):
+            return word == "enqueue"
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
         return usage_code
+    except SystemExit as exc:  # --help and --version have printed; main() returns codes
+        return exc.code if isinstance(exc.code, int) else 0
     try:
         config: Config = load_config(config_path(args.config))
     except ConfigError as exc:
