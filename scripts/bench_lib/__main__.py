@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -152,8 +153,14 @@ def summarize(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so every `finally` stops what it started
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = (args.workdir or args.out / f"work-{stamp}").resolve()
@@ -219,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         failures.append(f"{type(exc).__name__}: {exc}")
         results["error"] = failures[-1]
+    except BaseException:
+        failures.append("interrupted")
+        results["error"] = "interrupted"
+        print(f"scripts/bench: interrupted; partial results in {out_file}", file=sys.stderr)
+        raise
     finally:
         results["failures"] = failures
         out_file.write_text(json.dumps(results, indent=1) + "\n")
