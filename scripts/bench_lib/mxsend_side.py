@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from bench_lib.procstat import TreeMonitor, proc_cpu, proc_mem, sys_cpu, vm_status
 from bench_lib.sink import Sink
@@ -324,12 +325,12 @@ def park_deferred(spool: Path, msgs: list[Msg], hold_s: float = 7 * 86400) -> fl
     for sub in ("tmp", "new"):
         (spool / sub).mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    real_fsync, real_fsync_dir = spool_mod.os.fsync, spool_mod._fsync_dir
     handle = spool_mod.Spool(spool, owner="bench-filler")
     handle.create_dirs()
-    spool_mod.os.fsync = lambda fd: None  # type: ignore[assignment]
-    spool_mod._fsync_dir = lambda path: None  # type: ignore[assignment]
-    try:
+    # mxsend.spool makes every OS call through the `os` module, so patching os.fsync
+    # (for this process, while filling) reaches all of them.
+    with mock.patch("os.fsync", lambda fd: None), \
+            mock.patch.object(spool_mod, "_fsync_dir", lambda path: None):
         now = time.time()
         for i, msg in enumerate(msgs):
             name = f"D{i:08d}"
@@ -346,9 +347,6 @@ def park_deferred(spool: Path, msgs: list[Msg], hold_s: float = 7 * 86400) -> fl
             )
             handle.release(claim, state)
         handle.retire()
-    finally:
-        spool_mod.os.fsync = real_fsync  # type: ignore[assignment]
-        spool_mod._fsync_dir = real_fsync_dir
     os.sync()
     return time.perf_counter() - t
 
