@@ -342,7 +342,13 @@ class Spool:
                 os.rename(self.root / "new" / name, held)
             except FileNotFoundError:
                 return None
-            return self._accept_held(name, held, now)
+            try:
+                return self._accept_held(name, held, now)
+            except OSError:
+                # Hand it back rather than keep it in our incoming/ until we die.
+                with contextlib.suppress(OSError):
+                    _move_noreplace(held, self.root / "new", _free_name(self.root / "new", name))
+                raise
         except OSError as exc:
             raise SpoolError(f"cannot accept {name}: {exc}") from exc
 

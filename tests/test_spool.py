@@ -464,3 +464,17 @@ def test_state_json_round_trip(state: MessageState) -> None:
 def test_corrupt_state_is_a_spool_error(raw: bytes) -> None:
     with pytest.raises(SpoolError):
         state_from_json(raw)
+
+
+def test_an_io_error_during_acceptance_hands_the_file_back(spool: Spool) -> None:
+    drop(spool, "m", GOOD)
+    msg = spool.root / "msg"
+    os.rmdir(msg)
+    msg.write_bytes(b"")  # not a directory: the reservation link fails, even for root
+    with pytest.raises(SpoolError, match="cannot accept m"):
+        spool.accept("m", NOW)
+    os.unlink(msg)
+    os.mkdir(msg)
+    assert spool.incoming() == ["m"]
+    assert isinstance(spool.accept("m", NOW), Accepted)
+    assert files(spool.root) == ["msg/m", "owners/one", "queue/m"]
