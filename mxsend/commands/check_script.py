@@ -1,13 +1,186 @@
-"""`mxsend check-script`: not yet available (filled in by its own issue)."""
+"""`mxsend check-script [SCRIPT] [--message FILE] [--server HOST] [--domain D] [--json]`.
+
+Compiles the script and, for a spool file, shows what CheckFile and ServerDetails
+decide, without sending anything. Exit 0 when the script compiled and ran without a
+script_error, 1 otherwise (a compile failure prints the Lua error with its line).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
 import sys
+from pathlib import Path
+from typing import Any
 
+from mxsend.actions import FileActions, ServerActions, ServerParameters
 from mxsend.config import Config
+from mxsend.envelope import domain_of, header_lines, parse_bsmtp
+from mxsend.errors import EnvelopeError
+from mxsend.log import get_logger
+from mxsend.luasandbox import compile_check
+from mxsend.policy import SERVER_FIELDS, CheckFileRequest, Policy
+
+
+class _Collect(logging.Handler):
+    """Keeps the script_error and script_log events of this run for the report."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        name = getattr(record, "event", None)
+        if name:
+            self.events.append({"event": name, **getattr(record, "fields", {})})
+        else:
+            self.events.append({"event": "log", "message": record.getMessage()})
+
+
+# The names operators write in mxout.lua (contract §4), for the readable table.
+LUA_NAMES = {
+    "skip_send": "SkipSend", "force_last_try": "ForceLastTry", "priority": "Priority",
+    "reason": "Reason", **{attr: lua for attr, lua, _ in SERVER_FIELDS},
+}
+
+
+def _rows(actions: object, defaults: object) -> list[tuple[str, object, bool]]:
+    """(Lua name, value, changed from the default) for a FileActions/ServerActions."""
+    rows: list[tuple[str, object, bool]] = []
+    assert dataclasses.is_dataclass(actions) and dataclasses.is_dataclass(defaults)
+    for field in dataclasses.fields(actions):
+        value, default = getattr(actions, field.name), getattr(defaults, field.name)
+        if dataclasses.is_dataclass(value):
+            for sub, sub_value, changed in _rows(value, default):
+                rows.append((f"{field.name}.{sub}", sub_value, changed))
+        else:
+            rows.append((LUA_NAMES.get(field.name, field.name), value, value != default))
+    return rows
+
+
+def _table(title: str, rows: list[tuple[str, object, bool]]) -> list[str]:
+    width = max(len(name) for name, _, _ in rows)
+    lines = [title]
+    for name, value, changed in rows:
+        shown = json.dumps(value) if isinstance(value, str) else str(value).lower() \
+            if isinstance(value, bool) else str(value)
+        lines.append(f"  {'*' if changed else ' '} {name:<{width}}  {shown}")
+    return lines
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    print("mxsend: 'check-script' is not yet available", file=sys.stderr)
-    return 1
+    script = Path(args.script) if args.script else config.script.path
+    try:
+        source = script.read_bytes()
+    except OSError as exc:
+        print(f"mxsend: {script}: {exc.strerror}", file=sys.stderr)
+        return 1
+    error = compile_check(source, f"@{script}")
+    if error is not None:
+        print(f"mxsend: {error}", file=sys.stderr)
+        return 1
+
+    message = None
+    message_path, message_time = "", 0.0
+    if args.message:
+        try:
+            message_path = os.path.abspath(args.message)
+            message_time = os.stat(message_path).st_mtime
+            message = parse_bsmtp(Path(args.message).read_bytes())
+        except OSError as exc:
+            print(f"mxsend: {args.message}: {exc.strerror}", file=sys.stderr)
+            return 1
+        except EnvelopeError as exc:
+            print(f"mxsend: {args.message}: {exc}", file=sys.stderr)
+            return 1
+
+    collect = _Collect()
+    logger = get_logger()
+    saved_level = logger.level
+    logger.addHandler(collect)
+    logger.setLevel(logging.INFO)
+    config = dataclasses.replace(config, script=dataclasses.replace(config.script, path=script))
+    try:
+        report = asyncio.run(_decide(config, args, message, message_path, message_time))
+    finally:
+        logger.removeHandler(collect)
+        logger.setLevel(saved_level)
+
+    failed = any(e["event"] == "script_error" for e in collect.events)
+    if args.json:
+        plain = {k: v for k, v in report.items()
+                 if k not in ("check_file_actions", "server_details_actions", "server_defaults")}
+        doc: dict[str, Any] = {"script": str(script), "compiled": True, **plain,
+                               "events": collect.events}
+        print(json.dumps(doc, indent=2, default=str))
+        return 1 if failed else 0
+    print(f"script {script}: compiled")
+    if "check_file" in report:
+        print()
+        print("\n".join(_table("CheckFile", _rows(report["check_file_actions"],
+                                                   FileActions()))))
+    if "server_details" in report:
+        sd = report["server_details"]
+        print()
+        title = f"ServerDetails (server={sd['server']}, domain={sd['domain']})"
+        print("\n".join(_table(title, _rows(report["server_details_actions"],
+                                            report["server_defaults"]))))
+    if collect.events:
+        print()
+        for item in collect.events:
+            fields = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
+                              for k, v in item.items() if k not in ("event", "id"))
+            print(f"  {item['event']} {fields}")
+    if "check_file" in report or "server_details" in report:
+        print("\n(* = changed by the script)")
+    return 1 if failed else 0
+
+
+async def _decide(
+    config: Config, args: argparse.Namespace, message: Any, path: str, mtime: float
+) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    policy = Policy(config)
+    try:
+        data = message.data if message else b""
+        if message is not None:
+            request = CheckFileRequest(
+                queue_id=os.path.basename(path), filename=path, size=len(data),
+                creation_time=mtime, retries=0, last_try_time=None,
+                return_path=message.envelope.sender,
+                recipients=tuple(r.address for r in message.envelope.recipients), data=data,
+            )
+            actions = await policy.check_file(request)
+            report["check_file"] = dataclasses.asdict(actions)
+            report["check_file_actions"] = actions
+        domain = args.domain or (
+            message.envelope.recipients[0].domain if message is not None else None)
+        if args.server or domain:
+            server = args.server or domain or ""
+            domain = domain or server
+            params = ServerParameters(
+                authsender=(message.envelope.auth or "") if message else "",
+                originator=message.envelope.sender if message else "",
+                server=server, domain=domain, length=len(data), connid=1,
+                connection=f"{server}:{config.smtp.port}",
+            )
+            defaults = policy.default_server_actions()
+            server_actions: ServerActions = await policy.server_details(
+                "check-script", params, header_lines(data))
+            report["server_details"] = {"server": server, "domain": domain,
+                                        **dataclasses.asdict(server_actions)}
+            report["server_details_actions"] = server_actions
+            report["server_defaults"] = defaults
+    finally:
+        policy.close()
+    if message is not None:
+        report["message"] = {
+            "sender": message.envelope.sender,
+            "recipients": [r.address for r in message.envelope.recipients],
+            "domains": sorted({domain_of(r.address) for r in message.envelope.recipients}),
+        }
+    return report
