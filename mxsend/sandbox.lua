@@ -34,11 +34,21 @@ local TIMEOUT_MESSAGE = "script timed out"
 local deadline = math.huge
 local expired = false
 
-local function hook()
+local debug_getinfo = debug.getinfo
+local HOST_SOURCE = debug_getinfo(1, "S").source
+
+local hook
+hook = function()
+  -- This file's own code (disarming after a timeout) is never interrupted.
+  if expired and debug_getinfo(2, "S").source == HOST_SOURCE then return end
   if expired or os_clock() > deadline then
-    -- Keep failing once expired: a script that catches the error with pcall and loops
-    -- on gets the same error at the next check, so it cannot outlive its deadline.
-    expired = true
+    -- Once expired, check at every instruction: a script that catches the error with
+    -- pcall and loops on meets it again at its very next instruction, outside the
+    -- pcall, so it cannot outlive its deadline.
+    if not expired then
+      expired = true
+      debug_sethook(hook, "", 1)
+    end
     error(TIMEOUT_MESSAGE, 0)
   end
 end
@@ -53,6 +63,7 @@ local function disarm()
   debug_sethook()
   deadline = math.huge
 end
+-- (`expired` stays set until the next arm() so the caller can see what happened.)
 
 -- print() goes to the daemon log as script_log events; bounded so a chatty loop cannot
 -- flood the log or the pipe.

@@ -1,0 +1,542 @@
+"""The Lua policy through its public API: marshalling both ways, faults, reload.
+
+Real worker processes and real files; one Policy per module where the script can simply
+be rewritten and reloaded, a fresh one where a test kills or starves its worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mxsend.actions import FileActions, ServerActions, ServerParameters, Timeouts
+from mxsend.config import Config, ScriptConfig, SmtpConfig
+from mxsend.log import get_logger
+from mxsend.policy import CheckFileRequest, Policy, lua_time
+
+HEADERS = (
+    b"Received: from a by b;\r\n\tThu, 26 Nov 2026 09:30:00 +0000\r\n"
+    b"Subject:   Hello\r\n  folded world  \r\n"
+    b"From: Alice <alice@example.com>\r\n"
+    b"subject: second subject is ignored\r\n"
+    b"X-Empty:\r\n"
+    b"Precedence : bulk\r\n"
+)
+DATA = HEADERS + b"\r\nbody line\r\nSubject: not a header\r\n"
+
+
+class Events(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "event", None):
+            self.records.append({"event": record.event, **record.fields})  # type: ignore[attr-defined]
+        else:
+            self.records.append({"event": "log", "message": record.getMessage()})
+
+    def of(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["event"] == name]
+
+
+@pytest.fixture
+def events() -> Iterator[Events]:
+    handler = Events()
+    logger = get_logger()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def make_config(path: Path, *, timeout: float = 1.0, memory: int = 64 * 1024**2) -> Config:
+    return Config(script=ScriptConfig(path=path, timeout=timeout, memory=memory),
+                  smtp=SmtpConfig(helo_name="out.example.com"))
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Policy, Path]]:
+    path = tmp_path_factory.mktemp("policy") / "mxout.lua"
+    path.write_text("-- empty\n")
+    policy = Policy(make_config(path, timeout=0.5))
+    yield policy, path
+    policy.close()
+
+
+@pytest.fixture
+def script(shared: tuple[Policy, Path]) -> Any:
+    """script(text) -> the shared Policy running that text."""
+    policy, path = shared
+
+    def load(text: str) -> Policy:
+        if path.read_text() != text:
+            path.write_text(text)
+            assert policy.reload(), "the new script version should be active"
+        return policy
+
+    return load
+
+
+def request(**changes: Any) -> CheckFileRequest:
+    values: dict[str, Any] = dict(
+        queue_id="Q1", filename="/spool/new/Q1", size=len(DATA),
+        creation_time=1_800_000_000.0, retries=0, last_try_time=None,
+        return_path="alice@example.com", recipients=("bob@example.org", "carol@example.net"),
+        data=DATA,
+    )
+    values.update(changes)
+    return CheckFileRequest(**values)
+
+
+PARAMS = ServerParameters(
+    authsender="auth@example.com", originator="alice@example.com", server="mx1.example.org",
+    domain="example.org", length=1234, connid=7, connection="mx1.example.org[127.0.0.1]:25",
+)
+
+REASON_OF = """
+function CheckFile(Filename, Actions, Size, CreationTime, Retries, LastTryTime,
+                   ReturnPath, Recipients, HeaderData, HeaderLines)
+  Actions.Reason = tostring(%s)
+  return Actions
+end
+"""
+
+
+# --- Python -> Lua ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("expression", "changes", "expected"),
+    [
+        ("Filename", {}, "/spool/new/Q1"),
+        ("Size", {}, str(len(DATA))),
+        ("type(Size)", {}, "number"),
+        ("CreationTime", {}, lua_time(1_800_000_000.0)),
+        ("#CreationTime", {}, "14"),
+        ("Retries", {"retries": 3}, "3"),
+        ("LastTryTime", {}, ""),
+        ("LastTryTime", {"last_try_time": 1_800_000_600.0}, lua_time(1_800_000_600.0)),
+        ("ReturnPath", {}, "alice@example.com"),
+        ("ReturnPath", {"return_path": ""}, ""),
+        ("#Recipients", {}, "2"),
+        ("Recipients[1] .. ',' .. Recipients[2]", {}, "bob@example.org,carol@example.net"),
+        ("Recipients[0]", {}, "nil"),
+        ("HeaderData['Subject']", {}, "Hello  folded world"),
+        ("HeaderData['SUBJECT']", {}, "Hello  folded world"),
+        ("HeaderData.subject", {}, "Hello  folded world"),
+        ("HeaderData['Received']", {}, "from a by b;\tThu, 26 Nov 2026 09:30:00 +0000"),
+        ("HeaderData['x-empty']", {}, ""),
+        ("HeaderData['precedence']", {}, "bulk"),
+        ("HeaderData['Body line']", {}, "nil"),
+        ("HeaderData['Missing']", {}, "nil"),
+        ("HeaderData[1]", {}, "nil"),
+        ("#HeaderLines", {}, "8"),
+        ("HeaderLines[1]", {}, "Received: from a by b;"),
+        ("HeaderLines[2]", {}, "\tThu, 26 Nov 2026 09:30:00 +0000"),
+        ("HeaderLines[9]", {}, "nil"),
+        ("#HeaderLines", {"data": b"\r\nbody only\r\n"}, "0"),
+        ("HeaderData.subject", {"data": b"Subject: x\xe9y\r\n\r\n"}, "x\ufffdy"),
+        ("(function() local n = 0 for k, v in pairs(HeaderData) do n = n + 1 end return n end)()",
+         {}, "5"),
+        ("(function() local t = {} for k in pairs(HeaderData) do t[#t+1] = k end "
+         "table.sort(t) return table.concat(t, ',') end)()",
+         {}, "From,Precedence,Received,Subject,X-Empty"),
+    ],
+)
+async def test_check_file_arguments(script: Any, expression: str, changes: dict[str, Any],
+                                    expected: str) -> None:
+    policy = script(REASON_OF % expression)
+    actions = await policy.check_file(request(**changes))
+    # Lua strings are bytes; non-UTF-8 bytes reach the log replaced, not lost in Lua.
+    assert actions.reason == expected
+
+
+async def test_header_bytes_reach_lua_unchanged(script: Any) -> None:
+    policy = script(REASON_OF % "string.byte(HeaderData.subject, 2)")
+    actions = await policy.check_file(request(data=b"Subject: x\xe9y\r\n\r\n"))
+    assert actions.reason == "233"
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("Parameters.authsender", "auth@example.com"),
+        ("Parameters.originator", "alice@example.com"),
+        ("Parameters.server", "mx1.example.org"),
+        ("Parameters.domain", "example.org"),
+        ("Parameters.length", "1234"),
+        ("Parameters.connnid", "7"),
+        ("Parameters.connid", "7"),
+        ("Parameters.connection", "mx1.example.org[127.0.0.1]:25"),
+        ("#HeaderLines .. '/' .. HeaderLines[1]", "2/Subject: hi"),
+        ("Actions.tryESMTP", "1"),
+        ("Actions.tryTLS", "1"),
+        ("Actions.HELOname", "out.example.com"),
+        ("Actions.useBATV", "0"),
+        ("Actions.allowDSN", "1"),
+        ("Actions.forceTLS", "0"),
+        ("Actions.verifyCert", "0"),
+        ("'[' .. Actions.checkCertName .. Actions.checkCertThumbprint .. ']'", "[]"),
+        ("Actions.returnAddressModifier", "0"),
+        ("'[' .. Actions.defaultReturnAddress .. Actions.nullReturnAddress .. ']'", "[]"),
+        ("Actions.timeouts.connect", "60"),
+        ("Actions.timeouts.greeting", "300"),
+        ("Actions.timeouts.starttls", "120"),
+        ("Actions.timeouts.data", "120"),
+        ("Actions.timeouts.datablock", "180"),
+        ("Actions.timeouts.dataend", "600"),
+    ],
+)
+async def test_server_details_arguments(script: Any, expression: str, expected: str) -> None:
+    # The value comes back through HELOname, made wire-safe with gsub.
+    policy = script(f"""
+function ServerDetails(Parameters, HeaderLines, Actions)
+  Actions.HELOname = "v=" .. string.gsub(tostring({expression}), "[^%w%.%-@:/%[%]=]", "_")
+  return Actions
+end""")
+    actions = await policy.server_details("Q1", PARAMS, ["Subject: hi", "From: a@b"])
+    assert actions.helo_name == "v=" + expected.replace(" ", "_")
+
+
+# --- Lua -> Python ---------------------------------------------------------------------
+
+CHECK_SET = """
+function CheckFile(Filename, Actions) Actions.%s = %s return Actions end
+"""
+
+
+@pytest.mark.parametrize(
+    ("field", "lua", "expected", "fault"),
+    [
+        ("SkipSend", "true", FileActions(skip_send=True), False),
+        ("SkipSend", "1", FileActions(skip_send=True), False),
+        ("SkipSend", "-1", FileActions(skip_send=True), False),
+        ("SkipSend", "0.5", FileActions(skip_send=True), False),
+        ("SkipSend", "'1'", FileActions(skip_send=True), False),
+        ("SkipSend", "'yes'", FileActions(skip_send=True), False),
+        ("SkipSend", "'TRUE'", FileActions(skip_send=True), False),
+        ("SkipSend", "0", FileActions(), False),
+        ("SkipSend", "'0'", FileActions(), False),
+        ("SkipSend", "false", FileActions(), False),
+        ("SkipSend", "'false'", FileActions(), False),
+        ("SkipSend", "'no'", FileActions(), False),
+        ("SkipSend", "nil", FileActions(), False),
+        ("SkipSend", "{}", FileActions(), True),
+        ("SkipSend", "'maybe'", FileActions(), True),
+        ("ForceLastTry", "true", FileActions(force_last_try=True), False),
+        ("ForceLastTry", "'no'", FileActions(), False),
+        ("Priority", "75", FileActions(priority=75), False),
+        ("Priority", "150", FileActions(priority=100), False),
+        ("Priority", "0", FileActions(priority=1), False),
+        ("Priority", "-20", FileActions(priority=1), False),
+        ("Priority", "75.9", FileActions(priority=75), False),
+        ("Priority", "'80'", FileActions(priority=80), False),
+        ("Priority", "math.huge", FileActions(priority=100), False),
+        ("Priority", "0/0", FileActions(), True),
+        ("Priority", "'high'", FileActions(), True),
+        ("Priority", "true", FileActions(), True),
+        ("Reason", "'queue full'", FileActions(reason="queue full"), False),
+        ("Reason", "42", FileActions(reason="42"), False),
+        ("Reason", "print", FileActions(), True),
+    ],
+)
+async def test_check_file_results(script: Any, events: Events, field: str, lua: str,
+                                  expected: FileActions, fault: bool) -> None:
+    policy = script(CHECK_SET % (field, lua))
+    assert await policy.check_file(request()) == expected
+    errors = events.of("script_error")
+    assert bool(errors) == fault
+    if fault:
+        assert errors[0]["function"] == "CheckFile"
+        assert field in errors[0]["error"]
+        assert errors[0]["id"] == "Q1"
+
+
+SERVER_SET = """
+function ServerDetails(Parameters, HeaderLines, Actions) %s return Actions end
+"""
+
+
+def server(**changes: Any) -> ServerActions:
+    return ServerActions(**{"helo_name": "out.example.com", **changes})
+
+
+@pytest.mark.parametrize(
+    ("lua", "expected", "fault"),
+    [
+        ("", server(), False),
+        ('Actions["tryTLS"] = 0', server(try_tls=False), False),
+        ("Actions.tryESMTP = 'no'", server(try_esmtp=False), False),
+        ("Actions.useBATV = 1", server(use_batv=True), False),
+        ("Actions.allowDSN = false", server(allow_dsn=False), False),
+        ("Actions.forceTLS = true", server(force_tls=True), False),
+        ("Actions.verifyCert = '1'", server(verify_cert=True), False),
+        ("Actions.HELOname = 'mx.example.net'", server(helo_name="mx.example.net"), False),
+        ("Actions.HELOname = '[192.0.2.1]'", server(helo_name="[192.0.2.1]"), False),
+        ("Actions.HELOname = 'evil\\r\\nMAIL FROM:<x@y>'", server(), True),
+        ("Actions.HELOname = 'a b'", server(), True),
+        ("Actions.HELOname = ''", server(), True),
+        ("Actions.HELOname = 'tab\\there'", server(), True),
+        ("Actions.HELOname = {}", server(), True),
+        ("Actions.checkCertName = '*.example.org'", server(check_cert_name="*.example.org"),
+         False),
+        ("Actions.checkCertName = 'x\\ny'", server(force_tls=True), True),
+        ("Actions.checkCertThumbprint = string.rep('ab', 20)",
+         server(check_cert_thumbprint="ab" * 20), False),
+        ("Actions.checkCertThumbprint = 'AB:CD'", server(force_tls=True), True),
+        ("Actions.checkCertThumbprint = string.rep('ab', 20) .. '\\0'",
+         server(force_tls=True), True),
+        ("Actions.returnAddressModifier = 2", server(return_address_modifier=2), False),
+        ("Actions.returnAddressModifier = '1'", server(return_address_modifier=1), False),
+        ("Actions.returnAddressModifier = 3", server(), True),
+        ("Actions.defaultReturnAddress = '<bounce@example.com>'",
+         server(default_return_address="bounce@example.com"), False),
+        ("Actions.defaultReturnAddress = 'bounce@example.com\\r\\nRCPT TO:<x@y>'",
+         server(), True),
+        ("Actions.defaultReturnAddress = 'not an address'", server(), True),
+        ("Actions.nullReturnAddress = '<>'", server(), False),
+        ("Actions.nullReturnAddress = 'null@example.com'",
+         server(null_return_address="null@example.com"), False),
+        ("Actions.timeouts.connect = 30", server(timeouts=Timeouts(connect=30.0)), False),
+        ("Actions.timeouts.dataend = '900'", server(timeouts=Timeouts(dataend=900.0)), False),
+        ("Actions.timeouts.rcpt = -1", server(), True),
+        ("Actions.timeouts.mail = 'soon'", server(), True),
+        ("Actions.timeouts = nil", server(), False),
+        ("Actions.timeouts = 5", server(), True),
+        ("Actions.timeouts = {connect = 10}", server(timeouts=Timeouts(connect=10.0)), False),
+    ],
+)
+async def test_server_details_results(script: Any, events: Events, lua: str,
+                                      expected: ServerActions, fault: bool) -> None:
+    policy = script(SERVER_SET % lua)
+    assert await policy.server_details("Q1", PARAMS, ["Subject: hi"]) == expected
+    assert bool(events.of("script_error")) == fault
+
+
+async def test_vpop3_example_verbatim(script: Any) -> None:
+    # From VPOP3's documentation of mxout.lua, unchanged.
+    policy = script("""function ServerDetails(params, headers, actions)
+  if params["server"] == "mail.broken.com" then
+    actions["tryTLS"] = 0
+  end
+  return actions
+end
+""")
+    broken = ServerParameters("", "a@example.com", "mail.broken.com", "broken.com", 10, 1,
+                              "mail.broken.com[127.0.0.1]:25")
+    assert (await policy.server_details("Q1", broken, [])).try_tls is False
+    assert (await policy.server_details("Q1", PARAMS, [])).try_tls is True
+
+
+async def test_print_goes_to_the_log(script: Any, events: Events) -> None:
+    policy = script("""
+function CheckFile(f, a) print("checking", f, 42, nil) return a end
+""")
+    await policy.check_file(request())
+    assert [(e["id"], e["message"]) for e in events.of("script_log")] == [
+        ("Q1", "checking\t/spool/new/Q1\t42\tnil")]
+
+
+async def test_shipped_sample_runs_without_errors(tmp_path: Path, events: Events) -> None:
+    sample = Path(__file__).resolve().parent.parent / "config" / "mxout.lua"
+    policy = Policy(make_config(sample))
+    try:
+        actions = await policy.check_file(request(data=b"Precedence: bulk\r\n\r\n"))
+        assert actions.priority == 20
+        broken = ServerParameters("", "a@example.com", "mail.broken.com", "broken.com", 10, 1,
+                                  "x")
+        assert (await policy.server_details("Q1", broken, [])).try_tls is False
+        bank = ServerParameters("", "a@example.com", "mx.bank.example", "bank.example", 10,
+                                1, "x")
+        details = await policy.server_details("Q1", bank, [])
+        assert details.verify_cert and details.check_cert_name == "*.bank.example"
+    finally:
+        policy.close()
+    assert events.of("script_error") == []
+
+
+# --- faults ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("lua", "message"),
+    [
+        ("", "no function CheckFile"),
+        ("CheckFile = 5", "no function CheckFile"),
+        ("function CheckFile(f, a) end", "returned nil"),
+        ("function CheckFile(f, a) return 'x' end", "returned a string"),
+        ("function CheckFile(f, a) a.Priority = 99 error('boom') end", "boom"),
+        ("function CheckFile(f, a) return nil .. 1 end", "attempt to concatenate"),
+        ("function CheckFile(f, a) a.Priority = 99 while true do end end", "did not finish"),
+        ("function CheckFile(f, a) a.Priority = 99 while true do pcall(function() "
+         "while true do end end) end end", "did not finish"),
+        ("function CheckFile(f, a) local co = coroutine.create(function() while true do end "
+         "end) coroutine.resume(co) a.Priority = 99 return a end", "did not finish"),
+        ("function CheckFile(f, a) coroutine.wrap(function() while true do end end)() "
+         "return a end", "did not finish"),
+        ("function CheckFile(f, a) local function r() return 1 + r() end return r() end",
+         "stack overflow|not enough memory"),
+        ("function CheckFile(f, a) local t = {} for i = 1, 1e8 do t[i] = string.rep('x', i % 100) "
+         "end return a end", "not enough memory"),
+        ("function CheckFile(f, a) local s = string.rep('x', 2^30) return a end",
+         "not enough memory"),
+    ],
+)
+async def test_faults_give_the_defaults(tmp_path: Path, events: Events, lua: str,
+                                        message: str) -> None:
+    path = tmp_path / "mxout.lua"
+    path.write_text(lua)
+    policy = Policy(make_config(path, timeout=0.3, memory=16 * 1024**2))
+    try:
+        started = time.monotonic()
+        assert await policy.check_file(request()) == FileActions()
+        assert time.monotonic() - started < 5
+        errors = events.of("script_error")
+        assert len(errors) == 1, errors
+        assert errors[0]["function"] == "CheckFile"
+        assert re.search(message, errors[0]["error"]), errors[0]["error"]
+        # The runtime is still usable after the fault.
+        assert await policy.check_file(request()) == FileActions()
+    finally:
+        policy.close()
+
+
+async def test_missing_function_is_reported_once(script: Any, events: Events) -> None:
+    policy = script("function CheckFile(f, a) return a end -- no ServerDetails")
+    for _ in range(3):
+        assert await policy.server_details("Q1", PARAMS, []) == server()
+    assert len(events.of("script_error")) == 1
+
+
+async def test_stuck_c_call_kills_the_worker_not_the_daemon(tmp_path: Path,
+                                                           events: Events) -> None:
+    # A Lua pattern with many nested lazy repetitions backtracks exponentially inside
+    # one C call (str_find_aux): the count hook never runs, so only killing helps.
+    path = tmp_path / "mxout.lua"
+    path.write_text("""
+function CheckFile(f, a, size, c, r, l, rp, rcpts, hd)
+  if hd.subject == "hang" then
+    string.find(string.rep("a", 60), string.rep("a-", 30) .. "b")
+  end
+  a.Priority = 77
+  return a
+end
+""")
+    policy = Policy(make_config(path, timeout=0.2))
+    try:
+        started = time.monotonic()
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        actions = await policy.check_file(request(data=b"Subject: hang\r\n\r\n"))
+        task.cancel()
+        elapsed = time.monotonic() - started
+        assert actions == FileActions()
+        assert elapsed < policy.hard_timeout + 2
+        assert ticks > 10, "the event loop kept running while the worker was stuck"
+        [error] = events.of("script_error")
+        assert "killed" in error["error"]
+        # A fresh worker with the same script serves the next call.
+        assert (await policy.check_file(request())).priority == 77
+    finally:
+        policy.close()
+
+
+async def test_top_level_error_keeps_the_previous_version(tmp_path: Path,
+                                                          events: Events) -> None:
+    path = tmp_path / "mxout.lua"
+    path.write_text("function CheckFile(f, a) a.Priority = 60 return a end")
+    policy = Policy(make_config(path))
+    try:
+        assert (await policy.check_file(request())).priority == 60
+        path.write_text("function CheckFile(f, a) a.Priority = 61 return a end\n"
+                        "error('top level fails')")
+        assert policy.reload() is False
+        assert (await policy.check_file(request())).priority == 60
+        path.write_text("function CheckFile(f, a) a.Priority = 62 return a end\nlocal x = = 1")
+        assert policy.reload() is False
+        assert (await policy.check_file(request())).priority == 60
+        loads = [e for e in events.of("script_error") if e["function"] == "load"]
+        assert "top level fails" in loads[0]["error"]
+        assert "mxout.lua:2:" in loads[1]["error"]
+    finally:
+        policy.close()
+
+
+async def test_missing_script_means_defaults_logged_once(tmp_path: Path,
+                                                         events: Events) -> None:
+    path = tmp_path / "absent.lua"
+    policy = Policy(make_config(path))
+    try:
+        assert policy.reload() is False
+        assert await policy.check_file(request()) == FileActions()
+        assert await policy.server_details("Q1", PARAMS, []) == server()
+        assert policy.default_server_actions() == server()
+        logs = [e for e in events.records if e["event"] == "log"]
+        assert len(logs) == 1 and "absent.lua" in logs[0]["message"]
+        assert events.of("script_error") == []
+    finally:
+        policy.close()
+
+
+def test_default_helo_is_the_fqdn(tmp_path: Path) -> None:
+    import socket
+
+    policy = Policy(Config(script=ScriptConfig(path=tmp_path / "none.lua")))
+    try:
+        assert policy.default_server_actions().helo_name == socket.getfqdn()
+    finally:
+        policy.close()
+
+
+# --- reload -----------------------------------------------------------------------------
+
+async def poll_priority(policy: Policy, wanted: int, seconds: float = 10.0) -> int:
+    deadline = time.monotonic() + seconds
+    while True:
+        priority = (await policy.check_file(request())).priority
+        if priority == wanted or time.monotonic() > deadline:
+            return priority
+        await asyncio.sleep(0.02)
+
+
+async def test_reload_on_write_and_on_rename(tmp_path: Path, events: Events) -> None:
+    path = tmp_path / "mxout.lua"
+    path.write_text("function CheckFile(f, a) a.Priority = 10 return a end")
+    policy = Policy(make_config(path))
+    policy.start_watching()
+    try:
+        assert await poll_priority(policy, 10) == 10
+        # An editor that writes in place.
+        with open(path, "w") as handle:
+            handle.write("function CheckFile(f, a) a.Priority = 20 return a end")
+        assert await poll_priority(policy, 20) == 20
+        # An editor that writes a new file and renames it over the old one.
+        temporary = tmp_path / ".mxout.lua.swp"
+        temporary.write_text("function CheckFile(f, a) a.Priority = 30 return a end")
+        os.replace(temporary, path)
+        assert await poll_priority(policy, 30) == 30
+        # A broken version is logged and the old one stays.
+        path.write_text("function CheckFile(f, a) a.Priority = = 40 return a end")
+        deadline = time.monotonic() + 10
+        while not events.of("script_error") and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert events.of("script_error")[0]["function"] == "load"
+        assert (await policy.check_file(request())).priority == 30
+    finally:
+        policy.close()
