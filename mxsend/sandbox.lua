@@ -200,10 +200,11 @@ end
 local env = {}
 local safe_string = string
 safe_string.dump = nil            -- bytecode is never produced...
-local function sandbox_load(chunk, name, mode, chunk_env)
-  -- ...nor loaded: text only, and by default into the sandbox, not the real globals.
-  if select("#", chunk, name, mode, chunk_env) >= 4 then
-    return real_load(chunk, name, "t", chunk_env)
+local function sandbox_load(chunk, name, mode, ...)
+  -- ...nor loaded: text only, and by default into the sandbox, not the real globals
+  -- (an explicit env argument, even nil, is honoured as Lua 5.2's load does).
+  if select("#", ...) >= 1 then
+    return real_load(chunk, name, "t", (...))
   end
   return real_load(chunk, name, "t", env)
 end
