@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import marshal
+import os
 import select
 import signal
 import socket
@@ -214,6 +215,7 @@ class Channel:
             except BlockingIOError:
                 pass
             if time.perf_counter() < end:
+                os.sched_yield()  # the daemon may be waiting for this very CPU
                 continue
             self.poller.poll()
 

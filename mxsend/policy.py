@@ -301,7 +301,7 @@ def file_actions_from_lua(fields: dict[str, object]) -> tuple[FileActions, list[
 
 
 # ServerActions field <- Lua name, reader. Order matches sandbox.lua SERVER_FIELDS.
-_SERVER_FIELDS: tuple[tuple[str, str, Callable[[object], Any]], ...] = (
+SERVER_FIELDS: tuple[tuple[str, str, Callable[[object], Any]], ...] = (
     ("try_esmtp", "tryESMTP", vpop3_flag),
     ("try_tls", "tryTLS", vpop3_flag),
     ("helo_name", "HELOname", helo_name),
@@ -331,7 +331,7 @@ def server_actions_from_lua(
     """
     faults: list[Fault] = []
     values: dict[str, Any] = {}
-    for attr, lua_name, reader in _SERVER_FIELDS:
+    for attr, lua_name, reader in SERVER_FIELDS:
         values[attr] = _read(fields, lua_name, reader, getattr(defaults, attr), faults)
     if any(name in _PINS for name, _ in faults):
         values["force_tls"] = True
@@ -361,7 +361,7 @@ def _lua_number(value: float) -> int | float:
 def server_actions_to_lua(actions: ServerActions) -> tuple[object, ...]:
     """ServerActions -> the flat Actions-in values (SERVER_FIELDS, then timeouts)."""
     out: list[object] = []
-    for attr, _, _ in _SERVER_FIELDS:
+    for attr, _, _ in SERVER_FIELDS:
         value = getattr(actions, attr)
         if isinstance(value, bool):
             out.append(_lua_flag(value))
@@ -446,6 +446,8 @@ class _Worker:
         while not self._fill():
             if time.perf_counter() >= end:
                 return False
+            # On a busy machine the worker may be waiting for this very CPU.
+            os.sched_yield()
         return True
 
     def _poll(self, seconds: float) -> bool:
@@ -573,7 +575,7 @@ class Policy:
         values = await self._call(SERVERDETAILS, queue_id, message)
         if values is None:
             return defaults
-        names = [lua for _, lua, _ in _SERVER_FIELDS]
+        names = [lua for _, lua, _ in SERVER_FIELDS]
         fields = _pairs(values[2 : 2 + 2 * len(names)], names)
         timeout_kind = text_value(values[1])
         timeouts: dict[str, object] | Opaque | None
