@@ -294,8 +294,7 @@ class Spool:
             try:
                 os.utime(path)
             except FileNotFoundError:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-                os.close(fd)
+                _write_atomic(path, process_identity().encode())
         except OSError as exc:
             raise SpoolError(f"cannot write heartbeat {path}: {exc}") from exc
         self._registered = True
@@ -575,11 +574,21 @@ class Spool:
     def _is_dead(self, owner: str, stale_after: float, now: float) -> bool:
         if owner == self.owner:
             return False
+        heartbeat = self.root / "owners" / owner
         try:
-            beat = os.stat(self.root / "owners" / owner).st_mtime
+            beat = os.stat(heartbeat).st_mtime
         except FileNotFoundError:
             return True
-        return beat < now - stale_after
+        if beat < now - stale_after:
+            return True
+        # A restarted daemon should not wait out stale_after for its predecessor's
+        # claims: when the owner ran under this very kernel and PID namespace, a PID
+        # that no longer exists is proof enough. Any doubt falls back to the heartbeat.
+        try:
+            identity = heartbeat.read_text()
+        except OSError:
+            return False
+        return _dead_here(identity)
 
     def _take(self, parent: Path, name: str) -> Path | None:
         self._register(parent / self.owner)
@@ -765,6 +774,43 @@ class Spool:
 
 
 # --- file primitives --------------------------------------------------------------------
+
+
+def process_identity(pid: int | None = None) -> str:
+    """`boot_id pidns pid`: enough to tell whether a PID names a process we can see."""
+    return f"{_boot_id()} {_pid_namespace()} {os.getpid() if pid is None else pid}\n"
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "unknown"
+
+
+def _dead_here(identity: str) -> bool:
+    """True only if `identity` is a process of this kernel and PID namespace that is gone."""
+    parts = identity.split()
+    if len(parts) != 3 or "unknown" in parts or not parts[2].isdigit():
+        return False
+    boot_id, pidns, pid = parts
+    if boot_id != _boot_id() or pidns != _pid_namespace():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # it exists (EPERM) or we cannot tell
+    return False
 
 
 def _checked(id: str) -> str:

@@ -364,6 +364,40 @@ def test_claims_of_a_dead_owner_come_back(tmp_path: Path) -> None:
     assert alive.find("m") == (half, "queue")
 
 
+def _dead_pid() -> int:
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True, timeout=30)
+    return int(child.stdout)
+
+
+def test_claims_of_a_dead_pid_on_this_host_come_back_at_once(tmp_path: Path) -> None:
+    from mxsend.spool import process_identity
+
+    gone, alive = Spool(tmp_path, owner="gone"), Spool(tmp_path, owner="alive")
+    gone.create_dirs()
+    accepted(gone, "m")
+    assert gone.claim("m") is not None
+    heartbeat = tmp_path / "owners" / "gone"
+    # A fresh heartbeat of a live process (this one): its claims stay.
+    heartbeat.write_text(process_identity())
+    assert alive.recover(stale_after=3600, now=time.time()) == []
+    # Same heartbeat age, but the process it names has exited: recovered at once.
+    heartbeat.write_text(process_identity(_dead_pid()))
+    assert alive.recover(stale_after=3600, now=time.time()) == ["m"]
+    assert alive.due(NOW) == ["m"]
+
+
+def test_an_unrecognised_heartbeat_falls_back_to_its_age(tmp_path: Path) -> None:
+    other, alive = Spool(tmp_path, owner="other"), Spool(tmp_path, owner="alive")
+    other.create_dirs()
+    accepted(other, "m")
+    assert other.claim("m") is not None
+    # Another kernel (a sidecar on another machine): its PID says nothing here.
+    (tmp_path / "owners" / "other").write_text(f"another-boot 4026531836 {_dead_pid()}\n")
+    assert alive.recover(stale_after=3600, now=time.time()) == []
+    assert alive.recover(stale_after=3600, now=time.time() + 7200) == ["m"]
+
+
 def test_retire_makes_leftovers_recoverable_at_once(tmp_path: Path) -> None:
     one, two = Spool(tmp_path, owner="one"), Spool(tmp_path, owner="two")
     one.create_dirs()
