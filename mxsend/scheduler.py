@@ -1,0 +1,758 @@
+"""The daemon: scan, watch, prioritise, dispatch, record, shut down.
+
+Data flows one way: spool -> scheduler -> policy -> delivery (mx, smtp) -> outcome ->
+spool. This module owns the asyncio side of that flow and nothing that decides: when to
+retry is schedule.py's, what a reply means is outcome.py's, what a DSN says is
+bounce.py's. It is also the one place that logs the contract's events for a message.
+
+A message's life here:
+
+1. a file appears in new/ (watchdog wakes us; a rescan every scan_interval catches
+   lost events) -> Spool.accept: quarantined, or queued and due now (`queued` event);
+2. due -> claimed (atomic rename; another process may win) -> CheckFile. Skipped:
+   released for the next scan, not counted as an attempt (`skipped`). Otherwise it waits
+   in a priority queue, highest Priority first, for a free delivery worker;
+3. a worker groups the pending recipients by domain, delivers each group concurrently
+   (one transaction per domain), records every outcome (`delivery`), queues DSNs
+   (`bounce`), and either completes the message or releases it with its next try.
+
+The claim itself is the durable mark that an attempt started: if the process dies, the
+claim is recovered by the next heartbeat of any process, and the attempt is counted
+then (see _recover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import heapq
+import itertools
+import logging
+import signal
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mxsend import bounce, schedule, sdnotify
+from mxsend.actions import FileActions, ServerActions, ServerParameters
+from mxsend.config import Config, load_config
+from mxsend.delivery import Deliverer
+from mxsend.envelope import Message, Recipient, header_lines
+from mxsend.errors import ConfigError, MxsendError
+from mxsend.log import event, get_logger, setup_logging
+from mxsend.mx import Resolver
+from mxsend.outcome import DeliveryStatus, RecipientOutcome
+from mxsend.policy import CheckFileRequest, Policy
+from mxsend.spool import (
+    Accepted,
+    Claim,
+    MessageState,
+    Quarantined,
+    RecipientState,
+    RecipientStatus,
+    Spool,
+)
+
+log = get_logger()
+
+# How often this process proves it is alive in owners/, and how old another process's
+# heartbeat must be before its claims are taken back. The margin covers a loop stalled
+# by a slow disk; a claim is only ever recovered from a process that stopped beating.
+HEARTBEAT_INTERVAL = 5.0
+STALE_AFTER = 60.0
+# How many claimed messages may wait for a worker at once: enough to order by priority,
+# bounded so that 100,000 due messages do not all sit in memory.
+READY_WINDOW_PER_WORKER = 4
+READY_WINDOW_MIN = 256
+# A message whose attempt was cut short by shutdown was no server's fault: it is due
+# again at once, so the next start (or the other process sharing the spool) takes it.
+INTERRUPTED_RETRY = 0.0
+
+
+@dataclass(order=True, slots=True)
+class _Job:
+    """A claimed message waiting for a worker; ordered by priority, then age."""
+
+    sort_key: tuple[int, float, int]
+    claim: Claim = field(compare=False)
+    state: MessageState = field(compare=False)
+    message: Message = field(compare=False)
+    actions: FileActions = field(compare=False)
+
+
+def group_by_domain(
+    recipients: Iterable[Recipient], pending: set[str]
+) -> dict[str, list[Recipient]]:
+    """Pending recipients grouped by domain, in envelope order (one transaction each)."""
+    groups: dict[str, list[Recipient]] = {}
+    for recipient in recipients:
+        if recipient.address in pending:
+            groups.setdefault(recipient.domain, []).append(recipient)
+    return groups
+
+
+def apply_outcomes(
+    state: MessageState, outcomes: Iterable[RecipientOutcome], now: float
+) -> MessageState:
+    """Fold per-recipient outcomes into the message state (pure)."""
+    by_address = {outcome.address: outcome for outcome in outcomes}
+    recipients = []
+    for rcpt in state.recipients:
+        outcome = by_address.get(rcpt.address)
+        if outcome is None or rcpt.status is not RecipientStatus.PENDING:
+            recipients.append(rcpt)
+            continue
+        status = {
+            DeliveryStatus.SENT: RecipientStatus.SENT,
+            DeliveryStatus.BOUNCED: RecipientStatus.BOUNCED,
+            DeliveryStatus.DEFERRED: RecipientStatus.PENDING,
+        }[outcome.status]
+        recipients.append(
+            dataclasses.replace(
+                rcpt,
+                status=status,
+                response=outcome.response,
+                dsn=outcome.dsn,
+                relay=outcome.relay or "",
+                remote_mta=outcome.remote_mta or "",
+                last_attempt=now,
+            )
+        )
+    errors = [o.response for o in by_address.values() if o.status is DeliveryStatus.DEFERRED]
+    return dataclasses.replace(
+        state,
+        recipients=tuple(recipients),
+        last_error=errors[0] if errors else state.last_error,
+    )
+
+
+_GIVE_UP_REASONS = {
+    schedule.GiveUp.FORCED: "the last try (ForceLastTry) failed",
+    schedule.GiveUp.EXPIRED: "message expired in the queue",
+}
+
+
+def give_up(state: MessageState, reason: schedule.GiveUp, now: float) -> MessageState:
+    """Every pending recipient becomes bounced, keeping its last reply if it had one."""
+    text = _GIVE_UP_REASONS[reason]
+    recipients = tuple(
+        dataclasses.replace(
+            rcpt,
+            status=RecipientStatus.BOUNCED,
+            response=f"{text}; last reply: {rcpt.response}" if rcpt.response else text,
+            dsn=schedule.give_up_status(reason, rcpt.dsn or None),
+            last_attempt=rcpt.last_attempt or now,
+        )
+        if rcpt.status is RecipientStatus.PENDING
+        else rcpt
+        for rcpt in state.recipients
+    )
+    return dataclasses.replace(state, recipients=recipients)
+
+
+class Daemon:
+    """`mxsend run`: owns the spool, the policy, the deliverer and the event loop's tasks."""
+
+    def __init__(self, config: Config, *, once: bool = False) -> None:
+        self.config = config
+        self.once = once
+        self.spool = Spool(
+            config.spool.path,
+            keep_sent=config.spool.keep_sent,
+            max_message_size=config.spool.max_message_size,
+        )
+        self.policy: Policy | None = None
+        self.deliverer: Deliverer | None = None
+        self.reporting_mta = config.smtp.helo_name or socket.getfqdn()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._ready: list[_Job] = []
+        self._ready_changed = asyncio.Condition()
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._claimed: set[str] = set()
+        self._sequence = itertools.count()
+        self._workers: list[asyncio.Task[None]] = []
+        self._observer: Any = None
+        self._batv_key: bytes | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._batv_key = _read_batv_key(self.config)
+        self.spool.create_dirs()
+        self.spool.heartbeat()
+        self.policy = Policy(self.config)
+        self.deliverer = Deliverer(
+            self.config, Resolver(self.config.dns), batv_key=self._batv_key
+        )
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        self._recover()
+        if not self.once:
+            self._start_watching(loop)
+            self.policy.start_watching()
+        worker_count = self.config.smtp.max_connections
+        self._workers = [asyncio.create_task(self._worker()) for _ in range(worker_count)]
+        heartbeat = asyncio.create_task(self._heartbeat())
+        log.info("mxsend started: spool %s, %d workers", self.config.spool.path, worker_count)
+        try:
+            await self._scan_loop()
+        finally:
+            await self._shutdown()
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        return 0
+
+    async def _shutdown(self) -> None:
+        sdnotify.notify("STOPPING=1")
+        self._stop_watching()
+        # Claimed but not started: back to the queue untouched, due at once.
+        for job in self._ready:
+            self._release_untouched(job.claim, job.state)
+        self._ready.clear()
+        in_flight = list(self._in_flight.values())
+        if in_flight:
+            log.info("waiting up to %.0fs for %d deliveries", self.config.queue.shutdown_grace,
+                     len(in_flight))
+            _, pending = await asyncio.wait(in_flight, timeout=self.config.queue.shutdown_grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        if self.deliverer is not None:
+            await self.deliverer.close()
+        if self.policy is not None:
+            self.policy.stop_watching()
+            self.policy.close()
+        self.spool.retire()
+        log.info("mxsend stopped")
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the config and the script; what needs a restart is logged."""
+        config = self.config
+        if config.source is not None:
+            try:
+                config = load_config(config.source)
+                batv_key = _read_batv_key(config)
+            except ConfigError as exc:
+                log.error("SIGHUP: config not reloaded, keeping the running one: %s", exc)
+                config = self.config
+            else:
+                if config.spool != self.config.spool:
+                    log.warning("SIGHUP: [spool] changes take effect at the next restart")
+                    config = dataclasses.replace(config, spool=self.config.spool)
+        if config == self.config:
+            if self.policy is not None:
+                self.policy.reload()
+            log.info("SIGHUP: script reloaded")
+            return
+        setup_logging(config.log.format, config.log.level)
+        old_policy, old_deliverer = self.policy, self.deliverer
+        if config.script == self.config.script and old_policy is not None:
+            old_policy.reload()
+            old_policy = None
+        else:
+            self.policy = Policy(config)
+            if not self.once:
+                self.policy.start_watching()
+            if old_policy is not None:
+                old_policy.stop_watching()
+        self.config = config
+        self._batv_key = batv_key
+        self.deliverer = Deliverer(config, Resolver(config.dns), batv_key=batv_key)
+        self._background.add(asyncio.get_running_loop().create_task(
+            self._retire(old_policy, old_deliverer)))
+        log.info("SIGHUP: configuration reloaded")
+
+    async def _retire(self, policy: Policy | None, deliverer: Deliverer | None) -> None:
+        """Close what SIGHUP replaced once the deliveries that still use it are done."""
+        in_flight = list(self._in_flight.values())
+        if in_flight:
+            await asyncio.wait(in_flight)
+        if deliverer is not None:
+            await deliverer.close()
+        if policy is not None:
+            policy.close()
+
+    async def _heartbeat(self) -> None:
+        watchdog = sdnotify.watchdog_interval()
+        interval = min(HEARTBEAT_INTERVAL, watchdog) if watchdog else HEARTBEAT_INTERVAL
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.spool.heartbeat()
+                self._recover()
+            except OSError as exc:
+                log.error("heartbeat failed: %s", exc)
+            sdnotify.notify("WATCHDOG=1")
+
+    def _recover(self) -> None:
+        """Take back claims of processes that died; their interrupted attempt counts.
+
+        Counting it backs off a message that kills its daemon every time it is tried,
+        instead of crashing in a loop.
+        """
+        now = time.time()
+        for queue_id in self.spool.recover(STALE_AFTER, now):
+            log.warning("recovered message %s from a process that stopped", queue_id)
+            claim = self.spool.claim(queue_id)
+            if claim is None:
+                continue
+            try:
+                state = self.spool.read(claim)
+                attempts = state.attempts + 1
+                self.spool.release(claim, dataclasses.replace(
+                    state, attempts=attempts, last_try=now,
+                    next_try=schedule.next_try(self.config.queue.retry, attempts, now),
+                    last_error=state.last_error or "interrupted by a process that stopped",
+                ))
+            except MxsendError as exc:
+                log.error("could not record the recovery of %s: %s", queue_id, exc)
+
+    # --- watching ------------------------------------------------------------------
+
+    def _start_watching(self, loop: asyncio.AbstractEventLoop) -> None:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        wake = self._wake
+
+        class _Wake(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                if event.event_type in ("created", "moved", "modified", "closed"):
+                    loop.call_soon_threadsafe(wake.set)
+
+        observer = Observer()
+        for folder in ("new", "control"):
+            path = self.config.spool.path / folder
+            path.mkdir(parents=True, exist_ok=True)
+            observer.schedule(_Wake(), str(path), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def _stop_watching(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+
+    # --- the scan loop -------------------------------------------------------------
+
+    async def _scan_loop(self) -> None:
+        ready_signalled = False
+        while not self._stopping.is_set():
+            self._wake.clear()
+            self._accept_incoming()
+            dispatched = await self._dispatch_due()
+            if not ready_signalled:
+                sdnotify.notify("READY=1")
+                ready_signalled = True
+            if self.once:
+                if await self._once_finished(dispatched):
+                    return
+                continue
+            await self._sleep_until_next()
+
+    async def _once_finished(self, dispatched: int) -> bool:
+        """--once ends when nothing is due, incoming, ready or in flight."""
+        if dispatched:
+            return False
+        if self._ready or self._in_flight:
+            async with self._ready_changed:
+                await self._ready_changed.wait_for(
+                    lambda: not self._ready and not self._in_flight
+                )
+            return False
+        if self.spool.incoming():
+            return False
+        return not self._due_ids(time.time())
+
+    async def _sleep_until_next(self) -> None:
+        timeout = self.config.queue.scan_interval
+        # With the ready window full, due messages wait for the workers, who wake us
+        # when it is half empty; only otherwise does the next due time matter.
+        if len(self._ready) < self._ready_window():
+            next_due = self.spool.next_due()
+            if next_due is not None:
+                timeout = max(0.0, min(timeout, next_due - time.time()))
+        waits = [asyncio.ensure_future(self._wake.wait()),
+                 asyncio.ensure_future(self._stopping.wait())]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+
+    def _accept_incoming(self) -> None:
+        for name in self.spool.incoming():
+            if self._stopping.is_set():
+                return
+            try:
+                result = self.spool.accept(name, time.time())
+            except MxsendError as exc:
+                log.error("could not accept %s: %s", name, exc)
+                continue
+            if isinstance(result, Accepted):
+                envelope = result.message.envelope
+                event("queued", result.id, sender=envelope.sender,
+                      recipients=[r.address for r in envelope.recipients],
+                      size=len(result.message.data))
+            elif isinstance(result, Quarantined):
+                event("quarantined", result.id, logging.WARNING, reason=result.reason)
+
+    def _ready_window(self) -> int:
+        workers = self.config.smtp.max_connections
+        return max(READY_WINDOW_MIN, READY_WINDOW_PER_WORKER * workers)
+
+    def _due_ids(self, now: float) -> list[str]:
+        return [qid for qid in self.spool.due(now) if qid not in self._claimed]
+
+    async def _dispatch_due(self) -> int:
+        """Claim due messages, ask CheckFile, and hand the batch to the workers at once.
+
+        The whole batch is checked before any of it is queued, so that with one free
+        worker the highest Priority really goes first (contract §4).
+        """
+        room = self._ready_window() - len(self._ready)
+        if room <= 0:
+            return 0
+        batch: list[_Job] = []
+        for queue_id in self._due_ids(time.time())[:room]:
+            if self._stopping.is_set():
+                break
+            job = await self._prepare(queue_id)
+            if job is not None:
+                batch.append(job)
+        if batch:
+            async with self._ready_changed:
+                for job in batch:
+                    heapq.heappush(self._ready, job)
+                self._ready_changed.notify_all()
+        return len(batch)
+
+    async def _prepare(self, queue_id: str) -> _Job | None:
+        claim = self.spool.claim(queue_id)
+        if claim is None:
+            return None  # another process has it
+        self._claimed.add(queue_id)
+        try:
+            state = self.spool.read(claim)
+            message = self.spool.load_message(queue_id)
+        except MxsendError as exc:
+            log.error("message %s unreadable, retried later: %s", queue_id, exc)
+            self._release_untouched(claim, None, delay=self.config.queue.retry[0])
+            return None
+        now = time.time()
+        if schedule.expired(state.created, now, self.config.queue.max_age):
+            expired = self._give_up(queue_id, state, schedule.GiveUp.EXPIRED, now)
+            await self._finish(claim, expired, message, now, before=state, next_try=None)
+            return None
+        assert self.policy is not None
+        pending = tuple(r.address for r in state.pending())
+        actions = await self.policy.check_file(CheckFileRequest(
+            queue_id=queue_id,
+            filename=str(self.spool.message_path(queue_id)),
+            size=len(message.data),
+            creation_time=state.created,
+            retries=state.attempts,
+            last_try_time=state.last_try,
+            return_path=message.envelope.sender,
+            recipients=pending,
+            data=message.data,
+        ))
+        if actions.skip_send:
+            event("skipped", queue_id, reason=actions.reason)
+            self._release_untouched(claim, state, delay=self.config.queue.scan_interval)
+            return None
+        priority = max(1, min(100, actions.priority))
+        return _Job((-priority, state.created, next(self._sequence)), claim, state, message,
+                    actions)
+
+    def _release_untouched(
+        self, claim: Claim, state: MessageState | None, delay: float = 0.0
+    ) -> None:
+        """Give a claim back without counting an attempt."""
+        self._claimed.discard(claim.id)
+        try:
+            if state is None:
+                state = self.spool.read(claim)
+            self.spool.release(claim, dataclasses.replace(state, next_try=time.time() + delay))
+        except MxsendError as exc:
+            # The claim stays in active/ and comes back through recovery after restart.
+            log.error("could not release %s: %s", claim.id, exc)
+
+    # --- workers -------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            async with self._ready_changed:
+                await self._ready_changed.wait_for(lambda: bool(self._ready))
+                job = heapq.heappop(self._ready)
+            attempt = asyncio.create_task(self._attempt(job))
+            self._in_flight[job.claim.id] = attempt
+            try:
+                await attempt
+            except asyncio.CancelledError:
+                if not attempt.done():
+                    raise  # the worker itself is being stopped
+            except Exception:
+                # A bug, not a delivery problem: keep the message, keep the worker.
+                log.exception("attempt of %s failed unexpectedly", job.claim.id)
+                self._release_untouched(job.claim, None, delay=self.config.queue.retry[0])
+            finally:
+                self._in_flight.pop(job.claim.id, None)
+                self._claimed.discard(job.claim.id)
+                async with self._ready_changed:
+                    self._ready_changed.notify_all()
+                if self.once or len(self._ready) < self._ready_window() // 2:
+                    self._wake.set()
+
+    async def _attempt(self, job: _Job) -> None:
+        """One attempt of one message; never raises, never loses the claim."""
+        claim, message = job.claim, job.message
+        started = time.time()
+        state = dataclasses.replace(job.state, attempts=job.state.attempts + 1,
+                                    last_try=started)
+        running = set(self._start_deliveries(claim.id, message, state))
+        outcomes: list[RecipientOutcome] = []
+        # What may be recorded before the attempt ends: only what servers accepted. A
+        # bounce is recorded together with its DSN at the end, or not at all; the
+        # attempt itself is counted at the end, or by recovery after a crash.
+        durable = job.state
+        try:
+            while running:
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                finished = self._collect(claim.id, done, state.attempts)
+                outcomes += finished
+                sent = [o for o in finished if o.status is DeliveryStatus.SENT]
+                durable = apply_outcomes(durable, sent, time.time())
+                if running and sent:
+                    # Other domains are still in flight, maybe for minutes: what this one
+                    # accepted is made durable now, so a crash cannot send it twice
+                    # (contract §1: the duplicate window is only reply-to-record).
+                    self.spool.update(claim, durable)
+        except asyncio.CancelledError:
+            # Shutdown cut the attempt short. What a server already accepted is recorded
+            # (it must never be sent again); the rest is a temporary failure, due again
+            # at once after restart (contract §2, SIGTERM).
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            sent = [o for o in self._collect(claim.id, running, state.attempts)
+                    if o.status is DeliveryStatus.SENT]
+            self._release_untouched(claim, apply_outcomes(durable, sent, time.time()),
+                                    delay=INTERRUPTED_RETRY)
+            raise
+        state = apply_outcomes(state, outcomes, time.time())
+        now = time.time()
+        relayed = [o for o in outcomes if o.status is DeliveryStatus.SENT and o.dsn_relayed]
+        next_try: float | None = None
+        if state.pending():
+            decision = schedule.after_temporary_failure(
+                retry=self.config.queue.retry, attempts=state.attempts, created=state.created,
+                now=now, max_age=self.config.queue.max_age,
+                force_last_try=job.actions.force_last_try,
+            )
+            if decision.give_up is not None:
+                state = self._give_up(claim.id, state, decision.give_up, now)
+            next_try = decision.next_try
+        await self._finish(claim, state, message, now, relayed=relayed, before=job.state,
+                           next_try=next_try)
+
+    def _collect(
+        self, queue_id: str, tasks: Iterable[asyncio.Task[list[RecipientOutcome]]],
+        attempt: int,
+    ) -> list[RecipientOutcome]:
+        """The outcomes of finished domain tasks, each logged as a `delivery` event."""
+        outcomes: list[RecipientOutcome] = []
+        for task in tasks:
+            if not task.done() or task.cancelled():
+                continue
+            if task.exception() is not None:
+                # A bug, not a delivery problem: those recipients stay pending.
+                log.error("delivery of %s failed unexpectedly: %r", queue_id, task.exception())
+                continue
+            outcomes += task.result()
+        if any(outcome.eight_bit_unadvertised for outcome in outcomes):
+            # Contract §5: 8-bit data to a server without 8BITMIME is sent anyway, noted.
+            log.warning("message %s has 8-bit data; a server did not offer 8BITMIME", queue_id)
+        for outcome in outcomes:
+            event("delivery", queue_id, recipient=outcome.address, status=str(outcome.status),
+                  relay=outcome.relay, tls=outcome.tls, dsn=outcome.dsn,
+                  response=outcome.response, attempt=attempt)
+        return outcomes
+
+    def _start_deliveries(
+        self, queue_id: str, message: Message, state: MessageState
+    ) -> list[asyncio.Task[list[RecipientOutcome]]]:
+        """One task per recipient domain: one transaction each (contract §5)."""
+        assert self.deliverer is not None and self.policy is not None
+        policy, deliverer = self.policy, self.deliverer
+        pending = {r.address for r in state.pending()}
+        headers = header_lines(message.data)
+
+        async def server_details(params: ServerParameters) -> ServerActions:
+            return await policy.server_details(queue_id, params, headers)
+
+        return [
+            asyncio.create_task(
+                deliverer.deliver(queue_id, message, recipients, domain, server_details)
+            )
+            for domain, recipients in group_by_domain(message.envelope.recipients,
+                                                      pending).items()
+        ]
+
+    def _give_up(
+        self, queue_id: str, state: MessageState, reason: schedule.GiveUp, now: float
+    ) -> MessageState:
+        """Bounce what is still pending, with a `delivery` event each (relay null)."""
+        final = give_up(state, reason, now)
+        for rcpt in final.recipients:
+            if _status_of(state, rcpt.address) is RecipientStatus.PENDING:
+                event("delivery", queue_id, recipient=rcpt.address, status="bounced",
+                      relay=None, tls=None, dsn=rcpt.dsn, response=rcpt.response,
+                      attempt=state.attempts)
+        return final
+
+    async def _finish(
+        self,
+        claim: Claim,
+        state: MessageState,
+        message: Message,
+        now: float,
+        *,
+        relayed: Sequence[RecipientOutcome] = (),
+        before: MessageState,
+        next_try: float | None,
+    ) -> None:
+        """Queue the DSNs this attempt owes, then record the state durably.
+
+        DSNs go into the spool first: a crash in between repeats a report, it never
+        loses one.
+        """
+        newly_bounced = [
+            r for r in state.recipients
+            if r.status is RecipientStatus.BOUNCED
+            and _status_of(before, r.address) is RecipientStatus.PENDING
+        ]
+        self._queue_dsn(claim.id, message, state, newly_bounced, bounce.DsnAction.FAILED, now)
+        self._queue_dsn(claim.id, message, state,
+                        [_rcpt_state(state, o.address) for o in relayed],
+                        bounce.DsnAction.RELAYED, now)
+        state = self._delay_warnings(claim.id, message, state, now)
+        try:
+            if state.is_final():
+                self.spool.complete(claim, state)
+            else:
+                if next_try is None:
+                    next_try = schedule.next_try(self.config.queue.retry, state.attempts, now)
+                self.spool.release(claim, dataclasses.replace(state, next_try=next_try))
+        except MxsendError as exc:
+            log.error("could not record the outcome of %s: %s", claim.id, exc)
+        finally:
+            self._claimed.discard(claim.id)
+
+    def _delay_warnings(
+        self, queue_id: str, message: Message, state: MessageState, now: float
+    ) -> MessageState:
+        """One DELAY notice per recipient that asked for it (RFC 3461 §4.1)."""
+        if state.is_final() or not schedule.delay_warning_due(
+            state.created, now, self.config.queue.delay_warning, already=False
+        ):
+            return state
+        due = [r for r in state.pending() if not r.delay_notified]
+        if not due:
+            return state
+        self._queue_dsn(queue_id, message, state, due, bounce.DsnAction.DELAYED, now)
+        notified = {r.address for r in due}
+        return dataclasses.replace(state, recipients=tuple(
+            dataclasses.replace(r, delay_notified=True) if r.address in notified else r
+            for r in state.recipients
+        ))
+
+    def _queue_dsn(
+        self,
+        queue_id: str,
+        message: Message,
+        state: MessageState,
+        recipients: Sequence[RecipientState],
+        action: bounce.DsnAction,
+        now: float,
+    ) -> None:
+        envelope_rcpts = {r.address: r for r in message.envelope.recipients}
+        reported = []
+        for rcpt in recipients:
+            original = envelope_rcpts.get(rcpt.address)
+            if original is None or not bounce.wants_report(original, action):
+                continue
+            diagnostic = rcpt.response if rcpt.relay else None
+            reported.append(bounce.DsnRecipient(
+                address=rcpt.address,
+                orcpt=original.orcpt,
+                action=action,
+                status=rcpt.dsn or ("2.0.0" if action is bounce.DsnAction.RELAYED else "5.0.0"),
+                remote_mta=rcpt.remote_mta or None,
+                diagnostic=f"smtp; {diagnostic}" if diagnostic else None,
+                last_attempt=rcpt.last_attempt or None,
+                will_retry_until=(state.created + self.config.queue.max_age
+                                  if action is bounce.DsnAction.DELAYED else None),
+            ))
+        if not reported:
+            return
+        dsn = bounce.build_dsn(
+            original=message, queue_id=queue_id, recipients=reported,
+            reporting_mta=self.reporting_mta, arrival=state.created, now=now,
+            message_id_domain=self.reporting_mta,
+        )
+        if dsn is None:
+            return
+        try:
+            bounce_id = self.spool.enqueue(dsn)
+        except MxsendError as exc:
+            log.error("could not queue the %s report for %s: %s", action, queue_id, exc)
+            return
+        event("bounce", queue_id, bounce_id=bounce_id, recipients=[r.address for r in reported])
+        self._wake.set()
+
+
+def _status_of(state: MessageState, address: str) -> RecipientStatus | None:
+    for rcpt in state.recipients:
+        if rcpt.address == address:
+            return rcpt.status
+    return None
+
+
+def _rcpt_state(state: MessageState, address: str) -> RecipientState:
+    for rcpt in state.recipients:
+        if rcpt.address == address:
+            return rcpt
+    raise KeyError(address)
+
+
+def _read_batv_key(config: Config) -> bytes | None:
+    path: Path | None = config.batv.key_file
+    if path is None:
+        return None
+    try:
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"batv.key_file: {path}: {exc.strerror}") from None
+    if not key:
+        raise ConfigError(f"batv.key_file: {path} is empty")
+    return key
+
+
+async def run_daemon(config: Config, *, once: bool = False) -> int:
+    return await Daemon(config, once=once).run()

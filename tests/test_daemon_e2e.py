@@ -1,0 +1,377 @@
+"""End to end: the daemon as a real process, real SMTP receivers, a real DNS server."""
+
+from __future__ import annotations
+
+import email
+import os
+import signal
+import socket
+from collections.abc import Callable
+from email.message import Message as EmailMessage
+from pathlib import Path
+
+import pytest
+
+from mxsend.envelope import Envelope, Message, Recipient, serialise_bsmtp
+from mxsend.spool import Spool
+from tests.fixtures.daemon import DaemonProcess, wait_until, write_config
+from tests.fixtures.dns_server import DnsTestServer
+from tests.fixtures.smtp_receiver import Behaviour, ReceiverGroup
+
+pytestmark = pytest.mark.slow
+
+Start = Callable[..., DaemonProcess]
+
+
+def _body(subject: str, extra: str = "") -> bytes:
+    return (f"From: alice@src.test\r\nTo: someone\r\nSubject: {subject}\r\n{extra}"
+            f"\r\nhello {subject}\r\n.leading dot\r\n").encode()
+
+
+def drop(spool: Path, name: str, sender: str, *recipients: str, subject: str = "",
+         notify: tuple[str, ...] | None = None, extra: str = "") -> None:
+    """Write a Batch SMTP file the way a writer must: tmp/, fsync, rename into new/."""
+    message = Message(
+        Envelope(sender=sender,
+                 recipients=tuple(Recipient(r, notify=notify) for r in recipients)),
+        _body(subject or name, extra),
+    )
+    for folder in ("tmp", "new"):
+        (spool / folder).mkdir(parents=True, exist_ok=True)
+    tmp = spool / "tmp" / name
+    with open(tmp, "wb") as handle:
+        handle.write(serialise_bsmtp(message))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.rename(tmp, spool / "new" / name)
+
+
+def queued_ids(spool: Path) -> list[str]:
+    return sorted(state.id for state, _ in Spool(spool, owner="test-observer").entries())
+
+
+@pytest.fixture
+def world(tmp_path: Path, dns_server: DnsTestServer,
+          smtp_receivers: ReceiverGroup) -> dict[str, object]:
+    """Two domains: d1.test -> mx1 (127.0.0.2), d2.test -> mx2 (127.0.0.3)."""
+    dns_server.add_mx("d1.test", 10, "mx1.d1.test")
+    dns_server.add_a("mx1.d1.test", "127.0.0.2")
+    dns_server.add_mx("d2.test", 10, "mx2.d2.test")
+    dns_server.add_a("mx2.d2.test", "127.0.0.3")
+    dns_server.add_null_mx("nullmx.test")
+    return {"dns": dns_server, "smtp": smtp_receivers}
+
+
+def _config(tmp_path: Path, world: dict[str, object], **sections: dict[str, object]) -> Path:
+    dns = world["dns"]
+    smtp = world["smtp"]
+    assert isinstance(dns, DnsTestServer) and isinstance(smtp, ReceiverGroup)
+    base: dict[str, dict[str, object]] = {
+        "dns": {"nameservers": [dns.nameserver], "timeout": "2s", "ipv6": False},
+        "smtp": {"port": smtp.port, "helo_name": "mxsend.test"},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return write_config(tmp_path, base)
+
+
+def test_once_delivers_and_empties_the_spool(tmp_path: Path, world: dict[str, object],
+                                             daemon: Start) -> None:
+    smtp = world["smtp"]
+    assert isinstance(smtp, ReceiverGroup)
+    mx1 = smtp.start("127.0.0.2")
+    mx2 = smtp.start("127.0.0.3")
+    spool = tmp_path / "spool"
+    drop(spool, "m1", "alice@src.test", "bob@d1.test", "carol@d2.test", "dave@d1.test")
+    config = _config(tmp_path, world)
+    process = daemon(config, "--once")
+    assert process.wait(60) == 0, process.output()
+    assert len(mx1.messages) == 1 and len(mx2.messages) == 1
+    assert sorted(mx1.messages[0].rcpts) == ["bob@d1.test", "dave@d1.test"]
+    assert mx2.messages[0].rcpts == ["carol@d2.test"]
+    assert mx1.messages[0].data == _body("m1")
+    assert mx1.messages[0].session.helo_name == "mxsend.test"
+    sent = process.find("delivery", status="sent")
+    assert sorted(e["recipient"] for e in sent) == ["bob@d1.test", "carol@d2.test",
+                                                    "dave@d1.test"]
+    assert all(e["relay"].endswith(f":{smtp.port}") for e in sent)
+    assert process.find("queued", id="m1")[0]["recipients"] == [
+        "bob@d1.test", "carol@d2.test", "dave@d1.test"]
+    assert queued_ids(spool) == []
+    assert not any((spool / "msg").iterdir())
+
+
+def _dsn_parts(raw: bytes) -> tuple[EmailMessage, list[EmailMessage]]:
+    """The DSN as parsed by the email package and its per-recipient field blocks."""
+    report = email.message_from_bytes(raw)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    parts = report.get_payload()
+    assert isinstance(parts, list)
+    status = parts[1]
+    assert status.get_content_type() == "message/delivery-status"
+    blocks = status.get_payload()
+    assert isinstance(blocks, list)
+    return report, blocks[1:]
+
+
+def test_daemon_picks_up_a_dropped_file_and_says_ready(
+    tmp_path: Path, world: dict[str, object], daemon: Start
+) -> None:
+    smtp = world["smtp"]
+    assert isinstance(smtp, ReceiverGroup)
+    mx1 = smtp.start("127.0.0.2")
+    spool = tmp_path / "spool"
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(20)
+        process = daemon(_config(tmp_path, world, queue={"scan_interval": "1h"}),
+                         env={"NOTIFY_SOCKET": str(notify_path)})
+        assert notify.recv(64) == b"READY=1"
+        # The rescan is an hour away: only the watch on new/ can pick this up.
+        drop(spool, "late", "alice@src.test", "bob@d1.test")
+        mx1.wait_for(1, timeout=15)
+        process.wait_event("delivery", id="late", status="sent")
+        assert process.stop() == 0
+        states = []
+        while True:
+            try:
+                states.append(notify.recv(64))
+            except TimeoutError:
+                break
+            if states[-1] == b"STOPPING=1":
+                break
+        assert b"STOPPING=1" in states
+    assert queued_ids(spool) == []
+
+
+def test_bad_file_is_quarantined_and_the_good_one_delivered(
+    tmp_path: Path, world: dict[str, object], daemon: Start
+) -> None:
+    smtp = world["smtp"]
+    assert isinstance(smtp, ReceiverGroup)
+    mx1 = smtp.start("127.0.0.2")
+    spool = tmp_path / "spool"
+    (spool / "new").mkdir(parents=True)
+    (spool / "new" / "broken").write_bytes(b"MAIL FROM:<a@src.test>\nDATA\nx\n.\n")
+    drop(spool, "good", "alice@src.test", "bob@d1.test")
+    process = daemon(_config(tmp_path, world), "--once")
+    assert process.wait(60) == 0, process.output()
+    assert len(mx1.messages) == 1
+    assert (spool / "bad" / "broken").read_bytes() == b"MAIL FROM:<a@src.test>\nDATA\nx\n.\n"
+    assert "RCPT" in (spool / "bad" / "broken.reason").read_text()
+    assert process.find("quarantined", id="broken")
+
+
+def test_permanent_failure_bounces_with_a_dsn_to_the_sender(
+    tmp_path: Path, world: dict[str, object], daemon: Start
+) -> None:
+    smtp, dns = world["smtp"], world["dns"]
+    assert isinstance(smtp, ReceiverGroup) and isinstance(dns, DnsTestServer)
+    dns.add_mx("src.test", 10, "mx.src.test")
+    dns.add_a("mx.src.test", "127.0.0.4")
+    smtp.start("127.0.0.2", behaviour=Behaviour(rcpt={"nobody@d1.test":
+                                                      "550 5.1.1 no such user"}))
+    home = smtp.start("127.0.0.4")
+    spool = tmp_path / "spool"
+    drop(spool, "m", "alice@src.test", "bob@d1.test", "nobody@d1.test", "x@nullmx.test")
+    process = daemon(_config(tmp_path, world), "--once")
+    assert process.wait(60) == 0, process.output()
+    bounced = {e["recipient"]: e for e in process.find("delivery", status="bounced")}
+    assert bounced["nobody@d1.test"]["dsn"] == "5.1.1"
+    assert bounced["x@nullmx.test"]["relay"] is None
+    assert bounced["x@nullmx.test"]["dsn"] == "5.1.10"
+    assert process.find("bounce", id="m")
+    # The DSN itself was queued into the same spool and delivered, from <>.
+    home.wait_for(1, timeout=15)
+    dsn = home.messages[0]
+    assert dsn.mail_from == "" and dsn.rcpts == ["alice@src.test"]
+    _, blocks = _dsn_parts(dsn.data)
+    fields = {b["Final-Recipient"].split(";")[1].strip(): b for b in blocks}
+    assert set(fields) == {"nobody@d1.test", "x@nullmx.test"}
+    assert fields["nobody@d1.test"]["Action"] == "failed"
+    assert fields["nobody@d1.test"]["Status"] == "5.1.1"
+    assert "550" in fields["nobody@d1.test"]["Diagnostic-Code"]
+    assert queued_ids(spool) == []
+
+
+def test_temporary_failure_is_retried_on_schedule(
+    tmp_path: Path, world: dict[str, object], daemon: Start
+) -> None:
+    smtp = world["smtp"]
+    assert isinstance(smtp, ReceiverGroup)
+    mx1 = smtp.start("127.0.0.2", behaviour=Behaviour(mail="451 4.3.0 try later"))
+    spool = tmp_path / "spool"
+    drop(spool, "r", "alice@src.test", "bob@d1.test")
+    process = daemon(_config(tmp_path, world, queue={"retry": ["2s"]}))
+    deferred = process.wait_event("delivery", id="r", status="deferred")[0]
+    assert deferred["dsn"] == "4.3.0" and deferred["attempt"] == 1
+    mx1.behaviour.mail = None  # the server recovers
+    sent = process.wait_event("delivery", id="r", status="sent", timeout=20)[0]
+    assert sent["attempt"] == 2
+    assert len(mx1.messages) == 1
+    wait_until(lambda: queued_ids(spool) == [], 10, message="spool empty")
+
+
+def test_force_last_try_and_skip_send_from_the_script(
+    tmp_path: Path, world: dict[str, object], daemon: Start
+) -> None:
+    smtp = world["smtp"]
+    assert isinstance(smtp, ReceiverGroup)
+    mx1 = smtp.start("127.0.0.2", behaviour=Behaviour(rcpt={"late@d1.test": "451 4.2.1 busy"}))
+    hold = tmp_path / "hold"
+    hold.write_text("x")
+    (tmp_path / "mxout.lua").write_text(f"""
+function CheckFile(Filename, Actions, Size, CreationTime, Retries, LastTryTime,
+                   ReturnPath, Recipients, HeaderData, HeaderLines)
+  if HeaderData["x-hold"] then
+    local f = io.open("{hold}", "r")
+    if f then f:close(); Actions.SkipSend = true; Actions.Reason = "held" end
+  end
+  if HeaderData["X-Last"] then Actions.ForceLastTry = true end
+  return Actions
+end
+""")
+    spool = tmp_path / "spool"
+    drop(spool, "last", "<>".strip("<>"), "late@d1.test", extra="X-Last: yes\r\n")
+    drop(spool, "held", "alice@src.test", "bob@d1.test", extra="X-Hold: yes\r\n")
+    process = daemon(_config(tmp_path, world))
+    bounced = process.wait_event("delivery", id="last", status="bounced")[0]
+    assert bounced["response"].startswith("the last try")
+    assert "451 4.2.1 busy" in bounced["response"]
+    assert process.wait_event("skipped", id="held", count=2)[0]["reason"] == "held"
+    assert mx1.messages == []
+    hold.unlink()
+    process.wait_event("delivery", id="held", status="sent", timeout=20)
+    # A skip is not an attempt: the first real attempt is attempt 1.
+    assert process.find("delivery", id="held", status="sent")[0]["attempt"] == 1
+
+
+def test_priorities_are_taken_highest_first(
+    tmp_path: Path, world: dict[str, object], daemon: Start
+) -> None:
+    smtp = world["smtp"]
+    assert isinstance(smtp, ReceiverGroup)
+    mx1 = smtp.start("127.0.0.2")
+    (tmp_path / "mxout.lua").write_text("""
+function CheckFile(Filename, Actions, Size, CreationTime, Retries, LastTryTime,
+                   ReturnPath, Recipients, HeaderData, HeaderLines)
+  Actions.Priority = tonumber(HeaderData["X-Prio"]) or 50
+  return Actions
+end
+""")
+    spool = tmp_path / "spool"
+    for name, prio in [("p10", 10), ("p90", 90), ("p50", 50), ("p100", 100), ("p1", 1)]:
+        drop(spool, name, "alice@src.test", "bob@d1.test", subject=name,
+             extra=f"X-Prio: {prio}\r\n")
+    process = daemon(_config(tmp_path, world, smtp={"max_connections": 1}), "--once")
+    assert process.wait(60) == 0, process.output()
+    order = [m.data.split(b"Subject: ")[1].split(b"\r\n")[0].decode() for m in mx1.messages]
+    assert order == ["p100", "p90", "p50", "p10", "p1"]
+
+
+def test_expired_message_bounces_after_max_age(
+    tmp_path: Path, world: dict[str, object], daemon: Start
+) -> None:
+    smtp, dns = world["smtp"], world["dns"]
+    assert isinstance(smtp, ReceiverGroup) and isinstance(dns, DnsTestServer)
+    dns.add_mx("src.test", 10, "mx.src.test")
+    dns.add_a("mx.src.test", "127.0.0.4")
+    smtp.start("127.0.0.2", behaviour=Behaviour(rcpt={"*": "452 4.2.2 mailbox full"}))
+    home = smtp.start("127.0.0.4")
+    spool = tmp_path / "spool"
+    drop(spool, "old", "alice@src.test", "bob@d1.test")
+    process = daemon(_config(tmp_path, world, queue={"retry": ["1s"], "max_age": "3s"}))
+    bounced = process.wait_event("delivery", id="old", status="bounced", timeout=30)[0]
+    assert bounced["dsn"] == "4.2.2"
+    assert "expired" in bounced["response"]
+    assert len(process.find("delivery", id="old", status="deferred")) >= 1
+    home.wait_for(1, timeout=15)
+    _, blocks = _dsn_parts(home.messages[0].data)
+    assert blocks[0]["Action"] == "failed"
+    wait_until(lambda: queued_ids(spool) == [], 10, message="spool empty")
+
+
+def test_sigterm_mid_transaction_keeps_the_message(
+    tmp_path: Path, world: dict[str, object], daemon: Start
+) -> None:
+    smtp = world["smtp"]
+    assert isinstance(smtp, ReceiverGroup)
+    mx1 = smtp.start("127.0.0.2", behaviour=Behaviour(stall="dataend", stall_seconds=60))
+    spool = tmp_path / "spool"
+    drop(spool, "slow", "alice@src.test", "bob@d1.test")
+    config = _config(tmp_path, world, queue={"shutdown_grace": "1s", "retry": ["1s"]})
+    process = daemon(config)
+    wait_until(lambda: any(s.transactions and s.transactions[-1].data is not None
+                           for s in mx1.sessions) or (mx1.sessions and
+               any("DATA" in c for s in mx1.sessions for c in s.commands)),
+               15, message="the transaction to reach DATA")
+    process.signal(signal.SIGTERM)
+    assert process.wait(20) == 0, process.output()
+    assert not process.find("delivery", status="sent")
+    assert queued_ids(spool) == ["slow"]
+    # After a restart against a healthy server the message goes out, once.
+    mx1.behaviour.stall = None
+    again = daemon(config, "--once")
+    assert again.wait(60) == 0, again.output()
+    assert len(mx1.messages) == 1
+    assert queued_ids(spool) == []
+
+
+def test_two_daemons_on_one_spool_deliver_each_message_once(
+    tmp_path: Path, world: dict[str, object], daemon: Start
+) -> None:
+    smtp = world["smtp"]
+    assert isinstance(smtp, ReceiverGroup)
+    mx1 = smtp.start("127.0.0.2")
+    spool = tmp_path / "spool"
+    config = _config(tmp_path, world)
+    first, second = daemon(config), daemon(config)
+    for process in (first, second):
+        wait_until(lambda p=process: p.find("log") or p.lines, 15, message="daemon start")
+    names = [f"m{i:03d}" for i in range(60)]
+    for name in names:
+        drop(spool, name, "alice@src.test", f"{name}@d1.test")
+    mx1.wait_for(len(names), timeout=60)
+    wait_until(lambda: queued_ids(spool) == [], 20, message="spool empty")
+    received = sorted(r for m in mx1.messages for r in m.rcpts)
+    assert received == sorted(f"{n}@d1.test" for n in names)  # each exactly once
+    sent_by = [len(p.find("delivery", status="sent")) for p in (first, second)]
+    assert sum(sent_by) == len(names)
+
+
+def test_sigkill_and_restart_lose_nothing(
+    tmp_path: Path, world: dict[str, object], daemon: Start
+) -> None:
+    smtp = world["smtp"]
+    assert isinstance(smtp, ReceiverGroup)
+    # d1 accepts at once; d2 stalls before its final reply, so the kill lands with one
+    # domain recorded as sent and the other mid-transaction.
+    mx1 = smtp.start("127.0.0.2")
+    mx2 = smtp.start("127.0.0.3", behaviour=Behaviour(stall="dataend", stall_seconds=60))
+    spool = tmp_path / "spool"
+    drop(spool, "k", "alice@src.test", "bob@d1.test", "carol@d2.test")
+    for i in range(5):
+        drop(spool, f"q{i}", "alice@src.test", f"r{i}@d1.test")
+    config = _config(tmp_path, world)
+    process = daemon(config)
+    process.wait_event("delivery", id="k", status="sent")
+    wait_until(lambda: any(t.rcpts and not t.accepted for s in mx2.sessions
+                           for t in s.transactions), 15, message="d2 mid-DATA")
+    process.wait_event("delivery", status="sent", count=6)
+    # The q messages are complete once their files are gone (the event comes first).
+    wait_until(lambda: queued_ids(spool) == ["k"], 15, message="only k left")
+    process.signal(signal.SIGKILL)
+    process.wait(10)
+    assert queued_ids(spool) == ["k"]
+    mx2.behaviour.stall = None
+    # A restart on the same host sees the old PID is gone and recovers its claim at once.
+    again = daemon(config)
+    again.wait_event("delivery", id="k", recipient="carol@d2.test", status="sent", timeout=30)
+    wait_until(lambda: queued_ids(spool) == [], 15, message="spool empty")
+    # bob was recorded before the kill: never sent again.
+    bobs = [m for m in mx1.messages if "bob@d1.test" in m.rcpts]
+    assert len(bobs) == 1
+    assert len(mx2.messages) == 1
+    assert again.find("delivery", id="k")[0]["attempt"] == 2
