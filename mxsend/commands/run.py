@@ -1,13 +1,15 @@
-"""`mxsend run`: not yet available (filled in by its own issue)."""
+"""`mxsend run [--once]`: the daemon in the foreground."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import asyncio
 
 from mxsend.config import Config
+from mxsend.log import setup_logging
+from mxsend.scheduler import run_daemon
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    print("mxsend: 'run' is not yet available", file=sys.stderr)
-    return 1
+    setup_logging(config.log.format, config.log.level)
+    return asyncio.run(run_daemon(config, once=args.once))
