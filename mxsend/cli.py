@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     resolve.add_argument("--message", metavar="FILE", help="a spool file for ServerDetails")
     resolve.add_argument("--json", action="store_true", help="one JSON document")
 
+    command("health", "exit 0 if a daemon's heartbeat in the spool is fresh (health checks)")
+
     batv = command("batv", "BATV prvs= signing and verification")
     batv_sub = batv.add_subparsers(dest="batv_command", metavar="ACTION", parser_class=_Parser)
     batv_sub.required = True
@@ -116,6 +118,7 @@ _COMMAND_MODULES = {
     "check-script": "mxsend.commands.check_script",
     "resolve": "mxsend.commands.resolve",
     "batv": "mxsend.commands.batv",
+    "health": "mxsend.commands.health",
 }
 
 

@@ -697,14 +697,15 @@ class Daemon:
             original = envelope_rcpts.get(rcpt.address)
             if original is None or not bounce.wants_report(original, action):
                 continue
-            diagnostic = rcpt.response if rcpt.relay else None
             reported.append(bounce.DsnRecipient(
                 address=rcpt.address,
                 orcpt=original.orcpt,
                 action=action,
                 status=rcpt.dsn or ("2.0.0" if action is bounce.DsnAction.RELAYED else "5.0.0"),
                 remote_mta=rcpt.remote_mta or None,
-                diagnostic=f"smtp; {diagnostic}" if diagnostic else None,
+                # A server's reply is typed smtp; a local reason (null MX, expiry) gets
+                # bounce.py's own diagnostic type, so every report says why.
+                diagnostic=rcpt.response or None,
                 last_attempt=rcpt.last_attempt or None,
                 will_retry_until=(state.created + self.config.queue.max_age
                                   if action is bounce.DsnAction.DELAYED else None),

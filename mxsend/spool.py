@@ -299,6 +299,14 @@ class Spool:
             raise SpoolError(f"cannot write heartbeat {path}: {exc}") from exc
         self._registered = True
 
+    def live_owners(self, max_age: float, now: float) -> list[str]:
+        """Owners whose heartbeat was refreshed within `max_age` seconds of `now`."""
+        try:
+            with os.scandir(self.root / "owners") as it:
+                return sorted(e.name for e in it if _mtime(e) >= now - max_age)
+        except FileNotFoundError:
+            return []
+
     def retire(self) -> None:
         """Remove our heartbeat on a clean exit: anything we still hold is recovered at once."""
         for directory in (self._active_dir(), self._incoming_dir()):

@@ -6,6 +6,8 @@ import email
 import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from email.message import Message as EmailMessage
 from pathlib import Path
@@ -193,6 +195,8 @@ def test_permanent_failure_bounces_with_a_dsn_to_the_sender(
     assert fields["nobody@d1.test"]["Action"] == "failed"
     assert fields["nobody@d1.test"]["Status"] == "5.1.1"
     assert "550" in fields["nobody@d1.test"]["Diagnostic-Code"]
+    assert fields["x@nullmx.test"]["Status"] == "5.1.10"
+    assert "null MX" in fields["x@nullmx.test"]["Diagnostic-Code"]
     assert queued_ids(spool) == []
 
 
@@ -375,3 +379,54 @@ def test_sigkill_and_restart_lose_nothing(
     assert len(bobs) == 1
     assert len(mx2.messages) == 1
     assert again.find("delivery", id="k")[0]["attempt"] == 2
+
+
+def test_delay_warning_and_relayed_reports(
+    tmp_path: Path, world: dict[str, object], daemon: Start
+) -> None:
+    smtp, dns = world["smtp"], world["dns"]
+    assert isinstance(smtp, ReceiverGroup) and isinstance(dns, DnsTestServer)
+    dns.add_mx("src.test", 10, "mx.src.test")
+    dns.add_a("mx.src.test", "127.0.0.4")
+    # d1 keeps deferring; d2 takes the message but offers no DSN extension.
+    smtp.start("127.0.0.2", behaviour=Behaviour(rcpt={"*": "451 4.4.1 not now"}))
+    mx2 = smtp.start("127.0.0.3", behaviour=Behaviour(dsn=False))
+    home = smtp.start("127.0.0.4")
+    spool = tmp_path / "spool"
+    drop(spool, "slow", "alice@src.test", "bob@d1.test", notify=("DELAY", "FAILURE"))
+    drop(spool, "ok", "alice@src.test", "carol@d2.test", notify=("SUCCESS",))
+    drop(spool, "quiet", "alice@src.test", "dan@d1.test", notify=("NEVER",))
+    process = daemon(_config(tmp_path, world, queue={"retry": ["1s"], "delay_warning": "1s"}))
+    home.wait_for(2, timeout=30)
+    mx2.wait_for(1)
+    assert "NOTIFY=SUCCESS" not in " ".join(mx2.messages[0].rcpt_params.get("carol@d2.test", []))
+    reports = {}
+    for received in home.messages:
+        assert received.mail_from == ""
+        _, blocks = _dsn_parts(received.data)
+        for block in blocks:
+            reports[block["Final-Recipient"].split(";")[1].strip()] = block
+    assert reports["bob@d1.test"]["Action"] == "delayed"
+    assert reports["bob@d1.test"]["Status"].startswith("4.")
+    assert "Will-Retry-Until" in reports["bob@d1.test"]
+    assert reports["carol@d2.test"]["Action"] == "relayed"
+    assert "dan@d1.test" not in reports  # NOTIFY=NEVER
+    # One delay notice only, however many retries follow.
+    process.wait_event("delivery", id="slow", status="deferred", count=3, timeout=20)
+    assert len([e for e in process.find("bounce") if e["id"] == "slow"]) == 1
+
+
+def test_health_follows_the_daemons_heartbeat(
+    tmp_path: Path, world: dict[str, object], daemon: Start
+) -> None:
+    config = _config(tmp_path, world)
+
+    def health() -> int:
+        return subprocess.run([sys.executable, "-m", "mxsend", "-c", str(config), "health"],
+                              capture_output=True, timeout=30).returncode
+
+    assert health() == 1
+    process = daemon(config)
+    wait_until(lambda: health() == 0, 15, message="healthy")
+    assert process.stop() == 0
+    assert health() == 1  # a clean exit removes the heartbeat
