@@ -29,7 +29,7 @@ from mxsend.actions import ServerActions, ServerParameters
 from mxsend.batv import BatvKey, sign
 from mxsend.config import Config
 from mxsend.envelope import Message, Recipient
-from mxsend.errors import ConfigError, DeliveryError, Phase, TemporaryFailure
+from mxsend.errors import DeliveryError, Phase, TemporaryFailure
 from mxsend.outcome import (
     RecipientOutcome,
     Where,
@@ -308,7 +308,8 @@ class Deliverer:
                       domain: str, server_details: ServerDetailsFn) -> list[RecipientOutcome]:
         """One transaction for these recipients of `domain`; one outcome per recipient.
 
-        Raises ConfigError only when a script asks for BATV and no key is configured.
+        Never raises for a delivery problem: DNS errors and local misconfiguration (a
+        script asking for BATV without a key) come back as outcomes too.
         """
         addresses = [r.address for r in recipients]
         if not recipients:
@@ -386,7 +387,12 @@ class Deliverer:
         return_path = choose_return_path(message.envelope.sender, actions)
         if actions.use_batv and return_path:
             if self._batv is None:
-                raise ConfigError("batv.key_file: required when a script sets useBATV")
+                # An operator's mistake, not the recipient's: hold the mail (temporary)
+                # until batv.key_file is set and the config reloaded, rather than send it
+                # unsigned against the script's wish or bounce it.
+                raise TemporaryFailure(
+                    "the script sets useBATV but batv.key_file is not configured",
+                    dsn="4.3.5", phase=Phase.MAIL)
             return_path = sign(return_path, self._batv, self._wall_clock())
         return Transaction(envelope=message.envelope, return_path=return_path,
                            recipients=tuple(recipients), data=message.data)

@@ -34,10 +34,9 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from mxsend import bounce, schedule, sdnotify
+from mxsend import batv, bounce, schedule, sdnotify
 from mxsend.actions import FileActions, ServerActions, ServerParameters
 from mxsend.config import Config, load_config
 from mxsend.delivery import Deliverer
@@ -743,16 +742,10 @@ def _rcpt_state(state: MessageState, address: str) -> RecipientState:
 
 
 def _read_batv_key(config: Config) -> bytes | None:
-    path: Path | None = config.batv.key_file
-    if path is None:
+    """The BATV secret if one is configured; read once at start and on SIGHUP."""
+    if config.batv.key_file is None:
         return None
-    try:
-        key = path.read_bytes().strip()
-    except OSError as exc:
-        raise ConfigError(f"batv.key_file: {path}: {exc.strerror}") from None
-    if not key:
-        raise ConfigError(f"batv.key_file: {path} is empty")
-    return key
+    return batv.load_key(config.batv.key_file)
 
 
 async def run_daemon(config: Config, *, once: bool = False) -> int:

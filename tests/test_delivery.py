@@ -21,7 +21,7 @@ from mxsend.batv import BatvKey, verify
 from mxsend.config import Config, config_from_mapping
 from mxsend.delivery import Backoff, Deliverer
 from mxsend.envelope import Envelope, Message, Recipient
-from mxsend.errors import ConfigError, DeliveryError, PermanentFailure, Phase
+from mxsend.errors import DeliveryError, PermanentFailure, Phase
 from mxsend.mx import MxHost, literal_host
 from mxsend.outcome import DeliveryStatus, RecipientOutcome
 from tests.fixtures.smtp_receiver import Behaviour, ReceiverGroup, TlsCa
@@ -236,11 +236,14 @@ async def test_batv_signs_the_return_path_but_never_the_null_sender(smtp_receive
     assert null.mail_from == ""
 
 
-async def test_batv_without_a_key_is_a_config_error(smtp_receivers, make):
-    smtp_receivers.start("127.0.0.2")
+async def test_batv_without_a_key_holds_the_mail(smtp_receivers, make):
+    server = smtp_receivers.start("127.0.0.2")
     deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2")]})
-    with pytest.raises(ConfigError, match=r"batv\.key_file"):
-        await deliver(deliverer, message("bob@example.org"), details=Details(use_batv=True))
+    [outcome] = await deliver(deliverer, message("bob@example.org"),
+                              details=Details(use_batv=True))
+    assert outcome.status is DeliveryStatus.DEFERRED
+    assert "batv.key_file" in outcome.response
+    assert server.sessions == []  # nothing unsigned went out
 
 
 async def test_server_details_gets_the_parameters(smtp_receivers, make):
