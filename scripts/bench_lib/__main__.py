@@ -140,7 +140,8 @@ def summarize(results: dict[str, Any]) -> list[str]:
     if lat:
         lines.append(f"latency, idle daemon ({lat['count']} messages): p50 "
                      f"{lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max "
-                     f"{lat['max_ms']:.1f} ms; start to READY {lat['start_to_ready_s']:.2f} s, "
+                     f"{lat['max_ms']:.1f} ms, {lat['over_5s']} over 5 s; "
+                     f"start to READY {lat['start_to_ready_s']:.2f} s, "
                      f"RSS {lat['rss_mb']:.0f} MB; {'OK' if lat['ok'] else 'NOT OK'}")
     big = results.get("deferred")
     if big:
