@@ -10,6 +10,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -208,7 +209,12 @@ def run_once(msgs: list[Msg], workdir: Path, nameserver: str, timeout: float) ->
 
 # ------------------------------------------------------------------- a live daemon
 class NotifySocket:
-    """Our own $NOTIFY_SOCKET: the daemon sends READY=1 after its first scan."""
+    """Our own $NOTIFY_SOCKET: the daemon sends READY=1 after its first scan.
+
+    Like a service manager, it keeps reading for the daemon's whole life: the daemon
+    also sends WATCHDOG=1 every few seconds, and a full datagram queue
+    (net.unix.max_dgram_qlen, 10 by default) would block the daemon's send.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -216,23 +222,38 @@ class NotifySocket:
             path.unlink()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.ready_at: float | None = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self.messages: Counter[str] = Counter()
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
 
-    def wait_for(self, word: str, timeout: float) -> float:
-        """perf_counter() when a datagram containing `word` arrived."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no {word} from the daemon within {timeout:.0f}s")
-            self.sock.settimeout(left)
+    def _drain(self) -> None:
+        while not self._stop.is_set():
             try:
                 data = self.sock.recv(4096)
             except TimeoutError:
                 continue
-            if word.encode() in data.split(b"\n"):
-                return time.perf_counter()
+            except OSError:
+                return
+            now = time.perf_counter()
+            for item in data.decode(errors="replace").split("\n"):
+                self.messages[item] += 1
+                if item == "READY=1" and self.ready_at is None:
+                    self.ready_at = now
+                    self._ready.set()
+
+    def wait_ready(self, timeout: float) -> float:
+        """perf_counter() when READY=1 arrived."""
+        if not self._ready.wait(timeout) or self.ready_at is None:
+            raise TimeoutError(f"no READY=1 from the daemon within {timeout:.0f}s")
+        return self.ready_at
 
     def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
         self.sock.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
@@ -249,7 +270,7 @@ def daemon(config: Path, workdir: Path, log: Path, ready_timeout: float
         proc = subprocess.Popen([mxsend_exe(), "-c", str(config), "run"], env=env,
                                 stdin=subprocess.DEVNULL, stdout=err, stderr=err)
     try:
-        t_ready = notify.wait_for("READY=1", ready_timeout)
+        t_ready = notify.wait_ready(ready_timeout)
         yield proc, t_start, t_ready
     finally:
         _stop_process(proc)
