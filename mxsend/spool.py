@@ -29,11 +29,11 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias, TypeVar
 
 from mxsend.envelope import Message, parse_bsmtp, serialise_bsmtp
 from mxsend.errors import EnvelopeError, SpoolError
@@ -49,6 +49,7 @@ DIRS = ("tmp", "new", "incoming", "bad", "msg", "queue", "active", "owners", "se
 
 # Sortable alphabet (ASCII order) without I, L, O, U (Crockford's base32).
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+T = TypeVar("T")
 _OWNER_SAFE = re.compile(r"[^A-Za-z0-9.\-]")
 _TAKEN = "~"  # active/<owner>~<token>: a directory taken over from a dead owner
 
@@ -342,6 +343,10 @@ class Spool:
 
     def accept(self, name: str, now: float) -> Accepted | Quarantined | None:
         """Take new/NAME: queue it (due now) or quarantine it; None if someone else took it."""
+        return _drive(self.accept_steps(name, now), self._durable)
+
+    def accept_steps(self, name: str, now: float) -> Steps[Accepted | Quarantined | None]:
+        """accept() as steps, for run_batch."""
         if "/" in name or name in ("", ".", "..") or name.startswith("."):
             return None
         inbox = self._incoming_dir()
@@ -354,7 +359,7 @@ class Spool:
             except FileNotFoundError:
                 return None
             try:
-                return self._accept_held(name, held, now)
+                return (yield from self._accept_held(name, held, now))
             except OSError:
                 # Hand it back rather than keep it in our incoming/ until we die.
                 with contextlib.suppress(OSError):
@@ -363,61 +368,61 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot accept {name}: {exc}") from exc
 
-    def _accept_held(self, name: str, held: Path, now: float) -> Accepted | Quarantined:
+    def _accept_held(self, name: str, held: Path, now: float
+                     ) -> Steps[Accepted | Quarantined]:
         problem = id_problem(name)
         if problem:
-            return self._quarantine(name, held, problem)
+            return (yield from self._quarantine(name, held, problem))
         info = os.lstat(held)
         if not stat.S_ISREG(info.st_mode):
             # A symlink could point anywhere (/etc/shadow); a spool file is a file.
-            return self._quarantine(name, held, "not a regular file")
+            return (yield from self._quarantine(name, held, "not a regular file"))
         size = info.st_size
         if size > self.max_message_size:
             # Decided from the size alone: a huge file is never read into memory.
-            return self._quarantine(
+            return (yield from self._quarantine(
                 name, held, f"file of {size} bytes exceeds spool.max_message_size"
-            )
+            ))
         fd = os.open(held, os.O_RDONLY | os.O_NOFOLLOW)
         with open(fd, "rb") as handle:
             raw = handle.read(self.max_message_size + 1)
         try:
             message = parse_bsmtp(raw)
         except EnvelopeError as exc:
-            return self._quarantine(name, held, str(exc))
+            return (yield from self._quarantine(name, held, str(exc)))
         state = initial_state(name, message, now, _stamp(info))
         inbox = held.parent
         pending_state = inbox / f".{name}.state"
         # 1. The state, private to us until published.
-        _write_atomic(pending_state, state_to_json(state), mtime=state.next_try,
-                      durable=self._durable)
+        yield from _write_atomic_steps(pending_state, state_to_json(state), state.next_try)
         # 2. Reserve the id: link() fails if msg/NAME exists, atomically, so two
         #    processes accepting two files of one name cannot both win.
         try:
             os.link(held, self.root / "msg" / name, follow_symlinks=False)
         except FileExistsError:
             os.unlink(pending_state)
-            return self._quarantine(name, held, "queue id in use")
-        self._durable.directory(self.root / "msg")
+            return (yield from self._quarantine(name, held, "queue id in use"))
+        yield _Sync(directory=self.root / "msg")
         # 3. Publish: from this rename on the message is queued and claimable.
         os.rename(pending_state, self.root / "queue" / name)
-        self._durable.directory(self.root / "queue")
+        yield _Sync(directory=self.root / "queue")
         # 4. Drop our second name of the file.
         os.unlink(held)
-        self._durable.directory(inbox)
+        yield _Sync(directory=inbox)
         return Accepted(id=name, state=state, message=message)
 
-    def _quarantine(self, name: str, held: Path, reason: str) -> Quarantined:
+    def _quarantine(self, name: str, held: Path, reason: str) -> Steps[Quarantined]:
         reason = " ".join(reason.split())  # one line, whatever the parser said
         bad = self.root / "bad"
         target = _free_name(bad, name, reasons=True)
         # The reason first: a crash before the file's move leaves the file in incoming/,
         # which recovery returns to new/ and this runs again, overwriting the reason.
-        _write_atomic(bad / f"{target}.reason", (reason + "\n").encode(), durable=self._durable)
+        yield from _write_atomic_steps(bad / f"{target}.reason", (reason + "\n").encode())
         moved = _move_noreplace(held, bad, target)
         if moved != target:  # someone took the name meanwhile
-            _write_atomic(bad / f"{moved}.reason", (reason + "\n").encode(), durable=self._durable)
-        self._durable.directory(bad)
-        self._durable.directory(held.parent)
+            yield from _write_atomic_steps(bad / f"{moved}.reason", (reason + "\n").encode())
+        yield _Sync(directory=bad)
+        yield _Sync(directory=held.parent)
         return Quarantined(id=name, reason=reason)
 
     # -- scheduling
@@ -429,6 +434,10 @@ class Spool:
     def next_due(self) -> float | None:
         queued = self._queued()
         return min(mtime for mtime, _ in queued) if queued else None
+
+    def queued(self) -> list[tuple[float, str]]:
+        """(next_try, id) of every message in queue/, earliest first: one scandir."""
+        return self._queued()
 
     def _queued(self) -> list[tuple[float, str]]:
         try:
@@ -477,15 +486,23 @@ class Spool:
 
     def update(self, claim: Claim, state: MessageState) -> None:
         """Make `state` durable; the message stays claimed."""
-        self._write_claimed(claim, state)
+        _drive(self.update_steps(claim, state), self._durable)
+
+    def update_steps(self, claim: Claim, state: MessageState) -> Steps[None]:
+        """update() as steps, for run_batch."""
+        yield from self._write_claimed(claim, state)
 
     def release(self, claim: Claim, state: MessageState) -> None:
         """Make `state` durable and put the message back into queue/, due at next_try."""
-        self._write_claimed(claim, state)
+        _drive(self.release_steps(claim, state), self._durable)
+
+    def release_steps(self, claim: Claim, state: MessageState) -> Steps[None]:
+        """release() as steps, for run_batch."""
+        yield from self._write_claimed(claim, state)
         try:
             os.rename(claim.path, self.root / "queue" / claim.id)
-            self._durable.directory(self.root / "queue")
-            self._durable.directory(claim.path.parent)
+            yield _Sync(directory=self.root / "queue")
+            yield _Sync(directory=claim.path.parent)
         except FileNotFoundError:
             raise SpoolError(f"{claim.id}: claim lost (presumed dead and recovered)") from None
         except OSError as exc:
@@ -493,13 +510,17 @@ class Spool:
 
     def complete(self, claim: Claim, state: MessageState) -> None:
         """Every recipient is final: record that, then remove the message (or keep it in sent/)."""
+        _drive(self.complete_steps(claim, state), self._durable)
+
+    def complete_steps(self, claim: Claim, state: MessageState) -> Steps[None]:
+        """complete() as steps, for run_batch."""
         if not state.is_final():
             raise SpoolError(f"{claim.id}: complete() with recipients still pending")
         # The final state first: if we die below, recovery sees a final state and
         # finishes the removal instead of queueing the message again.
-        self._write_claimed(claim, state)
+        yield from self._write_claimed(claim, state)
         try:
-            self._finish(claim.id, claim.path)
+            yield from self._finish(claim.id, claim.path)
         except OSError as exc:
             raise SpoolError(f"{claim.id}: cannot complete: {exc}") from exc
 
@@ -518,20 +539,24 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"{claim.id}: cannot delete: {exc}") from exc
 
-    def _finish(self, id: str, state_path: Path) -> None:
+    def _finish(self, id: str, state_path: Path) -> Steps[None]:
         message = self.message_path(id)
         if self.keep_sent:
-            with contextlib.suppress(FileNotFoundError):
+            moved = True
+            try:
                 _move_noreplace(message, self.root / "sent", _free_name(self.root / "sent", id))
-                self._durable.directory(self.root / "sent")
+            except FileNotFoundError:
+                moved = False
+            if moved:
+                yield _Sync(directory=self.root / "sent")
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(message)
-        self._durable.directory(self.root / "msg")
+        yield _Sync(directory=self.root / "msg")
         os.unlink(state_path)
-        self._durable.directory(state_path.parent)
+        yield _Sync(directory=state_path.parent)
 
-    def _write_claimed(self, claim: Claim, state: MessageState) -> None:
+    def _write_claimed(self, claim: Claim, state: MessageState) -> Steps[None]:
         if state.id != claim.id:
             raise SpoolError(f"state of {state.id} written to the claim of {claim.id}")
         # A process presumed dead has had its directory taken away: refuse rather than
@@ -539,8 +564,7 @@ class Spool:
         if not os.path.exists(claim.path):
             raise SpoolError(f"{claim.id}: claim lost (presumed dead and recovered)")
         try:
-            _write_atomic(claim.path, state_to_json(state), mtime=state.next_try,
-                          durable=self._durable)
+            yield from _write_atomic_steps(claim.path, state_to_json(state), state.next_try)
         except FileNotFoundError:
             raise SpoolError(f"{claim.id}: claim lost (presumed dead and recovered)") from None
         except OSError as exc:
@@ -656,7 +680,7 @@ class Spool:
                 os.unlink(path)
                 self._durable.directory(taken)
             elif state.is_final():
-                self._finish(name, path)
+                _drive(self._finish(name, path), self._durable)
             else:
                 # rename keeps the mtime, which is next_try: due as planned.
                 os.rename(path, self.root / "queue" / name)
@@ -708,6 +732,10 @@ class Spool:
 
     def enqueue_bytes(self, raw: bytes, *, name: str | None = None) -> str:
         """tmp/ -> write, fsync -> link into new/ -> fsync new/ (contract §1)."""
+        return _drive(self.enqueue_steps(raw, name=name), self._durable)
+
+    def enqueue_steps(self, raw: bytes, *, name: str | None = None) -> Steps[str]:
+        """enqueue_bytes() as steps, for run_batch."""
         if name is not None and id_problem(name):
             raise SpoolError(f"bad queue id {name!r}: {id_problem(name)}")
         tmp = self.root / "tmp"
@@ -716,7 +744,7 @@ class Spool:
             id = name or new_queue_id()
             temp = tmp / f"{id}.{self.owner}"
             try:
-                _write_file(temp, raw, durable=self._durable)
+                yield from _write_file_steps(temp, raw)
                 try:
                     # link, not rename: never replace a file another writer handed over.
                     os.link(temp, new / id, follow_symlinks=False)
@@ -727,13 +755,64 @@ class Spool:
                 finally:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(temp)
-                self._durable.directory(new)
+                yield _Sync(directory=new)
                 return id
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     os.unlink(temp)
                 raise SpoolError(f"cannot write to {self.root}: {exc}") from exc
         raise SpoolError("could not find a free queue id")
+
+    # -- batches (the daemon)
+
+    def run_batch(self, operations: Sequence[Steps[Any]]) -> list[object]:
+        """Run many operations' steps in lockstep: each round waits at one barrier.
+
+        Every operation still makes each step durable before its next one, as when run
+        alone; under GroupCommit one syncfs serves the whole round, so a batch of a
+        hundred completions costs four syncfs calls instead of four hundred fsyncs.
+        Returns each operation's result, or the exception it raised.
+        """
+        results: list[object] = [None] * len(operations)
+        waiting: dict[int, _Sync] = {}
+
+        def advance(index: int, error: BaseException | None = None, first: bool = False
+                    ) -> None:
+            steps = operations[index]
+            try:
+                if error is not None:
+                    sync = steps.throw(error)
+                else:
+                    sync = next(steps) if first else steps.send(None)
+            except StopIteration as stop:
+                results[index] = stop.value
+            except Exception as exc:  # one operation's failure is its own result
+                results[index] = exc
+            else:
+                waiting[index] = sync
+
+        for index in range(len(operations)):
+            advance(index, first=True)
+        while waiting:
+            current = dict(waiting)
+            waiting.clear()
+            if isinstance(self._durable, GroupCommit):
+                error: OSError | None = None
+                try:
+                    self._durable.barrier()
+                except OSError as exc:
+                    error = exc
+                for index in current:
+                    advance(index, error)
+            else:
+                for index, sync in current.items():
+                    try:
+                        sync.apply(self._durable)
+                    except OSError as exc:
+                        advance(index, exc)
+                    else:
+                        advance(index)
+        return results
 
     # -- inspection (the queue CLI)
 
@@ -850,8 +929,43 @@ def _read_state(path: Path) -> MessageState | None:
         raise SpoolError(f"cannot read {path}: {exc}") from exc
 
 
-def _write_file(path: Path, data: bytes, mtime: float | None = None,
-                durable: Durability | None = None) -> None:
+@dataclass(frozen=True, slots=True)
+class _Sync:
+    """A barrier: what an operation did before it must be durable before it goes on."""
+
+    fd: int | None = None  # a file's data (fsync of the file)
+    directory: Path | None = None  # a directory's entries (fsync of the directory)
+
+    def apply(self, durable: Durability) -> None:
+        if self.fd is not None:
+            durable.file(self.fd)
+        elif self.directory is not None:
+            durable.directory(self.directory)
+
+
+# An operation as steps: it yields at each barrier and returns its result. Writing the
+# operations this way lets one implementation run alone (_drive: each barrier is its
+# own fsync) or many in lockstep (Spool.run_batch: one group commit per round).
+Steps: TypeAlias = Generator[_Sync, None, T]
+
+
+def _drive(steps: Steps[T], durable: Durability) -> T:
+    """Run one operation, applying each barrier as it comes."""
+    try:
+        sync = next(steps)
+        while True:
+            try:
+                sync.apply(durable)
+            except OSError as exc:
+                sync = steps.throw(exc)
+            else:
+                sync = steps.send(None)
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
+
+
+def _write_file_steps(path: Path, data: bytes, mtime: float | None = None) -> Steps[None]:
     """Create `path` exclusively, write, set mtime, make it durable (before any rename)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -861,23 +975,32 @@ def _write_file(path: Path, data: bytes, mtime: float | None = None,
             view = view[written:]
         if mtime is not None:
             os.utime(fd, (mtime, mtime))
-        (durable or FSYNC).file(fd)
+        yield _Sync(fd=fd)
     finally:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes, mtime: float | None = None,
-                  durable: Durability | None = None) -> None:
+def _write_atomic_steps(path: Path, data: bytes, mtime: float | None = None) -> Steps[None]:
     """Replace `path` with `data` so a reader sees the old or the new file, never a mix."""
     temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
-        _write_file(temp, data, mtime, durable)
+        yield from _write_file_steps(temp, data, mtime)
         os.rename(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-    (durable or FSYNC).directory(path.parent)
+    yield _Sync(directory=path.parent)
+
+
+def _write_file(path: Path, data: bytes, mtime: float | None = None,
+                durable: Durability | None = None) -> None:
+    _drive(_write_file_steps(path, data, mtime), durable or FSYNC)
+
+
+def _write_atomic(path: Path, data: bytes, mtime: float | None = None,
+                  durable: Durability | None = None) -> None:
+    _drive(_write_atomic_steps(path, data, mtime), durable or FSYNC)
 
 
 def _fsync_dir(directory: Path) -> None:

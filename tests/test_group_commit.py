@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import mxsend.spool as spool_module
+from mxsend.errors import SpoolError
 from mxsend.spool import Accepted, GroupCommit, RecipientStatus, Spool
 
 pytestmark = pytest.mark.skipif(not GroupCommit.available(), reason="no syncfs(2) here")
@@ -99,4 +100,48 @@ def test_spool_operations_under_group_commit(tmp_path: Path,
     assert spool.find("m") is None
     assert not (root / "msg" / "m").exists()
     assert len(recorder.calls) >= 4  # every barrier went through syncfs
+    commit.close()
+
+
+def test_run_batch_shares_each_round_and_isolates_failures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = _Recorder()
+    monkeypatch.setattr(spool_module, "_syncfs", recorder)
+    root = tmp_path / "spool"
+    root.mkdir()
+    commit = GroupCommit(root)
+    spool = Spool(root, owner="gc", durable=commit)
+    spool.create_dirs()
+    names = [f"m{i}" for i in range(50)]
+    for name in names:
+        (root / "tmp" / name).write_bytes(GOOD)
+        (root / "tmp" / name).rename(root / "new" / name)
+    (root / "new" / "bad").write_bytes(b"not batch smtp\n")
+    before = len(recorder.calls)
+    results = spool.run_batch([spool.accept_steps(n, 1000.0) for n in [*names, "bad"]])
+    accept_rounds = len(recorder.calls) - before
+    assert all(isinstance(r, Accepted) for r in results[:-1])
+    assert results[-1].__class__.__name__ == "Quarantined"
+    # One syncfs per step (five for an acceptance, two more for the first heartbeat),
+    # not one per message.
+    assert accept_rounds <= 7
+    claims = [spool.claim(n) for n in names]
+    assert all(c is not None for c in claims)
+    ops = []
+    for claim in claims:
+        assert claim is not None
+        state = spool.read(claim)
+        final = replace(state, recipients=tuple(replace(r, status=RecipientStatus.SENT)
+                                                for r in state.recipients))
+        # The first one is not final: complete() refuses it, the others are unaffected.
+        ops.append(spool.complete_steps(claim, state if claim.id == "m0" else final))
+    before = len(recorder.calls)
+    results = spool.run_batch(ops)
+    assert len(recorder.calls) - before <= 4
+    assert isinstance(results[0], SpoolError)
+    assert all(r is None for r in results[1:])
+    assert spool.find("m0") is not None
+    assert all(spool.find(n) is None for n in names[1:])
+    assert sorted(p.name for p in (root / "msg").iterdir()) == ["m0"]
     commit.close()
