@@ -32,15 +32,17 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from mxsend import batv, bounce, schedule, sdnotify
 from mxsend.actions import FileActions, ServerActions, ServerParameters
 from mxsend.config import Config, load_config
 from mxsend.delivery import Deliverer
-from mxsend.envelope import Message, Recipient, header_lines
+from mxsend.envelope import Message, Recipient, header_lines, serialise_bsmtp
 from mxsend.errors import ConfigError, MxsendError
 from mxsend.log import event, get_logger, setup_logging
 from mxsend.mx import Resolver
@@ -49,14 +51,18 @@ from mxsend.policy import CheckFileRequest, Policy
 from mxsend.spool import (
     Accepted,
     Claim,
+    GroupCommit,
     MessageState,
     Quarantined,
     RecipientState,
     RecipientStatus,
     Spool,
+    Steps,
 )
+from mxsend.watch import Watch, watch_folders
 
 log = get_logger()
+T = TypeVar("T")
 
 # How often this process proves it is alive in owners/, and how old another process's
 # heartbeat must be before its claims are taken back. The margin covers a loop stalled
@@ -70,6 +76,46 @@ READY_WINDOW_MIN = 256
 # A message whose attempt was cut short by shutdown was no server's fault: it is due
 # again at once, so the next start (or the other process sharing the spool) takes it.
 INTERRUPTED_RETRY = 0.0
+# One thread does the spool's waiting for the disk: batches make it enough, and more
+# threads cost more in GIL hand-offs than they save (measured, docs/performance.md).
+IO_THREADS = 1
+
+
+class _Committer:
+    """Group commit for the daemon's spool operations.
+
+    Operations handed in while a batch is being made durable wait and go together in
+    the next one (Spool.run_batch on the I/O thread): under load each syncfs serves
+    many messages, and an idle daemon still commits a lone operation at once.
+    """
+
+    def __init__(self, spool: Spool, executor: ThreadPoolExecutor) -> None:
+        self._spool = spool
+        self._executor = executor
+        self._pending: list[tuple[Steps[Any], asyncio.Future[Any]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def run(self, steps: Steps[T]) -> T:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._pending.append((steps, done))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain())
+        return await done
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            results = await loop.run_in_executor(
+                self._executor, self._spool.run_batch, [steps for steps, _ in batch])
+            for (_, done), result in zip(batch, results, strict=True):
+                if done.done():
+                    continue  # its waiter was cancelled; the operation still happened
+                if isinstance(result, BaseException):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
 
 
 @dataclass(order=True, slots=True)
@@ -154,30 +200,48 @@ def give_up(state: MessageState, reason: schedule.GiveUp, now: float) -> Message
 
 
 class Daemon:
-    """`mxsend run`: owns the spool, the policy, the deliverer and the event loop's tasks."""
+    """`mxsend run`: owns the spool, the policy, the deliverer and the event loop's tasks.
+
+    Spool I/O that waits for the disk (accept, release, complete, queueing a DSN,
+    recovery, the full rescan) runs on one I/O thread; accept, update, release,
+    complete and queueing go through a _Committer, so that the operations of many
+    messages share each barrier (one syncfs under spool.GroupCommit) instead of each
+    serialising the loop on its own fsyncs. Claims, reads and everything that decides
+    stay on the event loop.
+    """
 
     def __init__(self, config: Config, *, once: bool = False) -> None:
         self.config = config
         self.once = once
-        self.spool = Spool(
-            config.spool.path,
-            keep_sent=config.spool.keep_sent,
-            max_message_size=config.spool.max_message_size,
-        )
+        self.spool = Spool(config.spool.path, keep_sent=config.spool.keep_sent,
+                           max_message_size=config.spool.max_message_size)
         self.policy: Policy | None = None
         self.deliverer: Deliverer | None = None
         self.reporting_mta = config.smtp.helo_name or socket.getfqdn()
+        self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="mxsend-spool")
+        self._commit: GroupCommit | None = None
+        self._committer = _Committer(self.spool, self._io)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._ready: list[_Job] = []
-        self._ready_changed = asyncio.Condition()
+        self._jobs: asyncio.PriorityQueue[_Job] = asyncio.PriorityQueue()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._claimed: set[str] = set()
+        # What is in queue/ and when it is due, kept in memory between full rescans so
+        # that 100,000 deferred messages cost nothing while they wait.
+        self._planned: dict[str, float] = {}
+        self._plan: list[tuple[float, str]] = []
+        self._fresh: dict[str, Accepted] = {}  # just accepted: no need to read them back
+        self._backlog: deque[str] = deque()  # names listed in new/, not yet accepted
+        self._new_arrived = True
+        self._rescan_requested = True
         self._sequence = itertools.count()
         self._workers: list[asyncio.Task[None]] = []
-        self._observer: Any = None
+        self._watches: list[Watch] = []
         self._batv_key: bytes | None = None
         self._background: set[asyncio.Task[None]] = set()
+
+    async def _spool_io(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, function, *args)
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -185,6 +249,12 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._batv_key = _read_batv_key(self.config)
         self.spool.create_dirs()
+        if GroupCommit.available():
+            self._commit = GroupCommit(self.config.spool.path)
+            self.spool = Spool(self.config.spool.path, keep_sent=self.config.spool.keep_sent,
+                               max_message_size=self.config.spool.max_message_size,
+                               owner=self.spool.owner, durable=self._commit)
+            self._committer = _Committer(self.spool, self._io)
         self.spool.heartbeat()
         self.policy = Policy(self.config)
         self.deliverer = Deliverer(
@@ -193,7 +263,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
-        self._recover()
+        await self._recover()
         if not self.once:
             self._start_watching(loop)
             self.policy.start_watching()
@@ -208,15 +278,19 @@ class Daemon:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+            self._io.shutdown(wait=True)
+            if self._commit is not None:
+                self._commit.close()
         return 0
 
     async def _shutdown(self) -> None:
         sdnotify.notify("STOPPING=1")
         self._stop_watching()
         # Claimed but not started: back to the queue untouched, due at once.
-        for job in self._ready:
-            self._release_untouched(job.claim, job.state)
-        self._ready.clear()
+        while not self._jobs.empty():
+            job = self._jobs.get_nowait()
+            await self._release_untouched(job.claim, job.state)
+            self._jobs.task_done()
         in_flight = list(self._in_flight.values())
         if in_flight:
             log.info("waiting up to %.0fs for %d deliveries", self.config.queue.shutdown_grace,
@@ -240,6 +314,7 @@ class Daemon:
     def _reload(self) -> None:
         """SIGHUP: re-read the config and the script; what needs a restart is logged."""
         config = self.config
+        batv_key = self._batv_key
         if config.source is not None:
             try:
                 config = load_config(config.source)
@@ -270,8 +345,11 @@ class Daemon:
         self.config = config
         self._batv_key = batv_key
         self.deliverer = Deliverer(config, Resolver(config.dns), batv_key=batv_key)
-        self._background.add(asyncio.get_running_loop().create_task(
-            self._retire(old_policy, old_deliverer)))
+        task = asyncio.get_running_loop().create_task(self._retire(old_policy, old_deliverer))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        self._rescan_requested = True
+        self._wake.set()
         log.info("SIGHUP: configuration reloaded")
 
     async def _retire(self, policy: Policy | None, deliverer: Deliverer | None) -> None:
@@ -291,101 +369,133 @@ class Daemon:
             await asyncio.sleep(interval)
             try:
                 self.spool.heartbeat()
-                self._recover()
-            except OSError as exc:
+                await self._recover()
+            except MxsendError as exc:
                 log.error("heartbeat failed: %s", exc)
             sdnotify.notify("WATCHDOG=1")
 
-    def _recover(self) -> None:
+    async def _recover(self) -> None:
         """Take back claims of processes that died; their interrupted attempt counts.
 
         Counting it backs off a message that kills its daemon every time it is tried,
         instead of crashing in a loop.
         """
-        now = time.time()
-        for queue_id in self.spool.recover(STALE_AFTER, now):
+        for queue_id, next_try in await self._spool_io(self._recover_claims, time.time()):
             log.warning("recovered message %s from a process that stopped", queue_id)
+            self._schedule(queue_id, next_try)
+
+    def _recover_claims(self, now: float) -> list[tuple[str, float]]:
+        """On the I/O pool: recover, count the interrupted attempt, give them back."""
+        recovered = []
+        for queue_id in self.spool.recover(STALE_AFTER, now):
             claim = self.spool.claim(queue_id)
             if claim is None:
                 continue
             try:
                 state = self.spool.read(claim)
                 attempts = state.attempts + 1
+                next_try = schedule.next_try(self.config.queue.retry, attempts, now)
                 self.spool.release(claim, dataclasses.replace(
-                    state, attempts=attempts, last_try=now,
-                    next_try=schedule.next_try(self.config.queue.retry, attempts, now),
+                    state, attempts=attempts, last_try=now, next_try=next_try,
                     last_error=state.last_error or "interrupted by a process that stopped",
                 ))
             except MxsendError as exc:
                 log.error("could not record the recovery of %s: %s", queue_id, exc)
+                continue
+            recovered.append((queue_id, next_try))
+        return recovered
 
     # --- watching ------------------------------------------------------------------
 
     def _start_watching(self, loop: asyncio.AbstractEventLoop) -> None:
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
-        from watchdog.observers import Observer
+        def arrived() -> None:
+            self._new_arrived = True
+            self._wake.set()
 
-        wake = self._wake
+        def rescan() -> None:
+            self._rescan_requested = True
+            self._wake.set()
 
-        class _Wake(FileSystemEventHandler):
-            def on_any_event(self, event: FileSystemEvent) -> None:
-                if event.event_type in ("created", "moved", "modified", "closed"):
-                    loop.call_soon_threadsafe(wake.set)
-
-        observer = Observer()
-        for folder in ("new", "control"):
-            path = self.config.spool.path / folder
-            path.mkdir(parents=True, exist_ok=True)
-            observer.schedule(_Wake(), str(path), recursive=False)
-        observer.daemon = True
-        observer.start()
-        self._observer = observer
+        root = self.config.spool.path
+        self._watches = [watch_folders(loop, [root / "new"], arrived),
+                         watch_folders(loop, [root / "control"], rescan)]
 
     def _stop_watching(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
-            self._observer = None
+        for watch in self._watches:
+            watch.close()
+        self._watches = []
+
+    # --- the plan: what is queued and when it is due -------------------------------
+
+    def _schedule(self, queue_id: str, when: float) -> None:
+        self._planned[queue_id] = when
+        heapq.heappush(self._plan, (when, queue_id))
+
+    def _take_due(self, now: float, limit: int) -> list[str]:
+        due: list[str] = []
+        while self._plan and len(due) < limit:
+            when, queue_id = self._plan[0]
+            if self._planned.get(queue_id) != when:
+                heapq.heappop(self._plan)  # superseded by a later _schedule
+                continue
+            if when > now:
+                break
+            heapq.heappop(self._plan)
+            del self._planned[queue_id]
+            if queue_id not in self._claimed:
+                due.append(queue_id)
+        return due
+
+    def _next_planned(self) -> float | None:
+        while self._plan and self._planned.get(self._plan[0][1]) != self._plan[0][0]:
+            heapq.heappop(self._plan)
+        return self._plan[0][0] if self._plan else None
+
+    async def _rescan(self) -> None:
+        """Re-read queue/ (other processes, the queue CLI, lost events) and new/."""
+        queued = await self._spool_io(self.spool.queued)
+        self._planned = {queue_id: when for when, queue_id in queued}
+        self._plan = [(when, queue_id) for when, queue_id in queued]
+        heapq.heapify(self._plan)
+        self._new_arrived = True
 
     # --- the scan loop -------------------------------------------------------------
 
     async def _scan_loop(self) -> None:
         ready_signalled = False
+        next_rescan = 0.0
         while not self._stopping.is_set():
             self._wake.clear()
-            self._accept_incoming()
+            if self._rescan_requested or time.monotonic() >= next_rescan:
+                self._rescan_requested = False
+                await self._rescan()
+                next_rescan = time.monotonic() + self.config.queue.scan_interval
+            accepted = await self._accept_incoming()
             dispatched = await self._dispatch_due()
             if not ready_signalled:
                 sdnotify.notify("READY=1")
                 ready_signalled = True
             if self.once:
-                if await self._once_finished(dispatched):
-                    return
+                if accepted or dispatched:
+                    continue
+                if not self._jobs.empty() or self._in_flight:
+                    await self._jobs.join()  # what they queue (DSNs) is looked at next
+                    self._new_arrived = True
+                    continue
+                if self._new_arrived:
+                    continue
+                return
+            if (self._backlog or self._new_arrived) and self._room() > 0:
                 continue
-            await self._sleep_until_next()
+            await self._sleep_until(next_rescan)
 
-    async def _once_finished(self, dispatched: int) -> bool:
-        """--once ends when nothing is due, incoming, ready or in flight."""
-        if dispatched:
-            return False
-        if self._ready or self._in_flight:
-            async with self._ready_changed:
-                await self._ready_changed.wait_for(
-                    lambda: not self._ready and not self._in_flight
-                )
-            return False
-        if self.spool.incoming():
-            return False
-        return not self._due_ids(time.time())
-
-    async def _sleep_until_next(self) -> None:
-        timeout = self.config.queue.scan_interval
+    async def _sleep_until(self, next_rescan: float) -> None:
+        timeout = max(0.0, next_rescan - time.monotonic())
         # With the ready window full, due messages wait for the workers, who wake us
         # when it is half empty; only otherwise does the next due time matter.
-        if len(self._ready) < self._ready_window():
-            next_due = self.spool.next_due()
-            if next_due is not None:
-                timeout = max(0.0, min(timeout, next_due - time.time()))
+        next_due = self._next_planned()
+        if next_due is not None and self._room() > 0:
+            timeout = max(0.0, min(timeout, next_due - time.time()))
         waits = [asyncio.ensure_future(self._wake.wait()),
                  asyncio.ensure_future(self._stopping.wait())]
         try:
@@ -394,29 +504,41 @@ class Daemon:
             for waiter in waits:
                 waiter.cancel()
 
-    def _accept_incoming(self) -> None:
-        for name in self.spool.incoming():
-            if self._stopping.is_set():
-                return
-            try:
-                result = self.spool.accept(name, time.time())
-            except MxsendError as exc:
-                log.error("could not accept %s: %s", name, exc)
-                continue
+    def _ready_window(self) -> int:
+        workers = self.config.smtp.max_connections
+        return max(READY_WINDOW_MIN, READY_WINDOW_PER_WORKER * workers)
+
+    def _room(self) -> int:
+        return self._ready_window() - self._jobs.qsize() - len(self._fresh)
+
+    async def _accept_incoming(self) -> int:
+        """Accept a window's worth of new/ at a time, so delivery starts at once."""
+        if not self._backlog and self._new_arrived:
+            self._new_arrived = False
+            self._backlog.extend(await self._spool_io(self.spool.incoming))
+        names = [self._backlog.popleft() for _ in range(min(len(self._backlog), self._room()))]
+        if not names:
+            return 0
+        now = time.time()
+        results = await asyncio.gather(
+            *(self._committer.run(self.spool.accept_steps(name, now)) for name in names),
+            return_exceptions=True,
+        )
+        accepted = 0
+        for name, result in zip(names, results, strict=True):
             if isinstance(result, Accepted):
                 envelope = result.message.envelope
                 event("queued", result.id, sender=envelope.sender,
                       recipients=[r.address for r in envelope.recipients],
                       size=len(result.message.data))
+                self._fresh[result.id] = result
+                self._schedule(result.id, result.state.next_try)
+                accepted += 1
             elif isinstance(result, Quarantined):
                 event("quarantined", result.id, logging.WARNING, reason=result.reason)
-
-    def _ready_window(self) -> int:
-        workers = self.config.smtp.max_connections
-        return max(READY_WINDOW_MIN, READY_WINDOW_PER_WORKER * workers)
-
-    def _due_ids(self, now: float) -> list[str]:
-        return [qid for qid in self.spool.due(now) if qid not in self._claimed]
+            elif isinstance(result, BaseException):
+                log.error("could not accept %s: %s", name, result)
+        return accepted
 
     async def _dispatch_due(self) -> int:
         """Claim due messages, ask CheckFile, and hand the batch to the workers at once.
@@ -424,34 +546,36 @@ class Daemon:
         The whole batch is checked before any of it is queued, so that with one free
         worker the highest Priority really goes first (contract §4).
         """
-        room = self._ready_window() - len(self._ready)
+        room = self._ready_window() - self._jobs.qsize()
         if room <= 0:
             return 0
         batch: list[_Job] = []
-        for queue_id in self._due_ids(time.time())[:room]:
+        for queue_id in self._take_due(time.time(), room):
             if self._stopping.is_set():
-                break
+                self._schedule(queue_id, time.time())
+                continue
             job = await self._prepare(queue_id)
             if job is not None:
                 batch.append(job)
-        if batch:
-            async with self._ready_changed:
-                for job in batch:
-                    heapq.heappush(self._ready, job)
-                self._ready_changed.notify_all()
+        for job in batch:
+            self._jobs.put_nowait(job)
         return len(batch)
 
     async def _prepare(self, queue_id: str) -> _Job | None:
+        fresh = self._fresh.pop(queue_id, None)
         claim = self.spool.claim(queue_id)
         if claim is None:
             return None  # another process has it
         self._claimed.add(queue_id)
         try:
-            state = self.spool.read(claim)
-            message = self.spool.load_message(queue_id)
+            if fresh is not None:
+                state, message = fresh.state, fresh.message
+            else:
+                state = self.spool.read(claim)
+                message = self.spool.load_message(queue_id)
         except MxsendError as exc:
             log.error("message %s unreadable, retried later: %s", queue_id, exc)
-            self._release_untouched(claim, None, delay=self.config.queue.retry[0])
+            await self._release_untouched(claim, None, delay=self.config.queue.retry[0])
             return None
         now = time.time()
         if schedule.expired(state.created, now, self.config.queue.max_age):
@@ -459,7 +583,6 @@ class Daemon:
             await self._finish(claim, expired, message, now, before=state, next_try=None)
             return None
         assert self.policy is not None
-        pending = tuple(r.address for r in state.pending())
         actions = await self.policy.check_file(CheckFileRequest(
             queue_id=queue_id,
             filename=str(self.spool.message_path(queue_id)),
@@ -468,54 +591,57 @@ class Daemon:
             retries=state.attempts,
             last_try_time=state.last_try,
             return_path=message.envelope.sender,
-            recipients=pending,
+            recipients=tuple(r.address for r in state.pending()),
             data=message.data,
         ))
         if actions.skip_send:
             event("skipped", queue_id, reason=actions.reason)
-            self._release_untouched(claim, state, delay=self.config.queue.scan_interval)
+            await self._release_untouched(claim, state, delay=self.config.queue.scan_interval)
             return None
         priority = max(1, min(100, actions.priority))
         return _Job((-priority, state.created, next(self._sequence)), claim, state, message,
                     actions)
 
-    def _release_untouched(
+    async def _release_untouched(
         self, claim: Claim, state: MessageState | None, delay: float = 0.0
     ) -> None:
         """Give a claim back without counting an attempt."""
-        self._claimed.discard(claim.id)
         try:
             if state is None:
                 state = self.spool.read(claim)
-            self.spool.release(claim, dataclasses.replace(state, next_try=time.time() + delay))
+            released = dataclasses.replace(state, next_try=time.time() + delay)
+            await self._committer.run(self.spool.release_steps(claim, released))
+            self._schedule(claim.id, released.next_try)
         except MxsendError as exc:
             # The claim stays in active/ and comes back through recovery after restart.
             log.error("could not release %s: %s", claim.id, exc)
+        finally:
+            self._claimed.discard(claim.id)
 
     # --- workers -------------------------------------------------------------------
 
     async def _worker(self) -> None:
         while True:
-            async with self._ready_changed:
-                await self._ready_changed.wait_for(lambda: bool(self._ready))
-                job = heapq.heappop(self._ready)
-            attempt = asyncio.create_task(self._attempt(job))
-            self._in_flight[job.claim.id] = attempt
+            job = await self._jobs.get()
             try:
-                await attempt
-            except asyncio.CancelledError:
-                if not attempt.done():
-                    raise  # the worker itself is being stopped
-            except Exception:
-                # A bug, not a delivery problem: keep the message, keep the worker.
-                log.exception("attempt of %s failed unexpectedly", job.claim.id)
-                self._release_untouched(job.claim, None, delay=self.config.queue.retry[0])
+                attempt = asyncio.create_task(self._attempt(job))
+                self._in_flight[job.claim.id] = attempt
+                try:
+                    await attempt
+                except asyncio.CancelledError:
+                    if not attempt.done():
+                        raise  # the worker itself is being stopped
+                except Exception:
+                    # A bug, not a delivery problem: keep the message, keep the worker.
+                    log.exception("attempt of %s failed unexpectedly", job.claim.id)
+                    await self._release_untouched(job.claim, None,
+                                                  delay=self.config.queue.retry[0])
+                finally:
+                    self._in_flight.pop(job.claim.id, None)
+                    self._claimed.discard(job.claim.id)
             finally:
-                self._in_flight.pop(job.claim.id, None)
-                self._claimed.discard(job.claim.id)
-                async with self._ready_changed:
-                    self._ready_changed.notify_all()
-                if self.once or len(self._ready) < self._ready_window() // 2:
+                self._jobs.task_done()
+                if self._jobs.qsize() < self._ready_window() // 2:
                     self._wake.set()
 
     async def _attempt(self, job: _Job) -> None:
@@ -541,7 +667,7 @@ class Daemon:
                     # Other domains are still in flight, maybe for minutes: what this one
                     # accepted is made durable now, so a crash cannot send it twice
                     # (contract §1: the duplicate window is only reply-to-record).
-                    self.spool.update(claim, durable)
+                    await self._committer.run(self.spool.update_steps(claim, durable))
         except asyncio.CancelledError:
             # Shutdown cut the attempt short. What a server already accepted is recorded
             # (it must never be sent again); the rest is a temporary failure, due again
@@ -551,8 +677,8 @@ class Daemon:
             await asyncio.gather(*running, return_exceptions=True)
             sent = [o for o in self._collect(claim.id, running, state.attempts)
                     if o.status is DeliveryStatus.SENT]
-            self._release_untouched(claim, apply_outcomes(durable, sent, time.time()),
-                                    delay=INTERRUPTED_RETRY)
+            await self._release_untouched(claim, apply_outcomes(durable, sent, time.time()),
+                                          delay=INTERRUPTED_RETRY)
             raise
         state = apply_outcomes(state, outcomes, time.time())
         now = time.time()
@@ -646,24 +772,27 @@ class Daemon:
             if r.status is RecipientStatus.BOUNCED
             and _status_of(before, r.address) is RecipientStatus.PENDING
         ]
-        self._queue_dsn(claim.id, message, state, newly_bounced, bounce.DsnAction.FAILED, now)
-        self._queue_dsn(claim.id, message, state,
-                        [_rcpt_state(state, o.address) for o in relayed],
-                        bounce.DsnAction.RELAYED, now)
-        state = self._delay_warnings(claim.id, message, state, now)
+        await self._queue_dsn(claim.id, message, state, newly_bounced,
+                              bounce.DsnAction.FAILED, now)
+        await self._queue_dsn(claim.id, message, state,
+                              [_rcpt_state(state, o.address) for o in relayed],
+                              bounce.DsnAction.RELAYED, now)
+        state = await self._delay_warnings(claim.id, message, state, now)
         try:
             if state.is_final():
-                self.spool.complete(claim, state)
+                await self._committer.run(self.spool.complete_steps(claim, state))
             else:
                 if next_try is None:
                     next_try = schedule.next_try(self.config.queue.retry, state.attempts, now)
-                self.spool.release(claim, dataclasses.replace(state, next_try=next_try))
+                await self._committer.run(self.spool.release_steps(
+                    claim, dataclasses.replace(state, next_try=next_try)))
+                self._schedule(claim.id, next_try)
         except MxsendError as exc:
             log.error("could not record the outcome of %s: %s", claim.id, exc)
         finally:
             self._claimed.discard(claim.id)
 
-    def _delay_warnings(
+    async def _delay_warnings(
         self, queue_id: str, message: Message, state: MessageState, now: float
     ) -> MessageState:
         """One DELAY notice per recipient that asked for it (RFC 3461 §4.1)."""
@@ -674,14 +803,14 @@ class Daemon:
         due = [r for r in state.pending() if not r.delay_notified]
         if not due:
             return state
-        self._queue_dsn(queue_id, message, state, due, bounce.DsnAction.DELAYED, now)
+        await self._queue_dsn(queue_id, message, state, due, bounce.DsnAction.DELAYED, now)
         notified = {r.address for r in due}
         return dataclasses.replace(state, recipients=tuple(
             dataclasses.replace(r, delay_notified=True) if r.address in notified else r
             for r in state.recipients
         ))
 
-    def _queue_dsn(
+    async def _queue_dsn(
         self,
         queue_id: str,
         message: Message,
@@ -719,7 +848,7 @@ class Daemon:
         if dsn is None:
             return
         try:
-            bounce_id = self.spool.enqueue(dsn)
+            bounce_id = await self._committer.run(self.spool.enqueue_steps(serialise_bsmtp(dsn)))
         except MxsendError as exc:
             log.error("could not queue the %s report for %s: %s", action, queue_id, exc)
             return

@@ -29,8 +29,11 @@ def notify(state: str, environ: Mapping[str, str] = os.environ) -> bool:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # Never block the event loop on a manager that is not reading: a state it
+            # misses is better than a daemon that hangs (a full buffer is EAGAIN).
+            sock.setblocking(False)
             sock.connect(address)
-            sock.sendall(state.encode())
+            sock.send(state.encode())
     except OSError:
         return False
     return True
