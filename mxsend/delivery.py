@@ -32,6 +32,7 @@ from mxsend.envelope import Message, Recipient
 from mxsend.errors import DeliveryError, Phase, TemporaryFailure
 from mxsend.outcome import (
     RecipientOutcome,
+    Reply,
     Where,
     failure_outcomes,
     should_try_next_host,
@@ -433,7 +434,13 @@ class Deliverer:
             return failure_outcomes(addresses, exc, where)
         if isinstance(result.final, DeliveryError) and result.final.code == 421:
             self.backoff.failed((conn.destination.ip, conn.destination.port), self._clock())
-        await self._recycle(entry)
+        if isinstance(result.final, Reply) and result.final_phase is Phase.DATAEND:
+            # The reply to the end of data closes the transaction on both sides (RFC
+            # 5321 §4.1.1.4): the session is ready for the next MAIL without an RSET
+            # round trip, which is only needed to abort a transaction half-way.
+            self.pool.give_back(entry)
+        else:
+            await self._recycle(entry)
         return transaction_outcomes(
             addresses, dict(result.rcpt_replies), result.final, where,
             final_phase=result.final_phase, relayed=result.relayed,

@@ -609,8 +609,22 @@ async def test_connection_reused_for_equal_actions(smtp_receivers, make):
         assert outcome.status is DeliveryStatus.SENT
     assert len(server.sessions) == 1
     assert len(server.sessions[0].transactions) == 3
-    assert commands(server).count("RSET") >= 2
+    # A completed transaction needs no RSET before the next (RFC 5321 §4.1.1.4).
+    assert commands(server).count("RSET") == 0
     assert len({p.connid for p in details.calls}) == 1
+
+
+async def test_rset_before_reuse_after_an_aborted_transaction(smtp_receivers, make):
+    server = smtp_receivers.start(
+        "127.0.0.2", behaviour=Behaviour(rcpt={"nobody@example.org": "550 5.1.1 no"}))
+    deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2")]})
+    [refused] = await deliver(deliverer, message("nobody@example.org"))
+    assert refused.status is DeliveryStatus.BOUNCED
+    [sent] = await deliver(deliverer, message("bob@example.org"))
+    assert sent.status is DeliveryStatus.SENT
+    assert len(server.sessions) == 1
+    cmds = commands(server)
+    assert cmds.index("RSET") < len(cmds) - 1 - cmds[::-1].index("MAIL")
 
 
 async def test_different_actions_get_a_different_connection(smtp_receivers, make):
