@@ -132,6 +132,10 @@ class ConnectionPool:
         self._per_destination: Counter[tuple[str, int]] = Counter()
         self._changed = asyncio.Condition()
         self._waiters = 0
+        # Wake-ups are handed on one waiter at a time (a baton), not broadcast: with
+        # many deliveries queued for one busy destination, waking them all for every
+        # session given back cost more than the deliveries (see _pass_baton).
+        self._examined = 0  # how many waiters found the last change of no use to them
         self._closing: set[asyncio.Task[None]] = set()
 
     @property
@@ -165,6 +169,7 @@ class ConnectionPool:
         stand in the way; a session given back meanwhile is taken rather than replaced.
         """
         destination = (key[0], key[1])
+        woken = False
         async with self._changed:
             while True:
                 entry = self.take(key)
@@ -173,11 +178,14 @@ class ConnectionPool:
                 if self._room(domain, destination):
                     break
                 if not self._evict(key, domain, destination):
+                    if woken:
+                        self._pass_baton()
                     self._waiters += 1
                     try:
                         await self._changed.wait()
                     finally:
                         self._waiters -= 1
+                    woken = True
             self._total += 1
             self._per_domain[domain] += 1
             self._per_destination[destination] += 1
@@ -255,13 +263,31 @@ class ConnectionPool:
         conn = entry.connection
         self.unreserve(entry.domain, (conn.destination.ip, conn.destination.port))
 
+    @property
+    def waiting(self) -> int:
+        """Deliveries waiting for a session or for room under the limits."""
+        return self._waiters
+
+    def _pass_baton(self) -> None:
+        """A woken waiter could not use the change: wake the next, once round the queue.
+
+        Condition wakes in FIFO order and a waiter that waits again goes to the back,
+        so handing on once per waiter that has not yet looked at this change lets each
+        look exactly once; then the baton stops until the next change. No change is
+        lost to a waiter that could not use it, and none wakes the whole queue.
+        """
+        self._examined += 1
+        if self._examined <= self._waiters:
+            self._changed.notify(1)
+
     def _notify(self) -> None:
+        self._examined = 0
         if not self._waiters:
             return  # the common case: nobody waits, so no task per transaction
 
         async def wake() -> None:
             async with self._changed:
-                self._changed.notify_all()
+                self._changed.notify(1)
 
         task = asyncio.get_running_loop().create_task(wake())
         self._closing.add(task)

@@ -656,6 +656,58 @@ async def test_per_domain_limit_bounds_concurrent_sessions(smtp_receivers, make)
     assert len(server.messages) == 8
 
 
+async def test_many_waiters_with_different_actions_all_get_through(smtp_receivers, make):
+    # Wake-ups are handed on one waiter at a time: one that cannot use a session given
+    # back (other ServerActions) must pass it on, so that nobody waits forever.
+    server = smtp_receivers.start("127.0.0.2")
+    deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2")]},
+                     max_connections_per_domain=1)
+    plain, named = Details(), Details(helo_name="other.test")
+    results = await asyncio.wait_for(asyncio.gather(*(
+        deliver(deliverer, message(f"user{i}@example.org"),
+                details=plain if i % 3 else named)
+        for i in range(30))), timeout=30)
+    assert all(o.status is DeliveryStatus.SENT for [o] in results)
+    assert len(server.messages) == 30
+    assert "other.test" in {s.helo_name for s in server.sessions}
+    assert len({s.helo_name for s in server.sessions}) == 2  # both kinds of session
+
+
+async def poll_until(condition: Any) -> None:
+    """Bounded polling (5 s) on a condition another task or thread makes true."""
+    async with asyncio.timeout(5):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.005)
+
+
+async def test_a_wake_up_one_waiter_cannot_use_reaches_one_that_can(smtp_receivers, make):
+    # b.org's only session is stuck in DATA, and a second b.org delivery waits first in
+    # line. A session given back for a.org is of no use to it: the wake-up must be
+    # handed on to the a.org deliveries behind it, not lost until b.org moves again.
+    a = smtp_receivers.start("127.0.0.2")
+    b = smtp_receivers.start("127.0.0.3", behaviour=Behaviour(stall="dataend",
+                                                              stall_seconds=2.5))
+    deliverer = make({"a.org": [mx("mx.a.org", "127.0.0.2")],
+                      "b.org": [mx("mx.b.org", "127.0.0.3")]},
+                     max_connections_per_domain=1)
+    stuck = asyncio.create_task(deliver(deliverer, message("b1@b.org"), domain="b.org"))
+    await poll_until(lambda: any(c.startswith("DATA") for s in b.sessions for c in s.commands))
+    waiting = asyncio.create_task(deliver(deliverer, message("b2@b.org"), domain="b.org"))
+    await poll_until(lambda: deliverer.pool.waiting >= 1)
+    started = time.monotonic()
+    results = await asyncio.gather(*(
+        deliver(deliverer, message(f"a{i}@a.org"), domain="a.org") for i in range(5)))
+    elapsed = time.monotonic() - started
+    assert all(o.status is DeliveryStatus.SENT for [o] in results)
+    assert len(a.messages) == 5
+    assert elapsed < 2.0, elapsed  # well before b.org's stall ends
+    for task in (stuck, waiting):
+        task.cancel()
+    await asyncio.gather(stuck, waiting, return_exceptions=True)
+
+
 async def test_close_quits_pooled_connections(smtp_receivers, make):
     server = smtp_receivers.start("127.0.0.2")
     deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2")]})
