@@ -46,7 +46,6 @@ _XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*$")
 _COMMAND = re.compile(rb"^(MAIL\s+FROM|RCPT\s+TO)\s*:\s*(.*)$", re.IGNORECASE | re.DOTALL)
 _LINE_END = re.compile(rb"\r?\n")
-_DOT_STUFF = re.compile(rb"^\.", re.MULTILINE)
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
@@ -418,15 +417,26 @@ def unstuff(block: bytes) -> bytes:
     """Dot-stuffed lines with any line ends -> message bytes with CRLF (RFC 5321 §4.5.2)."""
     if not block:
         return b""
-    data = _BARE_LF.sub(b"\r\n", block) if b"\n" in block else block
+    # Counting is a C-speed scan; the regex runs only when there is a bare LF to fix.
+    data = _BARE_LF.sub(b"\r\n", block) if block.count(b"\n") != block.count(b"\r\n") \
+        else block
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
-    return _DOT_STUFF.sub(b"", data) if b"\n." in data or data.startswith(b".") else data
+    # A dot at the start of any line (after any LF) is removed: bytes.replace does in
+    # one pass what a MULTILINE `^\.` substitution does, several times faster.
+    unstuffed = data.replace(b"\n.", b"\n")
+    return unstuffed[1:] if unstuffed.startswith(b".") else unstuffed
 
 
 def dot_stuff(data: bytes) -> bytes:
-    """Message bytes (CRLF) -> transparent DATA block (RFC 5321 §4.5.2), without the `.`."""
-    return _DOT_STUFF.sub(b"..", data)
+    """Message bytes (CRLF) -> transparent DATA block (RFC 5321 §4.5.2), without the `.`.
+
+    Every line that starts with a dot gets another, after a bare LF as well as after
+    CRLF: a receiver that takes a bare LF for a line end must not find an early
+    end-of-data in the body (SMTP smuggling).
+    """
+    stuffed = data.replace(b"\n.", b"\n..")
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
 
 
 def normalise_line_ends(data: bytes) -> bytes:
