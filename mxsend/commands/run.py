@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from mxsend.config import Config
 from mxsend.log import setup_logging
 from mxsend.scheduler import run_daemon
 
+# The spool's I/O thread makes many short system calls, each followed by taking the
+# GIL back from the event loop; at CPython's default 5 ms switch interval it queued
+# behind the loop for most of that (docs/performance.md). 1 ms measured best.
+SWITCH_INTERVAL = 0.001
+
 
 def run(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.log.format, config.log.level)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     return asyncio.run(run_daemon(config, once=args.once))
