@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from mxsend.config import Config
 from mxsend.log import setup_logging
@@ -16,7 +18,16 @@ from mxsend.scheduler import run_daemon
 SWITCH_INTERVAL = 0.001
 
 
+def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
+    """uvloop where it is installed (a dependency on Linux), else asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
+
+
 def run(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.log.format, config.log.level)
     sys.setswitchinterval(SWITCH_INTERVAL)
-    return asyncio.run(run_daemon(config, once=args.once))
+    return _event_loop_runner()(run_daemon(config, once=args.once))
