@@ -543,25 +543,53 @@ class Daemon:
     async def _dispatch_due(self) -> int:
         """Claim due messages, ask CheckFile, and hand the batch to the workers at once.
 
-        The whole batch is checked before any of it is queued, so that with one free
-        worker the highest Priority really goes first (contract §4).
+        The whole batch is checked (one call to the script's worker for all of it)
+        before any of it is queued, so that with one free worker the highest Priority
+        really goes first (contract §4).
         """
         room = self._ready_window() - self._jobs.qsize()
         if room <= 0:
             return 0
-        batch: list[_Job] = []
+        loaded: list[tuple[Claim, MessageState, Message]] = []
         for queue_id in self._take_due(time.time(), room):
             if self._stopping.is_set():
                 self._schedule(queue_id, time.time())
                 continue
-            job = await self._prepare(queue_id)
-            if job is not None:
-                batch.append(job)
-        for job in batch:
-            self._jobs.put_nowait(job)
-        return len(batch)
+            claimed = await self._claim(queue_id)
+            if claimed is not None:
+                loaded.append(claimed)
+        if not loaded:
+            return 0
+        assert self.policy is not None
+        verdicts = await self.policy.check_files([
+            CheckFileRequest(
+                queue_id=claim.id,
+                filename=str(self.spool.message_path(claim.id)),
+                size=len(message.data),
+                creation_time=state.created,
+                retries=state.attempts,
+                last_try_time=state.last_try,
+                return_path=message.envelope.sender,
+                recipients=tuple(r.address for r in state.pending()),
+                data=message.data,
+            )
+            for claim, state, message in loaded
+        ])
+        skipped = []
+        for (claim, state, message), actions in zip(loaded, verdicts, strict=True):
+            if actions.skip_send:
+                event("skipped", claim.id, reason=actions.reason)
+                skipped.append(self._release_untouched(
+                    claim, state, delay=self.config.queue.scan_interval))
+                continue
+            priority = max(1, min(100, actions.priority))
+            self._jobs.put_nowait(_Job((-priority, state.created, next(self._sequence)),
+                                       claim, state, message, actions))
+        await asyncio.gather(*skipped)
+        return len(loaded) - len(skipped)
 
-    async def _prepare(self, queue_id: str) -> _Job | None:
+    async def _claim(self, queue_id: str) -> tuple[Claim, MessageState, Message] | None:
+        """Claim a due message and load it; None if another process has it or it expired."""
         fresh = self._fresh.pop(queue_id, None)
         claim = self.spool.claim(queue_id)
         if claim is None:
@@ -582,25 +610,7 @@ class Daemon:
             expired = self._give_up(queue_id, state, schedule.GiveUp.EXPIRED, now)
             await self._finish(claim, expired, message, now, before=state, next_try=None)
             return None
-        assert self.policy is not None
-        actions = await self.policy.check_file(CheckFileRequest(
-            queue_id=queue_id,
-            filename=str(self.spool.message_path(queue_id)),
-            size=len(message.data),
-            creation_time=state.created,
-            retries=state.attempts,
-            last_try_time=state.last_try,
-            return_path=message.envelope.sender,
-            recipients=tuple(r.address for r in state.pending()),
-            data=message.data,
-        ))
-        if actions.skip_send:
-            event("skipped", queue_id, reason=actions.reason)
-            await self._release_untouched(claim, state, delay=self.config.queue.scan_interval)
-            return None
-        priority = max(1, min(100, actions.priority))
-        return _Job((-priority, state.created, next(self._sequence)), claim, state, message,
-                    actions)
+        return claim, state, message
 
     async def _release_untouched(
         self, claim: Claim, state: MessageState | None, delay: float = 0.0

@@ -463,6 +463,47 @@ end
         policy.close()
 
 
+async def test_check_files_answers_a_batch_in_order(script: Any, events: Events) -> None:
+    policy = script("""
+function CheckFile(f, a, size, c, r, l, rp, rcpts, hd)
+  a.Priority = tonumber(hd["x-prio"]) or 50
+  if hd["x-prio"] == "13" then error("unlucky") end
+  return a
+end
+""")
+    requests = [request(queue_id=f"Q{i}", data=f"X-Prio: {i}\r\n\r\n".encode())
+                for i in range(1, 41)]  # more than one chunk
+    results = await policy.check_files(requests)
+    assert [a.priority for a in results] == [50 if i == 13 else i for i in range(1, 41)]
+    [error] = events.of("script_error")
+    assert error["id"] == "Q13" and "unlucky" in error["error"]
+
+
+async def test_a_stuck_call_in_a_batch_spares_the_calls_before_it(tmp_path: Path,
+                                                                  events: Events) -> None:
+    path = tmp_path / "mxout.lua"
+    path.write_text("""
+function CheckFile(f, a, size, c, r, l, rp, rcpts, hd)
+  if hd.subject == "hang" then
+    string.find(string.rep("a", 60), string.rep("a-", 30) .. "b")
+  end
+  a.Priority = 77
+  return a
+end
+""")
+    policy = Policy(make_config(path, timeout=0.2))
+    try:
+        batch = [request(queue_id="ok1"), request(queue_id="stuck",
+                                                  data=b"Subject: hang\r\n\r\n"),
+                 request(queue_id="after")]
+        results = await policy.check_files(batch)
+        assert [a.priority for a in results] == [77, 50, 50]
+        assert sorted(e["id"] for e in events.of("script_error")) == ["after", "stuck"]
+        assert (await policy.check_file(request())).priority == 77  # a fresh worker
+    finally:
+        policy.close()
+
+
 async def test_top_level_error_keeps_the_previous_version(tmp_path: Path,
                                                           events: Events) -> None:
     path = tmp_path / "mxout.lua"
