@@ -524,6 +524,9 @@ class Policy:
         self._version = 0
         self._worker: _Worker | None = None
         self._lock = asyncio.Lock()
+        self._queued_calls: list[tuple[str, str, tuple[object, ...],
+                                       asyncio.Future[tuple[object, ...] | None]]] = []
+        self._caller: asyncio.Task[None] | None = None
         self._missing_logged = False
         self._missing_functions: set[tuple[int, str]] = set()
         self._observer: Any = None
@@ -555,10 +558,9 @@ class Policy:
         """
         if not self.has_script:
             return [FileActions() for _ in requests]
-        messages = [_check_message(request, self.timeout) for request in requests]
-        results = await self._call_many(
-            CHECKFILE, [(request.queue_id, message)
-                        for request, message in zip(requests, messages, strict=True)])
+        results = await asyncio.gather(*(
+            self._call(CHECKFILE, request.queue_id, _check_message(request, self.timeout))
+            for request in requests))
         actions_list = []
         for request, values in zip(requests, results, strict=True):
             if values is None:
@@ -768,11 +770,28 @@ class Policy:
 
     async def _call(self, function: str, queue_id: str, message: tuple[object, ...]
                     ) -> tuple[object, ...] | None:
-        """Send one call; its values on success, None after logging a script_error."""
-        [values] = await self._call_many(function, [(queue_id, message)])
-        return values
+        """One call; its values on success, None after logging a script_error.
 
-    async def _call_many(self, function: str, calls: Sequence[tuple[str, tuple[object, ...]]]
+        Calls made while others are with the worker wait and go together in the next
+        round (see _call_many), so concurrent deliveries asking ServerDetails share
+        round trips instead of queueing one by one behind a lock.
+        """
+        done: asyncio.Future[tuple[object, ...] | None] = (
+            asyncio.get_running_loop().create_future())
+        self._queued_calls.append((function, queue_id, message, done))
+        if self._caller is None or self._caller.done():
+            self._caller = asyncio.get_running_loop().create_task(self._send_queued())
+        return await done
+
+    async def _send_queued(self) -> None:
+        while self._queued_calls:
+            batch, self._queued_calls = self._queued_calls, []
+            results = await self._call_many([(f, q, m) for f, q, m, _ in batch])
+            for (_, _, _, done), values in zip(batch, results, strict=True):
+                if not done.done():
+                    done.set_result(values)
+
+    async def _call_many(self, calls: Sequence[tuple[str, str, tuple[object, ...]]]
                          ) -> list[tuple[object, ...] | None]:
         """Send calls in chunks, read the replies in order; None where a call failed.
 
@@ -792,16 +811,16 @@ class Policy:
                     return results  # no version of the script could be loaded
                 for start in range(0, len(calls), CALL_CHUNK):
                     chunk = calls[start : start + CALL_CHUNK]
-                    for _, message in chunk:
+                    for _, _, message in chunk:
                         worker.send(message)
                     for index in range(start, start + len(chunk)):
                         reply = await worker.receive(time.monotonic() + self.hard_timeout)
-                        results[index] = self._interpret(function, calls[index][0], worker,
-                                                         reply)
+                        function, queue_id, _ = calls[index]
+                        results[index] = self._interpret(function, queue_id, worker, reply)
                         answered = index + 1
             except (WorkerStuck, WorkerGone) as exc:
                 self._kill_worker()
-                for queue_id, _ in calls[answered:]:
+                for function, queue_id, _ in calls[answered:]:
                     event(SCRIPT_ERROR, queue_id, function=function,
                           error=_worker_problem(exc, self))
         return results
