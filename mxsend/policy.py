@@ -786,7 +786,16 @@ class Policy:
     async def _send_queued(self) -> None:
         while self._queued_calls:
             batch, self._queued_calls = self._queued_calls, []
-            results = await self._call_many([(f, q, m) for f, q, m, _ in batch])
+            try:
+                results = await self._call_many([(f, q, m) for f, q, m, _ in batch])
+            except Exception as exc:
+                # Not the script's fault (a bug, a broken pipe we did not foresee):
+                # every caller still gets its defaults, none waits forever.
+                self._kill_worker()
+                for function, queue_id, _, _ in batch:
+                    event(SCRIPT_ERROR, queue_id, function=function,
+                          error=f"policy worker failed: {exc!r}")
+                results = [None] * len(batch)
             for (_, _, _, done), values in zip(batch, results, strict=True):
                 if not done.done():
                     done.set_result(values)

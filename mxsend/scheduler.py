@@ -43,7 +43,7 @@ from mxsend.actions import FileActions, ServerActions, ServerParameters
 from mxsend.config import Config, load_config
 from mxsend.delivery import Deliverer
 from mxsend.envelope import Message, Recipient, header_lines, serialise_bsmtp
-from mxsend.errors import ConfigError, MxsendError
+from mxsend.errors import ConfigError, MxsendError, SpoolError
 from mxsend.log import event, get_logger, setup_logging
 from mxsend.mx import Resolver
 from mxsend.outcome import DeliveryStatus, RecipientOutcome
@@ -107,8 +107,13 @@ class _Committer:
         loop = asyncio.get_running_loop()
         while self._pending:
             batch, self._pending = self._pending, []
-            results = await loop.run_in_executor(
-                self._executor, self._spool.run_batch, [steps for steps, _ in batch])
+            try:
+                results: list[object] = await loop.run_in_executor(
+                    self._executor, self._spool.run_batch, [steps for steps, _ in batch])
+            except Exception as exc:
+                # The batch could not run at all (say, the pool is shutting down): every
+                # waiter hears it, none waits forever.
+                results = [SpoolError(f"spool batch failed: {exc}")] * len(batch)
             for (_, done), result in zip(batch, results, strict=True):
                 if done.done():
                     continue  # its waiter was cancelled; the operation still happened
