@@ -602,6 +602,21 @@ class Policy:
         self._log_faults(SERVERDETAILS, queue_id, faults)
         return actions
 
+    def reconfigure(self, config: Config) -> None:
+        """SIGHUP with the same script path: new timeouts and defaults, then reload().
+
+        The HELO default comes from smtp.helo_name and the limits from [script]; a new
+        memory cap needs a new worker, which the next call starts with the good script.
+        """
+        memory_changed = config.script.memory != self.config.script.memory
+        self.config = config
+        self.timeout = config.script.timeout
+        self.hard_timeout = config.script.timeout + max(MIN_GRACE, config.script.timeout)
+        self._defaults = ServerActions(helo_name=config.smtp.helo_name or socket.getfqdn())
+        if memory_changed:
+            self._kill_worker()
+        self.reload()
+
     def reload(self) -> bool:
         """Re-read the script; True if a new version is active (or will be at next call).
 

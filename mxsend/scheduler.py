@@ -338,8 +338,8 @@ class Daemon:
             return
         setup_logging(config.log.format, config.log.level)
         old_policy, old_deliverer = self.policy, self.deliverer
-        if config.script == self.config.script and old_policy is not None:
-            old_policy.reload()
+        if config.script.path == self.config.script.path and old_policy is not None:
+            old_policy.reconfigure(config)
             old_policy = None
         else:
             self.policy = Policy(config)

@@ -430,3 +430,32 @@ def test_health_follows_the_daemons_heartbeat(
     wait_until(lambda: health() == 0, 15, message="healthy")
     assert process.stop() == 0
     assert health() == 1  # a clean exit removes the heartbeat
+
+
+def test_sighup_reloads_the_config(tmp_path: Path, world: dict[str, object],
+                                   daemon: Start) -> None:
+    smtp = world["smtp"]
+    assert isinstance(smtp, ReceiverGroup)
+    mx1 = smtp.start("127.0.0.2")
+    spool = tmp_path / "spool"
+    config = _config(tmp_path, world)
+    process = daemon(config)
+    drop(spool, "before", "alice@src.test", "bob@d1.test")
+    mx1.wait_for(1, timeout=15)
+    assert mx1.messages[0].session.helo_name == "mxsend.test"
+    config.write_text(config.read_text().replace('helo_name = "mxsend.test"',
+                                                  'helo_name = "reloaded.test"'))
+    process.signal(signal.SIGHUP)
+    wait_until(lambda: any("configuration reloaded" in line for line in process.lines), 15,
+               message="the reload to be logged")
+    drop(spool, "after", "alice@src.test", "bob@d1.test")
+    mx1.wait_for(2, timeout=15)
+    assert mx1.messages[1].session.helo_name == "reloaded.test"
+    # A config that no longer parses is refused and the running one kept.
+    config.write_text("[smtp]\nport = 'not a number'\n")
+    process.signal(signal.SIGHUP)
+    wait_until(lambda: any("config not reloaded" in line for line in process.lines), 15,
+               message="the refusal to be logged")
+    drop(spool, "still", "alice@src.test", "bob@d1.test")
+    mx1.wait_for(3, timeout=15)
+    assert process.stop() == 0

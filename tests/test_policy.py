@@ -587,3 +587,17 @@ async def test_reload_on_write_and_on_rename(tmp_path: Path, events: Events) -> 
         assert (await policy.check_file(request())).priority == 30
     finally:
         policy.close()
+
+
+async def test_reconfigure_takes_the_new_helo_default(tmp_path: Path) -> None:
+    path = tmp_path / "mxout.lua"
+    path.write_text("function ServerDetails(p, h, a) return a end\n")
+    policy = Policy(make_config(path))
+    try:
+        assert (await policy.server_details("Q", PARAMS, [])).helo_name == "out.example.com"
+        config = Config(script=ScriptConfig(path=path, timeout=1.0, memory=32 * 1024**2),
+                        smtp=SmtpConfig(helo_name="new.example.com"))
+        policy.reconfigure(config)
+        assert (await policy.server_details("Q", PARAMS, [])).helo_name == "new.example.com"
+    finally:
+        policy.close()
