@@ -101,6 +101,7 @@ class QueueConfig:
     max_age: float = 5 * 86400.0
     delay_warning: float = 4 * 3600.0
     shutdown_grace: float = 30.0
+    processes: int = 1  # daemon processes sharing the spool (and the smtp limits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,6 +367,7 @@ def config_from_mapping(
         max_age=s.get("max_age", defaults.queue.max_age, _positive_duration),
         delay_warning=s.get("delay_warning", defaults.queue.delay_warning, parse_duration),
         shutdown_grace=s.get("shutdown_grace", defaults.queue.shutdown_grace, parse_duration),
+        processes=s.get("processes", defaults.queue.processes, _int_range(1, 64)),
     )
     s.finish()
 

@@ -478,7 +478,7 @@ class Daemon:
             accepted = await self._accept_incoming()
             dispatched = await self._dispatch_due()
             if not ready_signalled:
-                sdnotify.notify("READY=1")
+                sdnotify.notify_ready()
                 ready_signalled = True
             if self.once:
                 if accepted or dispatched:

@@ -13,6 +13,9 @@ from collections.abc import Mapping
 
 NOTIFY_ENV = "NOTIFY_SOCKET"
 WATCHDOG_ENV = "WATCHDOG_USEC"
+# A daemon process started by mxsend's own supervisor (queue.processes > 1) tells it,
+# not systemd, that it is ready: one byte on this inherited pipe.
+READY_FD_ENV = "MXSEND_READY_FD"
 
 
 def _address(environ: Mapping[str, str]) -> str | None:
@@ -48,3 +51,16 @@ def watchdog_interval(environ: Mapping[str, str] = os.environ) -> float | None:
     if pid.isdigit() and int(pid) != os.getpid():
         return None
     return int(usec) / 2_000_000
+
+
+def notify_ready(environ: Mapping[str, str] = os.environ) -> None:
+    """READY=1 to systemd, or one byte to the supervisor that started this process."""
+    fd = environ.get(READY_FD_ENV, "")
+    if fd.isdigit():
+        try:
+            os.write(int(fd), b"R")
+            os.close(int(fd))
+        except OSError:
+            pass
+        return
+    notify("READY=1", environ)

@@ -113,6 +113,8 @@ def test_section_must_be_a_table() -> None:
     [
         ({"smtp": {"port": "25"}}, "smtp.port"),
         ({"smtp": {"port": 0}}, "smtp.port"),
+        ({"queue": {"processes": 0}}, "queue.processes"),
+        ({"queue": {"processes": "2"}}, "queue.processes"),
         ({"smtp": {"port": 70000}}, "smtp.port"),
         ({"smtp": {"port": True}}, "smtp.port"),
         ({"smtp": {"max_connections": 0}}, "smtp.max_connections"),
@@ -193,3 +195,15 @@ def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     etc.write_text("")
     assert config_path(None, {}) == etc
     assert config_path(None, {"MXSEND_CONFIG": ""}) == etc
+
+
+def test_processes_share_out_the_connection_limits() -> None:
+    from mxsend.supervisor import share_of
+
+    config = config_from_mapping({"queue": {"processes": 3},
+                                  "smtp": {"max_connections": 100,
+                                           "max_connections_per_domain": 10}})
+    assert config.queue.processes == 3
+    share = share_of(config, "1/3")
+    assert share.smtp.max_connections == 34 and share.smtp.max_connections_per_domain == 4
+    assert share_of(config, "0/1").smtp == config.smtp

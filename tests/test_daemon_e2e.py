@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from email.message import Message as EmailMessage
 from pathlib import Path
@@ -459,3 +460,69 @@ def test_sighup_reloads_the_config(tmp_path: Path, world: dict[str, object],
     drop(spool, "still", "alice@src.test", "bob@d1.test")
     mx1.wait_for(3, timeout=15)
     assert process.stop() == 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_several_processes_share_the_work_once(tmp_path: Path, world: dict[str, object],
+                                               daemon: Start) -> None:
+    smtp = world["smtp"]
+    assert isinstance(smtp, ReceiverGroup)
+    mx1 = smtp.start("127.0.0.2")
+    spool = tmp_path / "spool"
+    names = [f"p{i:03d}" for i in range(60)]
+    for name in names:
+        drop(spool, name, "alice@src.test", f"{name}@d1.test")
+    process = daemon(_config(tmp_path, world, queue={"processes": 2}), "--once")
+    assert process.wait(60) == 0, process.output()
+    received = sorted(r for m in mx1.messages for r in m.rcpts)
+    assert received == sorted(f"{n}@d1.test" for n in names)  # each exactly once
+    assert queued_ids(spool) == []
+
+
+def test_supervisor_readiness_restart_and_stop(tmp_path: Path, world: dict[str, object],
+                                               daemon: Start) -> None:
+    smtp = world["smtp"]
+    assert isinstance(smtp, ReceiverGroup)
+    mx1 = smtp.start("127.0.0.2")
+    spool = tmp_path / "spool"
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(30)
+        process = daemon(_config(tmp_path, world, queue={"processes": 2}),
+                         env={"NOTIFY_SOCKET": str(notify_path)})
+        assert notify.recv(64) == b"READY=1"  # once, from the supervisor, when both are
+        children = wait_until(lambda: len(_children(process.pid)) == 2 and
+                              _children(process.pid), 15, message="two daemons")
+        live = Spool(spool, owner="test-observer").live_owners(15, time.time())
+        assert len(live) == 2
+        # A daemon that dies is replaced, and mail keeps flowing.
+        os.kill(children[0], signal.SIGKILL)
+        wait_until(lambda: len(_children(process.pid)) == 2 and
+                   children[0] not in _children(process.pid), 15,
+                   message="the killed daemon to be replaced")
+        wait_until(lambda: len(process.find("log")) and sum(
+            "mxsend started" in e.get("message", "") for e in process.find("log")) == 3, 15,
+            message="the new daemon to start")
+        for i in range(10):
+            drop(spool, f"s{i}", "alice@src.test", f"s{i}@d1.test")
+        mx1.wait_for(10, timeout=30)
+        now_children = _children(process.pid)
+        assert process.stop() == 0, process.output()
+        assert not any(_alive(pid) for pid in now_children)
+    assert queued_ids(spool) == []

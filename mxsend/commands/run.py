@@ -1,16 +1,19 @@
-"""`mxsend run [--once]`: the daemon in the foreground."""
+"""`mxsend run [--once]`: the daemon in the foreground (or its supervisor)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mxsend.config import Config
+from mxsend.errors import ConfigError
 from mxsend.log import setup_logging
 from mxsend.scheduler import run_daemon
+from mxsend.supervisor import CHILD_ENV, Supervisor, share_of
 
 # The spool's I/O thread makes many short system calls, each followed by taking the
 # GIL back from the event loop; at CPython's default 5 ms switch interval it queued
@@ -29,5 +32,12 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
 
 def run(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.log.format, config.log.level)
+    child = os.environ.get(CHILD_ENV)
+    if child:
+        config = share_of(config, child)
+    elif config.queue.processes > 1:
+        if config.source is None:
+            raise ConfigError("queue.processes: several processes need a config file")
+        return _event_loop_runner()(Supervisor(config, once=args.once).run())
     sys.setswitchinterval(SWITCH_INTERVAL)
     return _event_loop_runner()(run_daemon(config, once=args.once))

@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="deferred messages parked for the big-queue test (default 100000)")
     ap.add_argument("--probes", type=int, default=20,
                     help="new messages timed on the daemon with the big deferred queue")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="mxsend's queue.processes for the throughput part (default 1)")
     ap.add_argument("--same-domain", action="store_true",
                     help="both recipients of a message in one domain (one transaction each)")
     ap.add_argument("--workdir", type=Path, default=None,
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["scripts/bench", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(), "parts": args.parts, "n": args.messages,
-        "same_domain": args.same_domain,
+        "same_domain": args.same_domain, "processes": args.processes,
     }
     failures: list[str] = []
     out_file = args.out / f"bench-{stamp}.json"
@@ -185,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 if "mxsend" in args.parts:
                     rundir = workdir / f"mxsend-{rep}"
                     rundir.mkdir()
-                    r = mxsend_side.run_once(msgs, rundir, dns.nameserver, args.timeout)
+                    r = mxsend_side.run_once(msgs, rundir, dns.nameserver, args.timeout,
+                                             processes=args.processes)
                     results.setdefault("mxsend", []).append(r)
                     print(f"mxsend  rep {rep}: {r['msgs_per_s']:.0f} msg/s, "
                           f"{r['cpu_ms_per_msg']:.2f} ms CPU/msg, peak PSS "

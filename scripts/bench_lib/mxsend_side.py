@@ -41,7 +41,8 @@ def _toml(value: object) -> str:
 
 
 def write_config(path: Path, *, spool: Path, sink_port: int, nameserver: str,
-                 scan_interval: float = SCAN_INTERVAL, log_level: str = "warning") -> Path:
+                 scan_interval: float = SCAN_INTERVAL, log_level: str = "warning",
+                 processes: int = 1) -> Path:
     assert nameserver.startswith("127."), "the benchmark only resolves through loopback"
     sections: dict[str, dict[str, object]] = {
         "spool": {"path": str(spool)},
@@ -49,7 +50,8 @@ def write_config(path: Path, *, spool: Path, sink_port: int, nameserver: str,
         "dns": {"nameservers": [nameserver], "timeout": "2s"},
         # helo_name set: "" would mean socket.getfqdn(), a lookup that may leave loopback
         "smtp": {"port": sink_port, "helo_name": "bench.localdomain"},
-        "queue": {"scan_interval": scan_interval, "shutdown_grace": "10s"},
+        "queue": {"scan_interval": scan_interval, "shutdown_grace": "10s",
+                  "processes": processes},
         "log": {"format": "json", "level": log_level},
     }
     lines: list[str] = []
@@ -131,7 +133,8 @@ def _wait_until(cond: Callable[[], bool], timeout: float, what: str,
 
 
 # --------------------------------------------------------------------- throughput
-def run_once(msgs: list[Msg], workdir: Path, nameserver: str, timeout: float) -> dict[str, Any]:
+def run_once(msgs: list[Msg], workdir: Path, nameserver: str, timeout: float,
+             processes: int = 1) -> dict[str, Any]:
     """Fill a spool, then time `mxsend run --once` until the sink has everything."""
     spool = workdir / "spool-once"
     if spool.exists():
@@ -148,7 +151,7 @@ def run_once(msgs: list[Msg], workdir: Path, nameserver: str, timeout: float) ->
     log = workdir / "mxsend-once.log"
     with Sink(workdir / "sink-once.out") as sink:
         config = write_config(workdir / "mxsend-once.toml", spool=spool, sink_port=sink.port,
-                              nameserver=nameserver)
+                              nameserver=nameserver, processes=processes)
         os.sync()  # the fill's writeback must not land inside the timed window
         time.sleep(0.5)
         busy0, _ = sys_cpu()

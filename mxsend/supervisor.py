@@ -1,0 +1,153 @@
+"""`queue.processes > 1`: several daemon processes on one spool, under one supervisor.
+
+The spool is built for processes that share it (claims are renames; a dead process's
+claims are recovered), so using a second core is a matter of starting a second
+daemon. The supervisor is what systemd or a container runtime sees: it starts the
+daemons with an equal share of the connection limits, says READY=1 once all of them
+are, forwards SIGTERM, SIGINT and SIGHUP, restarts a daemon that dies (not too often),
+and exits when they have all exited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mxsend import sdnotify
+from mxsend.config import Config
+from mxsend.log import get_logger
+
+log = get_logger()
+
+CHILD_ENV = "MXSEND_CHILD"  # "i/n": this process is daemon i of n
+READY_TIMEOUT = 60.0
+# A daemon that dies is restarted after this long; one that dies again within
+# RESTART_WINDOW of its start counts against RESTART_LIMIT, after which the
+# supervisor gives up and stops the rest (systemd's Restart= takes over).
+RESTART_DELAY = 1.0
+RESTART_WINDOW = 60.0
+RESTART_LIMIT = 5
+
+
+def share_of(config: Config, child: str) -> Config:
+    """The config of daemon i of n: an equal share (rounded up) of the smtp limits."""
+    _, _, total = child.partition("/")
+    n = int(total) if total.isdigit() and int(total) > 0 else 1
+    smtp = config.smtp
+    return replace(config, smtp=replace(
+        smtp,
+        max_connections=math.ceil(smtp.max_connections / n),
+        max_connections_per_domain=math.ceil(smtp.max_connections_per_domain / n),
+    ))
+
+
+@dataclass(slots=True)
+class _Child:
+    index: int
+    process: asyncio.subprocess.Process
+    started: float
+    failures: int = 0
+
+
+class Supervisor:
+    def __init__(self, config: Config, *, once: bool) -> None:
+        if config.source is None:
+            raise ValueError("several processes need a config file to start them with")
+        self.config = config
+        self.once = once
+        self.count = config.queue.processes
+        self._stopping = asyncio.Event()
+        self._children: dict[int, _Child] = {}
+
+    def _command(self) -> list[str]:
+        source = self.config.source
+        assert source is not None
+        command = [sys.executable, "-m", "mxsend", "-c", str(Path(source).resolve()), "run"]
+        return [*command, "--once"] if self.once else command
+
+    async def _start(self, index: int, failures: int = 0) -> _Child:
+        read_end, write_end = os.pipe()
+        env = {k: v for k, v in os.environ.items()
+               if k not in (sdnotify.NOTIFY_ENV, sdnotify.WATCHDOG_ENV, "WATCHDOG_PID")}
+        env[CHILD_ENV] = f"{index}/{self.count}"
+        env[sdnotify.READY_FD_ENV] = str(write_end)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._command(), env=env, pass_fds=(write_end,), stdin=asyncio.subprocess.DEVNULL)
+        finally:
+            os.close(write_end)
+        child = _Child(index, process, time.monotonic(), failures)
+        self._children[index] = child
+        loop = asyncio.get_running_loop()
+        try:
+            # One byte when that daemon has scanned the spool; EOF if it died first.
+            await asyncio.wait_for(loop.run_in_executor(None, os.read, read_end, 1),
+                                   READY_TIMEOUT)
+        except TimeoutError:
+            log.warning("daemon %d did not report ready in %.0fs", index, READY_TIMEOUT)
+        finally:
+            os.close(read_end)
+        return child
+
+    def _signal_all(self, signum: int) -> None:
+        for child in self._children.values():
+            if child.process.returncode is None:
+                child.process.send_signal(signum)
+
+    def _stop(self, signum: int) -> None:
+        self._stopping.set()
+        self._signal_all(signum)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._signal_all, signal.SIGHUP)
+        await asyncio.gather(*(self._start(i) for i in range(self.count)))
+        sdnotify.notify("READY=1")
+        log.info("mxsend supervisor: %d daemon processes on %s", self.count,
+                 self.config.spool.path)
+        watchdog = sdnotify.watchdog_interval()
+        codes: dict[int, int] = {}
+        while self._children:
+            waits = {asyncio.ensure_future(c.process.wait()): c
+                     for c in self._children.values()}
+            done, pending = await asyncio.wait(waits, timeout=watchdog,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for waiter in pending:
+                waiter.cancel()
+            sdnotify.notify("WATCHDOG=1")
+            for waiter in done:
+                child = waits[waiter]
+                code = waiter.result()
+                del self._children[child.index]
+                if self._stopping.is_set() and code in (-signal.SIGTERM, -signal.SIGINT):
+                    code = 0  # stopped by the signal we forwarded before it could catch it
+                if self.once or self._stopping.is_set() or code == 0:
+                    codes[child.index] = code  # ended for good: its code counts
+                    continue
+                if not await self._restart(child, code):
+                    codes[child.index] = code
+        sdnotify.notify("STOPPING=1")
+        return 0 if all(code == 0 for code in codes.values()) else 1
+
+    async def _restart(self, child: _Child, code: int) -> bool:
+        """Start a dead daemon again; False if it dies too often (then all stop)."""
+        failures = child.failures + 1 if time.monotonic() - child.started < RESTART_WINDOW \
+            else 0
+        if failures >= RESTART_LIMIT:
+            log.error("daemon %d keeps dying (exit %d); stopping the others", child.index, code)
+            self._stop(signal.SIGTERM)
+            return False
+        log.error("daemon %d exited with %d; restarting it", child.index, code)
+        await asyncio.sleep(RESTART_DELAY)
+        if self._stopping.is_set():
+            return True  # stopping anyway: the restart is moot, not a failure
+        await self._start(child.index, failures)
+        return True
