@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from email.message import Message as EmailMessage
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from mxsend.envelope import Envelope, Message, Recipient, serialise_bsmtp
 from mxsend.spool import Spool
 from tests.fixtures.daemon import DaemonProcess, wait_until, write_config
 from tests.fixtures.dns_server import DnsTestServer
-from tests.fixtures.smtp_receiver import Behaviour, ReceiverGroup
+from tests.fixtures.smtp_receiver import Behaviour, Receiver, ReceiverGroup
 
 pytestmark = pytest.mark.slow
 
@@ -53,22 +54,33 @@ def queued_ids(spool: Path) -> list[str]:
     return sorted(state.id for state, _ in Spool(spool, owner="test-observer").entries())
 
 
+@dataclass
+class World:
+    """The DNS server and the receivers one end-to-end test talks to."""
+
+    dns: DnsTestServer
+    smtp: ReceiverGroup
+
+    def home(self) -> Receiver:
+        """The sender's own domain, src.test -> 127.0.0.4, where DSNs arrive."""
+        self.dns.add_mx("src.test", 10, "mx.src.test")
+        self.dns.add_a("mx.src.test", "127.0.0.4")
+        return self.smtp.start("127.0.0.4")
+
+
 @pytest.fixture
-def world(tmp_path: Path, dns_server: DnsTestServer,
-          smtp_receivers: ReceiverGroup) -> dict[str, object]:
+def world(tmp_path: Path, dns_server: DnsTestServer, smtp_receivers: ReceiverGroup) -> World:
     """Two domains: d1.test -> mx1 (127.0.0.2), d2.test -> mx2 (127.0.0.3)."""
     dns_server.add_mx("d1.test", 10, "mx1.d1.test")
     dns_server.add_a("mx1.d1.test", "127.0.0.2")
     dns_server.add_mx("d2.test", 10, "mx2.d2.test")
     dns_server.add_a("mx2.d2.test", "127.0.0.3")
     dns_server.add_null_mx("nullmx.test")
-    return {"dns": dns_server, "smtp": smtp_receivers}
+    return World(dns_server, smtp_receivers)
 
 
-def _config(tmp_path: Path, world: dict[str, object], **sections: dict[str, object]) -> Path:
-    dns = world["dns"]
-    smtp = world["smtp"]
-    assert isinstance(dns, DnsTestServer) and isinstance(smtp, ReceiverGroup)
+def _config(tmp_path: Path, world: World, **sections: dict[str, object]) -> Path:
+    dns, smtp = world.dns, world.smtp
     base: dict[str, dict[str, object]] = {
         "dns": {"nameservers": [dns.nameserver], "timeout": "2s", "ipv6": False},
         "smtp": {"port": smtp.port, "helo_name": "mxsend.test"},
@@ -78,10 +90,9 @@ def _config(tmp_path: Path, world: dict[str, object], **sections: dict[str, obje
     return write_config(tmp_path, base)
 
 
-def test_once_delivers_and_empties_the_spool(tmp_path: Path, world: dict[str, object],
+def test_once_delivers_and_empties_the_spool(tmp_path: Path, world: World,
                                              daemon: Start) -> None:
-    smtp = world["smtp"]
-    assert isinstance(smtp, ReceiverGroup)
+    smtp = world.smtp
     mx1 = smtp.start("127.0.0.2")
     mx2 = smtp.start("127.0.0.3")
     spool = tmp_path / "spool"
@@ -119,10 +130,9 @@ def _dsn_parts(raw: bytes) -> tuple[EmailMessage, list[EmailMessage]]:
 
 
 def test_daemon_picks_up_a_dropped_file_and_says_ready(
-    tmp_path: Path, world: dict[str, object], daemon: Start
+    tmp_path: Path, world: World, daemon: Start
 ) -> None:
-    smtp = world["smtp"]
-    assert isinstance(smtp, ReceiverGroup)
+    smtp = world.smtp
     mx1 = smtp.start("127.0.0.2")
     spool = tmp_path / "spool"
     notify_path = tmp_path / "notify.sock"
@@ -150,10 +160,9 @@ def test_daemon_picks_up_a_dropped_file_and_says_ready(
 
 
 def test_bad_file_is_quarantined_and_the_good_one_delivered(
-    tmp_path: Path, world: dict[str, object], daemon: Start
+    tmp_path: Path, world: World, daemon: Start
 ) -> None:
-    smtp = world["smtp"]
-    assert isinstance(smtp, ReceiverGroup)
+    smtp = world.smtp
     mx1 = smtp.start("127.0.0.2")
     spool = tmp_path / "spool"
     (spool / "new").mkdir(parents=True)
@@ -168,15 +177,12 @@ def test_bad_file_is_quarantined_and_the_good_one_delivered(
 
 
 def test_permanent_failure_bounces_with_a_dsn_to_the_sender(
-    tmp_path: Path, world: dict[str, object], daemon: Start
+    tmp_path: Path, world: World, daemon: Start
 ) -> None:
-    smtp, dns = world["smtp"], world["dns"]
-    assert isinstance(smtp, ReceiverGroup) and isinstance(dns, DnsTestServer)
-    dns.add_mx("src.test", 10, "mx.src.test")
-    dns.add_a("mx.src.test", "127.0.0.4")
+    smtp = world.smtp
     smtp.start("127.0.0.2", behaviour=Behaviour(rcpt={"nobody@d1.test":
                                                       "550 5.1.1 no such user"}))
-    home = smtp.start("127.0.0.4")
+    home = world.home()
     spool = tmp_path / "spool"
     drop(spool, "m", "alice@src.test", "bob@d1.test", "nobody@d1.test", "x@nullmx.test")
     process = daemon(_config(tmp_path, world), "--once")
@@ -202,10 +208,9 @@ def test_permanent_failure_bounces_with_a_dsn_to_the_sender(
 
 
 def test_temporary_failure_is_retried_on_schedule(
-    tmp_path: Path, world: dict[str, object], daemon: Start
+    tmp_path: Path, world: World, daemon: Start
 ) -> None:
-    smtp = world["smtp"]
-    assert isinstance(smtp, ReceiverGroup)
+    smtp = world.smtp
     mx1 = smtp.start("127.0.0.2", behaviour=Behaviour(mail="451 4.3.0 try later"))
     spool = tmp_path / "spool"
     drop(spool, "r", "alice@src.test", "bob@d1.test")
@@ -220,10 +225,9 @@ def test_temporary_failure_is_retried_on_schedule(
 
 
 def test_force_last_try_and_skip_send_from_the_script(
-    tmp_path: Path, world: dict[str, object], daemon: Start
+    tmp_path: Path, world: World, daemon: Start
 ) -> None:
-    smtp = world["smtp"]
-    assert isinstance(smtp, ReceiverGroup)
+    smtp = world.smtp
     mx1 = smtp.start("127.0.0.2", behaviour=Behaviour(rcpt={"late@d1.test": "451 4.2.1 busy"}))
     hold = tmp_path / "hold"
     hold.write_text("x")
@@ -254,10 +258,9 @@ end
 
 
 def test_priorities_are_taken_highest_first(
-    tmp_path: Path, world: dict[str, object], daemon: Start
+    tmp_path: Path, world: World, daemon: Start
 ) -> None:
-    smtp = world["smtp"]
-    assert isinstance(smtp, ReceiverGroup)
+    smtp = world.smtp
     mx1 = smtp.start("127.0.0.2")
     (tmp_path / "mxout.lua").write_text("""
 function CheckFile(Filename, Actions, Size, CreationTime, Retries, LastTryTime,
@@ -277,14 +280,11 @@ end
 
 
 def test_expired_message_bounces_after_max_age(
-    tmp_path: Path, world: dict[str, object], daemon: Start
+    tmp_path: Path, world: World, daemon: Start
 ) -> None:
-    smtp, dns = world["smtp"], world["dns"]
-    assert isinstance(smtp, ReceiverGroup) and isinstance(dns, DnsTestServer)
-    dns.add_mx("src.test", 10, "mx.src.test")
-    dns.add_a("mx.src.test", "127.0.0.4")
+    smtp = world.smtp
     smtp.start("127.0.0.2", behaviour=Behaviour(rcpt={"*": "452 4.2.2 mailbox full"}))
-    home = smtp.start("127.0.0.4")
+    home = world.home()
     spool = tmp_path / "spool"
     drop(spool, "old", "alice@src.test", "bob@d1.test")
     process = daemon(_config(tmp_path, world, queue={"retry": ["1s"], "max_age": "3s"}))
@@ -299,10 +299,9 @@ def test_expired_message_bounces_after_max_age(
 
 
 def test_sigterm_mid_transaction_keeps_the_message(
-    tmp_path: Path, world: dict[str, object], daemon: Start
+    tmp_path: Path, world: World, daemon: Start
 ) -> None:
-    smtp = world["smtp"]
-    assert isinstance(smtp, ReceiverGroup)
+    smtp = world.smtp
     mx1 = smtp.start("127.0.0.2", behaviour=Behaviour(stall="dataend", stall_seconds=60))
     spool = tmp_path / "spool"
     drop(spool, "slow", "alice@src.test", "bob@d1.test")
@@ -325,10 +324,9 @@ def test_sigterm_mid_transaction_keeps_the_message(
 
 
 def test_two_daemons_on_one_spool_deliver_each_message_once(
-    tmp_path: Path, world: dict[str, object], daemon: Start
+    tmp_path: Path, world: World, daemon: Start
 ) -> None:
-    smtp = world["smtp"]
-    assert isinstance(smtp, ReceiverGroup)
+    smtp = world.smtp
     mx1 = smtp.start("127.0.0.2")
     spool = tmp_path / "spool"
     config = _config(tmp_path, world)
@@ -347,10 +345,9 @@ def test_two_daemons_on_one_spool_deliver_each_message_once(
 
 
 def test_sigkill_and_restart_lose_nothing(
-    tmp_path: Path, world: dict[str, object], daemon: Start
+    tmp_path: Path, world: World, daemon: Start
 ) -> None:
-    smtp = world["smtp"]
-    assert isinstance(smtp, ReceiverGroup)
+    smtp = world.smtp
     # d1 accepts at once; d2 stalls before its final reply, so the kill lands with one
     # domain recorded as sent and the other mid-transaction.
     mx1 = smtp.start("127.0.0.2")
@@ -383,16 +380,13 @@ def test_sigkill_and_restart_lose_nothing(
 
 
 def test_delay_warning_and_relayed_reports(
-    tmp_path: Path, world: dict[str, object], daemon: Start
+    tmp_path: Path, world: World, daemon: Start
 ) -> None:
-    smtp, dns = world["smtp"], world["dns"]
-    assert isinstance(smtp, ReceiverGroup) and isinstance(dns, DnsTestServer)
-    dns.add_mx("src.test", 10, "mx.src.test")
-    dns.add_a("mx.src.test", "127.0.0.4")
+    smtp = world.smtp
     # d1 keeps deferring; d2 takes the message but offers no DSN extension.
     smtp.start("127.0.0.2", behaviour=Behaviour(rcpt={"*": "451 4.4.1 not now"}))
     mx2 = smtp.start("127.0.0.3", behaviour=Behaviour(dsn=False))
-    home = smtp.start("127.0.0.4")
+    home = world.home()
     spool = tmp_path / "spool"
     drop(spool, "slow", "alice@src.test", "bob@d1.test", notify=("DELAY", "FAILURE"))
     drop(spool, "ok", "alice@src.test", "carol@d2.test", notify=("SUCCESS",))
@@ -418,7 +412,7 @@ def test_delay_warning_and_relayed_reports(
 
 
 def test_health_follows_the_daemons_heartbeat(
-    tmp_path: Path, world: dict[str, object], daemon: Start
+    tmp_path: Path, world: World, daemon: Start
 ) -> None:
     config = _config(tmp_path, world)
 
@@ -433,10 +427,9 @@ def test_health_follows_the_daemons_heartbeat(
     assert health() == 1  # a clean exit removes the heartbeat
 
 
-def test_sighup_reloads_the_config(tmp_path: Path, world: dict[str, object],
+def test_sighup_reloads_the_config(tmp_path: Path, world: World,
                                    daemon: Start) -> None:
-    smtp = world["smtp"]
-    assert isinstance(smtp, ReceiverGroup)
+    smtp = world.smtp
     mx1 = smtp.start("127.0.0.2")
     spool = tmp_path / "spool"
     config = _config(tmp_path, world)
@@ -478,10 +471,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_several_processes_share_the_work_once(tmp_path: Path, world: dict[str, object],
+def test_several_processes_share_the_work_once(tmp_path: Path, world: World,
                                                daemon: Start) -> None:
-    smtp = world["smtp"]
-    assert isinstance(smtp, ReceiverGroup)
+    smtp = world.smtp
     mx1 = smtp.start("127.0.0.2")
     spool = tmp_path / "spool"
     names = [f"p{i:03d}" for i in range(60)]
@@ -494,10 +486,9 @@ def test_several_processes_share_the_work_once(tmp_path: Path, world: dict[str, 
     assert queued_ids(spool) == []
 
 
-def test_supervisor_readiness_restart_and_stop(tmp_path: Path, world: dict[str, object],
+def test_supervisor_readiness_restart_and_stop(tmp_path: Path, world: World,
                                                daemon: Start) -> None:
-    smtp = world["smtp"]
-    assert isinstance(smtp, ReceiverGroup)
+    smtp = world.smtp
     mx1 = smtp.start("127.0.0.2")
     spool = tmp_path / "spool"
     notify_path = tmp_path / "notify.sock"
