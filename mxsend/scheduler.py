@@ -79,6 +79,8 @@ INTERRUPTED_RETRY = 0.0
 # One thread does the spool's waiting for the disk: batches make it enough, and more
 # threads cost more in GIL hand-offs than they save (measured, docs/performance.md).
 IO_THREADS = 1
+# `run --once` stops after this many scans in a row fail (a daemon keeps trying).
+SCAN_FAILURES_ONCE = 5
 
 
 class _Committer:
@@ -469,14 +471,29 @@ class Daemon:
     async def _scan_loop(self) -> None:
         ready_signalled = False
         next_rescan = 0.0
+        failures = 0
         while not self._stopping.is_set():
             self._wake.clear()
-            if self._rescan_requested or time.monotonic() >= next_rescan:
-                self._rescan_requested = False
-                await self._rescan()
-                next_rescan = time.monotonic() + self.config.queue.scan_interval
-            accepted = await self._accept_incoming()
-            dispatched = await self._dispatch_due()
+            try:
+                if self._rescan_requested or time.monotonic() >= next_rescan:
+                    self._rescan_requested = False
+                    await self._rescan()
+                    next_rescan = time.monotonic() + self.config.queue.scan_interval
+                accepted = await self._accept_incoming()
+                dispatched = await self._dispatch_due()
+                failures = 0
+            except (MxsendError, OSError) as exc:
+                # The disk said no (EIO, EMFILE, a full disk): nothing is lost, since
+                # every message is still where the spool left it. Keep the daemon up
+                # and try again, a little later each time; --once gives up after a few.
+                failures += 1
+                log.error("scan failed (%d in a row): %s", failures, exc)
+                if self.once and failures >= SCAN_FAILURES_ONCE:
+                    raise
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(),
+                                           min(30.0, 0.5 * 2**failures))
+                continue
             if not ready_signalled:
                 sdnotify.notify_ready()
                 ready_signalled = True

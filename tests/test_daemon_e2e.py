@@ -517,3 +517,23 @@ def test_supervisor_readiness_restart_and_stop(tmp_path: Path, world: World,
         assert process.stop() == 0, process.output()
         assert not any(_alive(pid) for pid in now_children)
     assert queued_ids(spool) == []
+
+
+def test_a_failing_scan_is_logged_and_retried(tmp_path: Path, world: World,
+                                              daemon: Start) -> None:
+    mx1 = world.smtp.start("127.0.0.2")
+    spool = tmp_path / "spool"
+    process = daemon(_config(tmp_path, world))
+    process.wait_event("log", timeout=15)  # started: the spool folders exist
+    # queue/ replaced by a file: every scan of it fails with NotADirectoryError.
+    os.rename(spool / "queue", spool / "queue.saved")
+    (spool / "queue").write_text("not a folder")
+    (spool / "control" / "rescan").write_text("")
+    wait_until(lambda: any("scan failed" in line for line in process.lines), 15,
+               message="the failed scan to be logged")
+    (spool / "queue").unlink()
+    os.rename(spool / "queue.saved", spool / "queue")
+    drop(spool, "after", "alice@src.test", "bob@d1.test")
+    mx1.wait_for(1, timeout=30)
+    assert process.proc.poll() is None  # still running
+    assert process.stop() == 0

@@ -10,7 +10,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mxsend.config import Config
-from mxsend.errors import ConfigError
+from mxsend.errors import ConfigError, SpoolError
 from mxsend.log import setup_logging
 from mxsend.scheduler import run_daemon
 from mxsend.supervisor import CHILD_ENV, Supervisor, share_of
@@ -40,4 +40,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
             raise ConfigError("queue.processes: several processes need a config file")
         return _event_loop_runner()(Supervisor(config, once=args.once).run())
     sys.setswitchinterval(SWITCH_INTERVAL)
-    return _event_loop_runner()(run_daemon(config, once=args.once))
+    try:
+        return _event_loop_runner()(run_daemon(config, once=args.once))
+    except (SpoolError, OSError) as exc:
+        # The spool is unusable (the daemon retried what it could): one clear line.
+        print(f"mxsend: {exc}", file=sys.stderr)
+        return 1
