@@ -417,9 +417,14 @@ def unstuff(block: bytes) -> bytes:
     """Dot-stuffed lines with any line ends -> message bytes with CRLF (RFC 5321 §4.5.2)."""
     if not block:
         return b""
-    # Counting is a C-speed scan; the regex runs only when there is a bare LF to fix.
-    data = _BARE_LF.sub(b"\r\n", block) if block.count(b"\n") != block.count(b"\r\n") \
-        else block
+    # C-speed scans pick the cheap case: all LF (a plain replace), all CRLF (nothing to
+    # do); only a real mix needs the regex.
+    if b"\r" not in block:
+        data = block.replace(b"\n", b"\r\n")
+    elif block.count(b"\n") != block.count(b"\r\n"):
+        data = _BARE_LF.sub(b"\r\n", block)
+    else:
+        data = block
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     # A dot at the start of any line (after any LF) is removed: bytes.replace does in
