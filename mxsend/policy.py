@@ -576,7 +576,7 @@ class Policy:
         self, queue_id: str, params: ServerParameters, header_lines: Sequence[str]
     ) -> ServerActions:
         defaults = self._defaults
-        if not self.has_script:
+        if not self.has_script or self._known_missing(SERVERDETAILS):
             return defaults
         message = (
             "server", self.timeout, params.authsender.encode(), params.originator.encode(),
@@ -868,6 +868,16 @@ class Policy:
         event(SCRIPT_ERROR, queue_id, function=function, error=_status_message(
             function, status, values[1] if len(values) > 1 else None, self.timeout))
         return None
+
+    def _known_missing(self, function: str) -> bool:
+        """The running script version has no such function: no need to ask the worker.
+
+        Many VPOP3 scripts define only CheckFile; their ServerDetails then costs nothing
+        per message. A new version (reload) is asked again.
+        """
+        good = self._good
+        return (good is not None and self._pending is None
+                and (good.version, function) in self._missing_functions)
 
     def _log_prints(self, queue_id: str | None, prints: Sequence[str]) -> None:
         for line in prints:

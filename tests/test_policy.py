@@ -601,3 +601,25 @@ async def test_reconfigure_takes_the_new_helo_default(tmp_path: Path) -> None:
         assert (await policy.server_details("Q", PARAMS, [])).helo_name == "new.example.com"
     finally:
         policy.close()
+
+
+async def test_a_missing_server_details_is_not_asked_again(tmp_path: Path,
+                                                           events: Events) -> None:
+    path = tmp_path / "mxout.lua"
+    path.write_text("function CheckFile(f, a) return a end\n")
+    policy = Policy(make_config(path))
+    try:
+        first = await policy.server_details("Q1", PARAMS, [])
+        assert first == policy.default_server_actions()
+        assert len(events.of("script_error")) == 1  # "no function ServerDetails", once
+        policy._kill_worker()
+        again = await policy.server_details("Q2", PARAMS, [])
+        assert again == first
+        assert policy._worker is None  # answered without starting a worker to ask
+        # A new version of the script is asked again.
+        write_in_place(path, "function ServerDetails(p, h, a) a.HELOname = 'x.test' "
+                             "return a end\n")
+        assert policy.reload()
+        assert (await policy.server_details("Q3", PARAMS, [])).helo_name == "x.test"
+    finally:
+        policy.close()
