@@ -254,7 +254,7 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        self._batv_key = _read_batv_key(self.config)
+        self._batv_key = read_batv_key(self.config)
         self.spool.create_dirs()
         if GroupCommit.available():
             self._commit = GroupCommit(self.config.spool.path)
@@ -325,7 +325,7 @@ class Daemon:
         if config.source is not None:
             try:
                 config = load_config(config.source)
-                batv_key = _read_batv_key(config)
+                batv_key = read_batv_key(config)
             except ConfigError as exc:
                 log.error("SIGHUP: config not reloaded, keeping the running one: %s", exc)
                 config = self.config
@@ -902,7 +902,7 @@ def _rcpt_state(state: MessageState, address: str) -> RecipientState:
     raise KeyError(address)
 
 
-def _read_batv_key(config: Config) -> bytes | None:
+def read_batv_key(config: Config) -> bytes | None:
     """The BATV secret if one is configured; read once at start and on SIGHUP."""
     if config.batv.key_file is None:
         return None

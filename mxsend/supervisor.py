@@ -71,7 +71,8 @@ class Supervisor:
         command = [sys.executable, "-m", "mxsend", "-c", str(Path(source).resolve()), "run"]
         return [*command, "--once"] if self.once else command
 
-    async def _start(self, index: int, failures: int = 0) -> _Child:
+    async def _start(self, index: int, failures: int = 0) -> bool:
+        """Start daemon `index`; True once it reports ready, False if it died first."""
         read_end, write_end = os.pipe()
         env = {k: v for k, v in os.environ.items()
                if k not in (sdnotify.NOTIFY_ENV, sdnotify.WATCHDOG_ENV, "WATCHDOG_PID")}
@@ -82,18 +83,18 @@ class Supervisor:
                 *self._command(), env=env, pass_fds=(write_end,), stdin=asyncio.subprocess.DEVNULL)
         finally:
             os.close(write_end)
-        child = _Child(index, process, time.monotonic(), failures)
-        self._children[index] = child
+        self._children[index] = _Child(index, process, time.monotonic(), failures)
         loop = asyncio.get_running_loop()
         try:
             # One byte when that daemon has scanned the spool; EOF if it died first.
-            await asyncio.wait_for(loop.run_in_executor(None, os.read, read_end, 1),
-                                   READY_TIMEOUT)
+            ready = await asyncio.wait_for(loop.run_in_executor(None, os.read, read_end, 1),
+                                           READY_TIMEOUT)
         except TimeoutError:
             log.warning("daemon %d did not report ready in %.0fs", index, READY_TIMEOUT)
+            return True  # slow, not dead: it is watched like the others from now on
         finally:
             os.close(read_end)
-        return child
+        return ready == b"R"
 
     def _signal_all(self, signum: int) -> None:
         for child in self._children.values():
@@ -109,7 +110,14 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop, signum)
         loop.add_signal_handler(signal.SIGHUP, self._signal_all, signal.SIGHUP)
-        await asyncio.gather(*(self._start(i) for i in range(self.count)))
+        started = await asyncio.gather(*(self._start(i) for i in range(self.count)))
+        if not all(started):
+            # A daemon that cannot even start (its own log line says why) will not do
+            # better restarted: stop the others and fail, as a single daemon would.
+            log.error("a daemon failed to start; stopping")
+            self._stop(signal.SIGTERM)
+            await asyncio.gather(*(c.process.wait() for c in self._children.values()))
+            return 1
         sdnotify.notify("READY=1")
         log.info("mxsend supervisor: %d daemon processes on %s", self.count,
                  self.config.spool.path)
@@ -149,5 +157,6 @@ class Supervisor:
         await asyncio.sleep(RESTART_DELAY)
         if self._stopping.is_set():
             return True  # stopping anyway: the restart is moot, not a failure
-        await self._start(child.index, failures)
+        if not await self._start(child.index, failures):
+            log.error("daemon %d died again while starting", child.index)
         return True

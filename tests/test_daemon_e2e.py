@@ -537,3 +537,14 @@ def test_a_failing_scan_is_logged_and_retried(tmp_path: Path, world: World,
     mx1.wait_for(1, timeout=30)
     assert process.proc.poll() is None  # still running
     assert process.stop() == 0
+
+
+def test_supervisor_fails_when_a_daemon_cannot_start(tmp_path: Path, world: World,
+                                                     daemon: Start) -> None:
+    (tmp_path / "not-a-folder").write_text("x")
+    config = _config(tmp_path, world, queue={"processes": 2},
+                     spool={"path": str(tmp_path / "not-a-folder")})
+    process = daemon(config)
+    assert process.wait(30) == 1, process.output()
+    assert any("failed to start" in line for line in process.lines)
+    assert not _children(process.pid)

@@ -12,7 +12,7 @@ from typing import Any
 from mxsend.config import Config
 from mxsend.errors import ConfigError, SpoolError
 from mxsend.log import setup_logging
-from mxsend.scheduler import run_daemon
+from mxsend.scheduler import read_batv_key, run_daemon
 from mxsend.supervisor import CHILD_ENV, Supervisor, share_of
 
 # The spool's I/O thread makes many short system calls, each followed by taking the
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     elif config.queue.processes > 1:
         if config.source is None:
             raise ConfigError("queue.processes: several processes need a config file")
+        read_batv_key(config)  # a config error is one line from here, not N from them
         return _event_loop_runner()(Supervisor(config, once=args.once).run())
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
