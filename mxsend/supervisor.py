@@ -111,7 +111,7 @@ class Supervisor:
             loop.add_signal_handler(signum, self._stop, signum)
         loop.add_signal_handler(signal.SIGHUP, self._signal_all, signal.SIGHUP)
         started = await asyncio.gather(*(self._start(i) for i in range(self.count)))
-        if not all(started):
+        if not all(started) and not self._stopping.is_set():
             # A daemon that cannot even start (its own log line says why) will not do
             # better restarted: stop the others and fail, as a single daemon would.
             log.error("a daemon failed to start; stopping")
