@@ -797,15 +797,24 @@ class Daemon:
         """Queue the DSNs this attempt owes, then record the state durably.
 
         DSNs go into the spool first: a crash in between repeats a report, it never
-        loses one.
+        loses one. A failure report that cannot be queued (a full disk) leaves its
+        recipients pending, so the bounce and its report are tried again with the
+        message rather than recorded without the report the sender is owed.
         """
         newly_bounced = [
             r for r in state.recipients
             if r.status is RecipientStatus.BOUNCED
             and _status_of(before, r.address) is RecipientStatus.PENDING
         ]
-        await self._queue_dsn(claim.id, message, state, newly_bounced,
-                              bounce.DsnAction.FAILED, now)
+        if not await self._queue_dsn(claim.id, message, state, newly_bounced,
+                                     bounce.DsnAction.FAILED, now):
+            unreported = {r.address for r in newly_bounced}
+            state = dataclasses.replace(state, recipients=tuple(
+                dataclasses.replace(r, status=RecipientStatus.PENDING)
+                if r.address in unreported else r
+                for r in state.recipients
+            ))
+        # A relayed recipient was accepted: it is never sent again, report or not.
         await self._queue_dsn(claim.id, message, state,
                               [_rcpt_state(state, o.address) for o in relayed],
                               bounce.DsnAction.RELAYED, now)
@@ -835,7 +844,9 @@ class Daemon:
         due = [r for r in state.pending() if not r.delay_notified]
         if not due:
             return state
-        await self._queue_dsn(queue_id, message, state, due, bounce.DsnAction.DELAYED, now)
+        if not await self._queue_dsn(queue_id, message, state, due,
+                                     bounce.DsnAction.DELAYED, now):
+            return state  # not notified: tried again at the next attempt
         notified = {r.address for r in due}
         return dataclasses.replace(state, recipients=tuple(
             dataclasses.replace(r, delay_notified=True) if r.address in notified else r
@@ -850,7 +861,8 @@ class Daemon:
         recipients: Sequence[RecipientState],
         action: bounce.DsnAction,
         now: float,
-    ) -> None:
+    ) -> bool:
+        """Queue the report these recipients are owed; False if it could not be."""
         envelope_rcpts = {r.address: r for r in message.envelope.recipients}
         reported = []
         for rcpt in recipients:
@@ -867,25 +879,31 @@ class Daemon:
                 # bounce.py's own diagnostic type, so every report says why.
                 diagnostic=rcpt.response or None,
                 last_attempt=rcpt.last_attempt or None,
-                will_retry_until=(state.created + self.config.queue.max_age
+                will_retry_until=(schedule.expires_at(state.created, self.config.queue.max_age)
                                   if action is bounce.DsnAction.DELAYED else None),
             ))
         if not reported:
-            return
-        dsn = bounce.build_dsn(
-            original=message, queue_id=queue_id, recipients=reported,
-            reporting_mta=self.reporting_mta, arrival=state.created, now=now,
-            message_id_domain=self.reporting_mta,
-        )
-        if dsn is None:
-            return
+            return True
         try:
+            dsn = bounce.build_dsn(
+                original=message, queue_id=queue_id, recipients=reported,
+                reporting_mta=self.reporting_mta, arrival=state.created, now=now,
+                message_id_domain=self.reporting_mta,
+            )
+            if dsn is None:
+                return True  # nobody to report to (the null sender)
             bounce_id = await self._committer.run(self.spool.enqueue_steps(serialise_bsmtp(dsn)))
         except MxsendError as exc:
             log.error("could not queue the %s report for %s: %s", action, queue_id, exc)
-            return
+            return False
+        except Exception:
+            # A bug in building the report must not turn into a failed attempt: the
+            # recipients already sent would then be sent again.
+            log.exception("could not build the %s report for %s", action, queue_id)
+            return False
         event("bounce", queue_id, bounce_id=bounce_id, recipients=[r.address for r in reported])
         self._wake.set()
+        return True
 
 
 def _status_of(state: MessageState, address: str) -> RecipientStatus | None:

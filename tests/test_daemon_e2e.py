@@ -548,3 +548,30 @@ def test_supervisor_fails_when_a_daemon_cannot_start(tmp_path: Path, world: Worl
     assert process.wait(30) == 1, process.output()
     assert any("failed to start" in line for line in process.lines)
     assert not _children(process.pid)
+
+
+def test_a_report_that_cannot_be_queued_is_tried_again(tmp_path: Path, world: World,
+                                                       daemon: Start) -> None:
+    world.smtp.start("127.0.0.2", behaviour=Behaviour(
+        rcpt={"nobody@d1.test": "550 5.1.1 no such user"}))
+    home = world.home()
+    spool = tmp_path / "spool"
+    process = daemon(_config(tmp_path, world, queue={"retry": ["1s"]}))
+    process.wait_event("log", timeout=15)  # started
+    # tmp/ stops being a folder, so no report can be written; the message comes in
+    # through another folder of the same file system.
+    os.rename(spool / "tmp", spool / "tmp.saved")
+    (spool / "tmp").write_text("not a folder")
+    raw = serialise_bsmtp(Message(Envelope("alice@src.test", (Recipient("nobody@d1.test"),)),
+                                  _body("m")))
+    (spool / "tmp.saved" / "m").write_bytes(raw)
+    os.rename(spool / "tmp.saved" / "m", spool / "new" / "m")
+    wait_until(lambda: any("could not queue the failed report" in line
+                           for line in process.lines), 15, message=process.output)
+    assert queued_ids(spool) == ["m"]  # the bounce was not recorded without its report
+    (spool / "tmp").unlink()
+    os.rename(spool / "tmp.saved", spool / "tmp")
+    home.wait_for(1, timeout=30)
+    wait_until(lambda: queued_ids(spool) == [], 15, message="the message to be done")
+    assert len(home.messages) == 1
+    assert process.stop() == 0
