@@ -423,12 +423,9 @@ async def test_missing_function_is_reported_once(script: Any, events: Events) ->
     assert len(events.of("script_error")) == 1
 
 
-async def test_stuck_c_call_kills_the_worker_not_the_daemon(tmp_path: Path,
-                                                           events: Events) -> None:
-    # A Lua pattern with many nested lazy repetitions backtracks exponentially inside
-    # one C call (str_find_aux): the count hook never runs, so only killing helps.
-    path = tmp_path / "mxout.lua"
-    path.write_text("""
+# A Lua pattern with many nested lazy repetitions backtracks exponentially inside one C
+# call (str_find_aux): the count hook never runs, so only killing the worker helps.
+HANGS_ON_SUBJECT = """
 function CheckFile(f, a, size, c, r, l, rp, rcpts, hd)
   if hd.subject == "hang" then
     string.find(string.rep("a", 60), string.rep("a-", 30) .. "b")
@@ -436,7 +433,13 @@ function CheckFile(f, a, size, c, r, l, rp, rcpts, hd)
   a.Priority = 77
   return a
 end
-""")
+"""
+
+
+async def test_stuck_c_call_kills_the_worker_not_the_daemon(tmp_path: Path,
+                                                           events: Events) -> None:
+    path = tmp_path / "mxout.lua"
+    path.write_text(HANGS_ON_SUBJECT)
     policy = Policy(make_config(path, timeout=0.2))
     try:
         started = time.monotonic()
@@ -482,15 +485,7 @@ end
 async def test_a_stuck_call_in_a_batch_spares_the_calls_before_it(tmp_path: Path,
                                                                   events: Events) -> None:
     path = tmp_path / "mxout.lua"
-    path.write_text("""
-function CheckFile(f, a, size, c, r, l, rp, rcpts, hd)
-  if hd.subject == "hang" then
-    string.find(string.rep("a", 60), string.rep("a-", 30) .. "b")
-  end
-  a.Priority = 77
-  return a
-end
-""")
+    path.write_text(HANGS_ON_SUBJECT)
     policy = Policy(make_config(path, timeout=0.2))
     try:
         batch = [request(queue_id="ok1"), request(queue_id="stuck",
