@@ -11,13 +11,16 @@ timeouts.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import aiosmtplib
 from aiosmtplib.errors import (
@@ -35,9 +38,12 @@ from mxsend.errors import DeliveryError, EnvelopeError, PermanentFailure, Phase,
 from mxsend.outcome import Reply, parse_reply
 from mxsend.tls import CertificateCheckFailed, check_certificate, client_context
 
-# RFC 5321 §4.5.3.1.5 says 512 octets per reply line; aiosmtplib already caps a line at
-# 8 KiB and a whole reply at 32 KiB, which bounds memory; we cap the text we keep.
+# RFC 5321 §4.5.3.1.5 says 512 octets per reply line. A hostile server gets more room
+# than that but not unbounded memory: a line may be 8 KiB, the unread replies 32 KiB
+# (aiosmtplib's bounds for the handshake, which it reads), and we keep 4 KiB of text.
 MAX_REPLY_TEXT = 4096
+MAX_REPLY_LINE = 8192
+MAX_REPLY_BUFFER = 32768
 # Data is written in blocks so that the §4.5.3.2.5 data-block timeout means something:
 # each block must drain into the socket within `datablock` seconds.
 DATA_BLOCK = 256 * 1024
@@ -104,9 +110,13 @@ def needs_smtputf8(envelope: Envelope, return_path: str, recipients: Sequence[Re
     )
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x1f\x7f\s]")
+
+
 def check_wire_text(value: str, what: str, *, spaces: bool = True) -> str:
     """Nothing with CR, LF or other controls reaches a command line (style §10)."""
-    if any(ord(c) < 32 or ord(c) == 127 or (c.isspace() and not spaces) for c in value):
+    if (_CONTROL if spaces else _CONTROL_OR_SPACE).search(value):
         raise TemporaryFailure(
             f"{what} contains a control character: {value!r}", dsn="4.3.5", phase=Phase.MAIL,
         )
@@ -266,6 +276,153 @@ def _phase(phase: Phase, host: str) -> Iterator[None]:
         raise _translate(exc, phase, host) from exc
 
 
+# --- the session after the handshake ---------------------------------------------------
+
+
+class _Wire(asyncio.Protocol):
+    """The transport's protocol once the handshake is over: commands out, replies in order.
+
+    aiosmtplib reads one reply per command written and drops what arrives unasked, so it
+    cannot pipeline (RFC 2920). After the greeting, EHLO and STARTTLS, which it does
+    well, the session's transport is handed to this protocol: replies are parsed as
+    they arrive and queued, and a reader takes them in the order the commands went
+    out. Failures surface as the built-in exceptions `_translate` already maps:
+    ConnectionResetError (lost), TimeoutError, ValueError (a malformed reply).
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._buffer = bytearray()
+        self._replies: deque[tuple[int, str]] = deque()
+        self._expected = 0  # replies owed for commands written and not yet answered
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: Exception | None = None
+        self._drained: asyncio.Future[None] | None = None  # set while writing is paused
+        transport.set_protocol(self)
+
+    @property
+    def alive(self) -> bool:
+        return self._error is None and not self._transport.is_closing()
+
+    def write(self, data: bytes, replies: int) -> None:
+        """Send `data`, which asks for `replies` replies."""
+        if not self.alive:
+            raise self._error or ConnectionResetError("connection lost")
+        self._expected += replies
+        self._transport.write(data)
+
+    async def read(self, seconds: float) -> tuple[int, str]:
+        """The next reply, in the order the commands were written."""
+        if not self._replies and self._error is None:
+            waiter = self._loop.create_future()
+            self._waiter = waiter
+            timer = self._loop.call_later(seconds, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        if self._replies:
+            return self._replies.popleft()
+        raise self._error or ConnectionResetError("connection lost")
+
+    async def drain(self, seconds: float) -> None:
+        """Wait while the transport is above its high-water mark (a big message)."""
+        if self._drained is not None:
+            await asyncio.wait_for(asyncio.shield(self._drained), seconds)
+
+    def close(self) -> None:
+        self._fail(ConnectionResetError("connection closed"))
+        self._transport.close()
+
+    # asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while True:
+            try:
+                reply = _take_reply(buffer)
+            except ValueError as exc:
+                self._fail(exc)
+                self._transport.abort()
+                return
+            if reply is None:
+                break
+            if self._expected == 0:
+                # Unasked (say, a 421 before an idle timeout, RFC 5321 §4.2.1): the
+                # server is leaving; the session is not reused.
+                self._fail(ConnectionResetError(f"unsolicited reply: {reply[0]} {reply[1]}"))
+                self._transport.close()
+                return
+            self._expected -= 1
+            self._replies.append(reply)
+        if len(buffer) > MAX_REPLY_BUFFER:
+            self._fail(ValueError("reply too long"))
+            self._transport.abort()
+            return
+        if self._replies and self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def eof_received(self) -> bool:
+        self._fail(ConnectionResetError("connection closed by the server"))
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionResetError(f"connection lost: {exc}") if exc
+                   else ConnectionResetError("connection lost"))
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._drained is None or self._drained.done():
+            self._drained = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._drained = None
+
+    def _fail(self, error: Exception) -> None:
+        if self._error is None:
+            self._error = error
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("timed out waiting for a reply"))
+
+
+def _take_reply(buffer: bytearray) -> tuple[int, str] | None:
+    """Take one complete reply off the front of `buffer` (RFC 5321 §4.2.1); None if
+    it has not all arrived. Multi-line text is joined with newlines, as aiosmtplib does."""
+    start = 0
+    code = b""
+    lines: list[bytes] = []
+    while True:
+        end = buffer.find(b"\n", start)
+        if end < 0:
+            if len(buffer) - start > MAX_REPLY_LINE:
+                raise ValueError("reply line too long")
+            return None
+        if end - start >= MAX_REPLY_LINE:
+            raise ValueError("reply line too long")
+        line = bytes(buffer[start:end + 1])
+        code = line[:3]
+        if not code.isdigit():
+            text = line.decode("utf-8", "replace").strip()
+            raise ValueError(f"malformed reply line: {text!r}")
+        lines.append(line[4:].strip(b" \t\r\n"))
+        start = end + 1
+        if line[3:4] != b"-":
+            break
+    del buffer[:start]
+    return int(code), b"\n".join(lines).decode("utf-8", "surrogateescape")
+
+
 # --- the connection ----------------------------------------------------------------------
 
 
@@ -281,7 +438,15 @@ class SmtpConnection:
         tls_version: str | None,
         connid: int,
     ) -> None:
-        self._client = client
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance here.
+        transport = cast(asyncio.Transport | None, client.transport)
+        if transport is None or transport.is_closing():
+            raise TemporaryFailure("connection lost (ehlo)", dsn="4.4.2", phase=Phase.EHLO,
+                                   host=destination.name)
+        self.extensions: dict[str, str] = dict(client.esmtp_extensions)
+        # From here on the session is ours (see _Wire); aiosmtplib's part is done.
+        self._wire = _Wire(transport)
+        self.pipelining = "pipelining" in self.extensions
         self.destination = destination
         self.actions = actions
         self.tls_version = tls_version
@@ -290,12 +455,8 @@ class SmtpConnection:
         self.last_used = time.monotonic()
 
     @property
-    def extensions(self) -> dict[str, str]:
-        return self._client.esmtp_extensions
-
-    @property
     def alive(self) -> bool:
-        return self._client.is_connected
+        return self._wire.alive
 
     @classmethod
     async def open(
@@ -329,19 +490,21 @@ class SmtpConnection:
                     "TLS required but not attempted", dsn="4.7.4", phase=Phase.STARTTLS,
                     host=host,
                 )
+            return cls(client, destination, actions, tls_version=tls_version, connid=connid)
         except BaseException:
             client.close()
             sock.close()
             raise
-        return cls(client, destination, actions, tls_version=tls_version, connid=connid)
 
     async def send(self, tx: Transaction) -> TransactionResult:
-        """MAIL, RCPT per recipient, DATA. Raises DeliveryError when the whole transaction
-        failed before any RCPT was answered (MAIL refused, SIZE, SMTPUTF8, lost)."""
+        """MAIL, RCPT per recipient, DATA; pipelined (RFC 2920) when the server offers it.
+
+        Raises DeliveryError when the whole transaction failed before any RCPT was
+        answered (MAIL refused, SIZE, SMTPUTF8, lost).
+        """
         self.last_used = time.monotonic()
         self.transactions += 1
         host = self.destination.name
-        timeouts = self.actions.timeouts
         extensions = self.extensions
         limit = advertised_size(extensions)
         if limit is not None and len(tx.data) > limit:
@@ -359,25 +522,83 @@ class SmtpConnection:
         allow_dsn = self.actions.allow_dsn
         encoding = "utf-8" if utf8 else "ascii"
         params = mail_params(tx, extensions, allow_dsn=allow_dsn, smtputf8=utf8)
-        mail = await self._command(
-            Phase.MAIL, timeouts.mail,
-            b"MAIL", f"FROM:<{tx.return_path}>".encode(encoding),
-            *(p.encode("ascii") for p in params),
-        )
-        if not mail.positive:
-            raise failure_from_reply(mail, Phase.MAIL, host)
+        mail = _command_line(f"MAIL FROM:<{tx.return_path}>", params, encoding)
+        rcpts: list[bytes] = []
+        unsendable: DeliveryError | None = None
+        for recipient in tx.recipients:
+            try:
+                check_wire_text(recipient.address, "recipient")
+            except DeliveryError as exc:
+                unsendable = exc  # the recipients before it are still asked
+                break
+            rparams = rcpt_params(recipient, extensions, allow_dsn=allow_dsn)
+            rcpts.append(_command_line(f"TO:<{recipient.address}>", rparams, encoding,
+                                       verb="RCPT "))
+        if not rcpts and unsendable is not None:
+            raise unsendable
+        if self.pipelining:
+            return await self._pipelined(tx, mail, rcpts, unsendable)
+        return await self._lockstep(tx, mail, rcpts, unsendable)
 
+    async def _pipelined(self, tx: Transaction, mail: bytes, rcpts: list[bytes],
+                         unsendable: DeliveryError | None) -> TransactionResult:
+        """RFC 2920 §3.1: MAIL, every RCPT and DATA in one write, then every reply, in
+        order; DATA goes only when all the recipients are sendable."""
+        host = self.destination.name
+        timeouts = self.actions.timeouts
+        with_data = unsendable is None
+        group = [mail, *rcpts, b"DATA\r\n"] if with_data else [mail, *rcpts]
+        with _phase(Phase.MAIL, host):
+            self._wire.write(b"".join(group), len(group))
+        first = await self._reply(Phase.MAIL, timeouts.mail)
         replies: list[tuple[str, Reply]] = []
         accepted = 0
         try:
-            for recipient in tx.recipients:
-                check_wire_text(recipient.address, "recipient")
-                rparams = rcpt_params(recipient, extensions, allow_dsn=allow_dsn)
-                reply = await self._command(
-                    Phase.RCPT, timeouts.rcpt,
-                    b"RCPT", f"TO:<{recipient.address}>".encode(encoding),
-                    *(p.encode("ascii") for p in rparams),
-                )
+            for recipient in tx.recipients[:len(rcpts)]:
+                reply = await self._reply(Phase.RCPT, timeouts.rcpt)
+                replies.append((recipient.address, reply))
+                if reply.positive:
+                    accepted += 1
+                if reply.code == 421:
+                    # RFC 5321 §3.8: the server is closing; nothing more will come.
+                    self.close()
+                    if not first.positive:
+                        raise failure_from_reply(first, Phase.MAIL, host)
+                    return self._result(replies, failure_from_reply(reply, Phase.RCPT, host),
+                                        Phase.RCPT, tx)
+            start = await self._reply(Phase.DATA, timeouts.data) if with_data else None
+        except DeliveryError as exc:
+            if not first.positive:
+                raise failure_from_reply(first, Phase.MAIL, host) from None
+            if not replies:
+                raise
+            return self._result(replies, exc, exc.phase or Phase.RCPT, tx)
+        if start is not None and start.code == 354 and not (first.positive and accepted):
+            # RFC 2920 §3.1: DATA was accepted although nothing can be sent; a lone dot
+            # ends the empty transaction (its reply does not matter).
+            await self._abandon_data()
+        if not first.positive:
+            raise failure_from_reply(first, Phase.MAIL, host)
+        if unsendable is not None:
+            return self._result(replies, unsendable, Phase.RCPT, tx)
+        if not accepted:
+            return self._result(replies, None, Phase.RCPT, tx)
+        assert start is not None
+        return await self._after_data(tx, replies, start)
+
+    async def _lockstep(self, tx: Transaction, mail: bytes, rcpts: list[bytes],
+                        unsendable: DeliveryError | None) -> TransactionResult:
+        """Without PIPELINING: each command waits for the reply to the one before."""
+        host = self.destination.name
+        timeouts = self.actions.timeouts
+        first = await self._command(Phase.MAIL, timeouts.mail, mail)
+        if not first.positive:
+            raise failure_from_reply(first, Phase.MAIL, host)
+        replies: list[tuple[str, Reply]] = []
+        accepted = 0
+        try:
+            for recipient, line in zip(tx.recipients, rcpts, strict=False):
+                reply = await self._command(Phase.RCPT, timeouts.rcpt, line)
                 replies.append((recipient.address, reply))
                 if reply.positive:
                     accepted += 1
@@ -389,22 +610,38 @@ class SmtpConnection:
             if not replies:
                 raise
             return self._result(replies, exc, exc.phase or Phase.RCPT, tx)
+        if unsendable is not None:
+            return self._result(replies, unsendable, Phase.RCPT, tx)
         if not accepted:
             return self._result(replies, None, Phase.RCPT, tx)
         try:
-            start = await self._command(Phase.DATA, timeouts.data, b"DATA")
-            if start.code != 354:
-                if start.positive:
-                    start = Reply(start.code, start.message, None)
-                    error = TemporaryFailure(f"unexpected reply to DATA: {start}",
-                                             code=start.code, dsn="4.5.0", phase=Phase.DATA,
-                                             host=host)
-                    return self._result(replies, error, Phase.DATA, tx)
-                return self._result(replies, start, Phase.DATA, tx)
+            start = await self._command(Phase.DATA, timeouts.data, b"DATA\r\n")
+        except DeliveryError as exc:
+            return self._result(replies, exc, exc.phase or Phase.DATA, tx)
+        return await self._after_data(tx, replies, start)
+
+    async def _after_data(self, tx: Transaction, replies: list[tuple[str, Reply]],
+                          start: Reply) -> TransactionResult:
+        """The reply to DATA is in: send the message if it was 354."""
+        if start.code != 354:
+            if start.positive:
+                start = Reply(start.code, start.message, None)
+                error = TemporaryFailure(f"unexpected reply to DATA: {start}",
+                                         code=start.code, dsn="4.5.0", phase=Phase.DATA,
+                                         host=self.destination.name)
+                return self._result(replies, error, Phase.DATA, tx)
+            return self._result(replies, start, Phase.DATA, tx)
+        try:
             final = await self._send_data(tx.data)
         except DeliveryError as exc:
             return self._result(replies, exc, exc.phase or Phase.DATA, tx)
         return self._result(replies, final, Phase.DATAEND, tx)
+
+    async def _abandon_data(self) -> None:
+        try:
+            await self._command(Phase.DATAEND, self.actions.timeouts.dataend, b".\r\n")
+        except DeliveryError:
+            self.close()
 
     def _result(
         self, replies: list[tuple[str, Reply]], final: Reply | DeliveryError | None,
@@ -423,48 +660,43 @@ class SmtpConnection:
             eight_bit_unadvertised=eight_bit,
         )
 
-    async def _command(self, phase: Phase, seconds: float, *args: bytes) -> Reply:
+    async def _command(self, phase: Phase, seconds: float, line: bytes) -> Reply:
         with _phase(phase, self.destination.name):
-            response = await self._client.execute_command(*args, timeout=seconds)
-        return parse_reply(response.code, response.message[:MAX_REPLY_TEXT])
+            self._wire.write(line, 1)
+        return await self._reply(phase, seconds)
+
+    async def _reply(self, phase: Phase, seconds: float) -> Reply:
+        try:
+            with _phase(phase, self.destination.name):
+                code, text = await self._wire.read(seconds)
+        except DeliveryError:
+            # Out of step with the server (a reply late or missing): never reused.
+            self.close()
+            raise
+        return parse_reply(code, text[:MAX_REPLY_TEXT])
 
     async def _send_data(self, data: bytes) -> Reply:
         """The message, dot-stuffed (RFC 5321 §4.5.2), then `.`, then the final reply.
 
-        aiosmtplib's data() would also turn a lone CR into CRLF and copy the message
-        twice; the spool already gives CRLF lines, so the bytes go out as they are.
+        The spool already gives CRLF lines, so the bytes go out as they are.
         """
-        protocol = self._client.protocol
-        host = self.destination.name
         timeouts = self.actions.timeouts
-        if protocol is None:
-            raise TemporaryFailure("connection lost (data)", dsn="4.4.2", phase=Phase.DATA,
-                                   host=host)
         payload = dot_stuff(data) + b".\r\n"
-        blocks = [payload[i : i + DATA_BLOCK] for i in range(0, len(payload), DATA_BLOCK)]
-        try:
-            with _phase(Phase.DATA, host):
-                for block in blocks[:-1]:
-                    protocol.write(block)
-                    # FlowControlMixin (stdlib's drain, copied into aiosmtplib): waits only
-                    # while the transport is above its high-water mark.
-                    await asyncio.wait_for(protocol._drain_helper(), timeouts.datablock)
-            with _phase(Phase.DATAEND, host):
-                # No await between the last write and read_response: the reply cannot
-                # arrive unseen (aiosmtplib drops data nobody is waiting for).
-                protocol.write(blocks[-1])
-                response = await protocol.read_response(timeout=timeouts.dataend)
-        except DeliveryError:
-            self._client.close()
-            raise
-        return parse_reply(response.code, response.message[:MAX_REPLY_TEXT])
+        offsets = range(0, len(payload), DATA_BLOCK)
+        with _phase(Phase.DATA, self.destination.name):
+            for offset in offsets[:-1]:
+                self._wire.write(payload[offset:offset + DATA_BLOCK], 0)
+                # Each block must drain within the data-block timeout (§4.5.3.2.5).
+                await self._wire.drain(timeouts.datablock)
+            self._wire.write(payload[offsets[-1]:], 1)
+        return await self._reply(Phase.DATAEND, timeouts.dataend)
 
     async def reset(self) -> bool:
         """RSET (RFC 5321 §4.1.1.5) before reuse; False if the session is not usable."""
         if not self.alive:
             return False
         try:
-            reply = await self._command(Phase.MAIL, self.actions.timeouts.mail, b"RSET")
+            reply = await self._command(Phase.MAIL, self.actions.timeouts.mail, b"RSET\r\n")
         except DeliveryError:
             self.close()
             return False
@@ -477,12 +709,17 @@ class SmtpConnection:
     async def quit(self) -> None:
         """QUIT politely (RFC 5321 §4.1.1.10), never waiting long."""
         if self.alive:
-            with suppress(SMTPException, OSError, ValueError, TimeoutError):
-                await self._client.execute_command(b"QUIT", timeout=5.0)
+            with suppress(DeliveryError):
+                await self._command(Phase.MAIL, 5.0, b"QUIT\r\n")
         self.close()
 
     def close(self) -> None:
-        self._client.close()
+        self._wire.close()
+
+
+def _command_line(text: str, params: Sequence[str], encoding: str, verb: str = "") -> bytes:
+    """One command line; `text` was checked by check_wire_text, params are ours."""
+    return (verb + " ".join([text, *params]) + "\r\n").encode(encoding)
 
 
 async def _connect_socket(destination: Destination, source: str, seconds: float) -> socket.socket:

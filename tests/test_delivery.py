@@ -379,12 +379,25 @@ async def test_rcpt_replies_decide_per_recipient(smtp_receivers, make):
 
 
 async def test_all_recipients_refused_sends_no_data(smtp_receivers, make):
+    # Without PIPELINING the client learns first and never says DATA.
+    server = smtp_receivers.start("127.0.0.2", behaviour=Behaviour(
+        rcpt={"*": "550 5.7.1 relaying denied"}, pipelining=False))
+    deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2")]})
+    outcomes = await deliver(deliverer, message("a@example.org", "b@example.org"))
+    assert {o.status for o in outcomes} == {DeliveryStatus.BOUNCED}
+    assert "DATA" not in commands(server)
+
+
+async def test_all_recipients_refused_pipelined_sends_no_message(smtp_receivers, make):
+    # RFC 2920 §3.1: DATA went with the group; the server refuses it for want of
+    # recipients, and not a byte of the message follows.
     server = smtp_receivers.start("127.0.0.2", behaviour=Behaviour(
         rcpt={"*": "550 5.7.1 relaying denied"}))
     deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2")]})
     outcomes = await deliver(deliverer, message("a@example.org", "b@example.org"))
     assert {o.status for o in outcomes} == {DeliveryStatus.BOUNCED}
-    assert "DATA" not in commands(server)
+    assert commands(server)[:5] == ["EHLO", "MAIL", "RCPT", "RCPT", "DATA"]
+    assert all(t.data is None for s in server.sessions for t in s.transactions)
 
 
 @pytest.mark.parametrize(("behaviour", "status", "phase"), [
