@@ -32,6 +32,7 @@ import logging
 import signal
 import socket
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -136,6 +137,21 @@ class _Job:
     actions: FileActions = field(compare=False)
 
 
+def own_share_first(names: Sequence[str], index: int, count: int) -> list[str]:
+    """`names` with daemon `index` of `count`'s share first, each part in order.
+
+    Daemons sharing a spool all list new/ and race to rename each file; in the same
+    order they would collide on nearly every one. Taking its own share (by a hash all
+    agree on) first, each finds its files free, and the others' shares afterwards are
+    the work-stealing that covers a daemon that is slow or gone.
+    """
+    if count <= 1:
+        return list(names)
+    mine = [name for name in names if zlib.crc32(name.encode()) % count == index]
+    others = [name for name in names if zlib.crc32(name.encode()) % count != index]
+    return mine + others
+
+
 def group_by_domain(
     recipients: Iterable[Recipient], pending: set[str]
 ) -> dict[str, list[Recipient]]:
@@ -217,9 +233,11 @@ class Daemon:
     stay on the event loop.
     """
 
-    def __init__(self, config: Config, *, once: bool = False) -> None:
+    def __init__(self, config: Config, *, once: bool = False,
+                 position: tuple[int, int] = (0, 1)) -> None:
         self.config = config
         self.once = once
+        self.position = position  # daemon i of n on this spool (queue.processes)
         self.spool = Spool(config.spool.path, keep_sent=config.spool.keep_sent,
                            max_message_size=config.spool.max_message_size)
         self.policy: Policy | None = None
@@ -537,7 +555,8 @@ class Daemon:
         """Accept a window's worth of new/ at a time, so delivery starts at once."""
         if not self._backlog and self._new_arrived:
             self._new_arrived = False
-            self._backlog.extend(await self._spool_io(self.spool.incoming))
+            incoming = await self._spool_io(self.spool.incoming)
+            self._backlog.extend(own_share_first(incoming, *self.position))
         names = [self._backlog.popleft() for _ in range(min(len(self._backlog), self._room()))]
         if not names:
             return 0
@@ -927,5 +946,6 @@ def read_batv_key(config: Config) -> bytes | None:
     return batv.load_key(config.batv.key_file)
 
 
-async def run_daemon(config: Config, *, once: bool = False) -> int:
-    return await Daemon(config, once=once).run()
+async def run_daemon(config: Config, *, once: bool = False,
+                     position: tuple[int, int] = (0, 1)) -> int:
+    return await Daemon(config, once=once, position=position).run()

@@ -35,10 +35,17 @@ RESTART_WINDOW = 60.0
 RESTART_LIMIT = 5
 
 
+def child_position(child: str) -> tuple[int, int]:
+    """(i, n) from `CHILD_ENV`'s "i/n"; (0, 1) for anything malformed."""
+    index, _, total = child.partition("/")
+    if not (index.isdigit() and total.isdigit() and 0 <= int(index) < int(total)):
+        return 0, 1
+    return int(index), int(total)
+
+
 def share_of(config: Config, child: str) -> Config:
     """The config of daemon i of n: an equal share (rounded up) of the smtp limits."""
-    _, _, total = child.partition("/")
-    n = int(total) if total.isdigit() and int(total) > 0 else 1
+    _, n = child_position(child)
     smtp = config.smtp
     return replace(config, smtp=replace(
         smtp,

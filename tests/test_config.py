@@ -207,3 +207,11 @@ def test_processes_share_out_the_connection_limits() -> None:
     share = share_of(config, "1/3")
     assert share.smtp.max_connections == 34 and share.smtp.max_connections_per_domain == 4
     assert share_of(config, "0/1").smtp == config.smtp
+
+
+def test_child_position_reads_i_of_n() -> None:
+    from mxsend.supervisor import child_position
+
+    assert child_position("1/3") == (1, 3)
+    for malformed in ("", "3/3", "-1/2", "a/b", "2"):
+        assert child_position(malformed) == (0, 1)

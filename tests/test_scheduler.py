@@ -6,7 +6,7 @@ from mxsend import schedule
 from mxsend.envelope import Recipient
 from mxsend.errors import Phase
 from mxsend.outcome import DeliveryStatus, RecipientOutcome
-from mxsend.scheduler import apply_outcomes, give_up, group_by_domain
+from mxsend.scheduler import apply_outcomes, give_up, group_by_domain, own_share_first
 from mxsend.spool import MessageState, RecipientState, RecipientStatus
 
 
@@ -84,3 +84,23 @@ def test_give_up_forced_without_a_reply() -> None:
     final = give_up(_state("p@d.test"), schedule.GiveUp.FORCED, now=10.0)
     assert final.recipients[0].dsn == "4.0.0"
     assert "ForceLastTry" in final.recipients[0].response
+
+
+
+def _split(order: list[str]) -> tuple[list[str], list[str]]:
+    """A list made of two sorted runs -> the runs."""
+    cut = next(i for i in range(1, len(order)) if order[i] < order[i - 1])
+    return order[:cut], order[cut:]
+
+
+def test_own_share_first_splits_new_without_overlap_and_keeps_order() -> None:
+    names = [f"Q{n:05d}" for n in range(1000)]
+    assert own_share_first(names, 0, 1) == names
+    mine0, rest0 = _split(own_share_first(names, 0, 2))
+    mine1, rest1 = _split(own_share_first(names, 1, 2))
+    # Each daemon starts on its own share; the two shares are disjoint and cover all.
+    assert mine0 == rest1 and mine1 == rest0
+    assert sorted(mine0 + mine1) == names
+    assert 350 < len(mine0) < 650
+    # Oldest first within each share.
+    assert mine0 == sorted(mine0) and mine1 == sorted(mine1)

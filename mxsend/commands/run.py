@@ -13,7 +13,7 @@ from mxsend.config import Config
 from mxsend.errors import ConfigError, SpoolError
 from mxsend.log import setup_logging
 from mxsend.scheduler import read_batv_key, run_daemon
-from mxsend.supervisor import CHILD_ENV, Supervisor, share_of
+from mxsend.supervisor import CHILD_ENV, Supervisor, child_position, share_of
 
 # The spool's I/O thread makes many short system calls, each followed by taking the
 # GIL back from the event loop; at CPython's default 5 ms switch interval it queued
@@ -33,8 +33,10 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
 def run(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.log.format, config.log.level)
     child = os.environ.get(CHILD_ENV)
+    position = (0, 1)
     if child:
         config = share_of(config, child)
+        position = child_position(child)
     elif config.queue.processes > 1:
         if config.source is None:
             raise ConfigError("queue.processes: several processes need a config file")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         return _event_loop_runner()(Supervisor(config, once=args.once).run())
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
-        return _event_loop_runner()(run_daemon(config, once=args.once))
+        return _event_loop_runner()(run_daemon(config, once=args.once, position=position))
     except (SpoolError, OSError) as exc:
         # The spool is unusable (the daemon retried what it could): one clear line.
         print(f"mxsend: {exc}", file=sys.stderr)
