@@ -709,12 +709,23 @@ class Daemon:
         durable = job.state
         try:
             while running:
-                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                if len(running) == 1:
+                    # The common case, one domain: no wait() machinery for one task. Its
+                    # exception is _collect's to report; a cancellation of ours reaches
+                    # it through this await and the handler below.
+                    with contextlib.suppress(Exception):
+                        await next(iter(running))
+                    done, running = running, set()
+                else:
+                    done, running = await asyncio.wait(running,
+                                                       return_when=asyncio.FIRST_COMPLETED)
                 finished = self._collect(claim.id, done, state.attempts)
                 outcomes += finished
+                if not running:
+                    break  # the record at the end covers everything
                 sent = [o for o in finished if o.status is DeliveryStatus.SENT]
-                durable = apply_outcomes(durable, sent, time.time())
-                if running and sent:
+                if sent:
+                    durable = apply_outcomes(durable, sent, time.time())
                     # Other domains are still in flight, maybe for minutes: what this one
                     # accepted is made durable now, so a crash cannot send it twice
                     # (contract §1: the duplicate window is only reply-to-record).
