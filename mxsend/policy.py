@@ -58,6 +58,8 @@ SCRIPT_ERROR = "script_error"
 CHECKFILE = "CheckFile"
 SERVERDETAILS = "ServerDetails"
 LOAD = "load"
+# Distinct ServerDetails answers remembered, already read back into ServerActions.
+RESULT_CACHE_SIZE = 1024
 
 
 # --- values ----------------------------------------------------------------------------
@@ -519,6 +521,9 @@ class Policy:
         self.timeout = config.script.timeout
         self.hard_timeout = config.script.timeout + max(MIN_GRACE, config.script.timeout)
         self._defaults = ServerActions(helo_name=config.smtp.helo_name or socket.getfqdn())
+        self._defaults_lua: tuple[ServerActions, tuple[object, ...]] | None = None
+        self._server_results: dict[tuple[ServerActions, tuple[object, ...]],
+                                   tuple[ServerActions, list[Fault]]] = {}
         self._good: _Script | None = None  # the version the worker runs
         self._pending: _Script | None = None  # compiled, not yet run in a worker
         self._version = 0
@@ -583,11 +588,34 @@ class Policy:
             params.server.encode(), params.domain.encode(), params.length, params.connid,
             params.connection.encode(),
             "\r\n".join(header_lines).encode("utf-8", errors="surrogateescape"),
-            server_actions_to_lua(defaults),
+            self._defaults_to_lua(defaults),
         )
         values = await self._call(SERVERDETAILS, queue_id, message)
         if values is None:
             return defaults
+        # A script answers the same few Actions over and over (per server, per size
+        # class): reading them back field by field each time was most of this call's
+        # cost. The faults are logged per call all the same, as each call is its own.
+        key = (defaults, values)
+        try:
+            actions, faults = self._server_results[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable value, read it afresh
+            actions, faults = self._read_server_details(values, defaults)
+            if len(self._server_results) >= RESULT_CACHE_SIZE:
+                self._server_results.clear()
+            with contextlib.suppress(TypeError):
+                self._server_results[key] = (actions, faults)
+        self._log_faults(SERVERDETAILS, queue_id, faults)
+        return actions
+
+    def _defaults_to_lua(self, defaults: ServerActions) -> tuple[object, ...]:
+        if self._defaults_lua is None or self._defaults_lua[0] is not defaults:
+            self._defaults_lua = (defaults, server_actions_to_lua(defaults))
+        return self._defaults_lua[1]
+
+    @staticmethod
+    def _read_server_details(values: tuple[object, ...], defaults: ServerActions
+                             ) -> tuple[ServerActions, list[Fault]]:
         names = [lua for _, lua, _ in SERVER_FIELDS]
         fields = _pairs(values[2 : 2 + 2 * len(names)], names)
         timeout_kind = text_value(values[1])
@@ -598,9 +626,7 @@ class Policy:
             timeouts = None
         else:
             timeouts = Opaque(timeout_kind)
-        actions, faults = server_actions_from_lua(fields, timeouts, defaults)
-        self._log_faults(SERVERDETAILS, queue_id, faults)
-        return actions
+        return server_actions_from_lua(fields, timeouts, defaults)
 
     def reconfigure(self, config: Config) -> None:
         """SIGHUP with the same script path: new timeouts and defaults, then reload().

@@ -330,6 +330,18 @@ async def test_server_details_results(script: Any, events: Events, lua: str,
     assert bool(events.of("script_error")) == fault
 
 
+async def test_repeated_server_details_answers_are_read_once_faults_logged_each_time(
+        script: Any, events: Events) -> None:
+    policy = script(SERVER_SET % "Actions.timeouts.rcpt = -1; Actions.tryTLS = 0")
+    first = await policy.server_details("Q1", PARAMS, ["Subject: hi"])
+    second = await policy.server_details("Q2", PARAMS, ["Subject: hi"])
+    assert first == server(try_tls=False) and second is first  # remembered, not re-read
+    assert [e["id"] for e in events.of("script_error")] == ["Q1", "Q2"]
+    # A different answer is its own.
+    policy = script(SERVER_SET % "Actions.tryTLS = 1")
+    assert (await policy.server_details("Q3", PARAMS, [])).try_tls is True
+
+
 async def test_vpop3_example_verbatim(script: Any) -> None:
     # From VPOP3's documentation of mxout.lua, unchanged.
     policy = script("""function ServerDetails(params, headers, actions)
