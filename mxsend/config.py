@@ -181,6 +181,36 @@ def _int_range(low: int, high: int) -> Callable[[object, str], int]:
     return convert
 
 
+# `processes = "auto"`: one daemon per usable core, at most this many. Each daemon is
+# an interpreter and a Lua worker (~55 MB), and the connection limits are split among
+# them, so past a few the memory grows faster than the throughput.
+AUTO_PROCESSES_MAX = 4
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on: its affinity, and a cgroup v2 quota (containers)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as handle:
+            quota, _, period = handle.read().strip().partition(" ")
+        if quota != "max" and quota.isdigit() and period.isdigit() and int(period) > 0:
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except OSError:
+        pass
+    return max(1, cpus)
+
+
+def _processes(value: object, key: str) -> int:
+    if isinstance(value, str) and value.lower() == "auto":
+        return min(usable_cpus(), AUTO_PROCESSES_MAX)
+    if isinstance(value, str):
+        raise ConfigError(f'{key}: expected a whole number or "auto", got {value!r}')
+    return _int_range(1, 64)(value, key)
+
+
 def _choice(*choices: str) -> Callable[[object, str], str]:
     def convert(value: object, key: str) -> str:
         if not isinstance(value, str) or value.lower() not in choices:
@@ -367,7 +397,7 @@ def config_from_mapping(
         max_age=s.get("max_age", defaults.queue.max_age, _positive_duration),
         delay_warning=s.get("delay_warning", defaults.queue.delay_warning, parse_duration),
         shutdown_grace=s.get("shutdown_grace", defaults.queue.shutdown_grace, parse_duration),
-        processes=s.get("processes", defaults.queue.processes, _int_range(1, 64)),
+        processes=s.get("processes", defaults.queue.processes, _processes),
     )
     s.finish()
 

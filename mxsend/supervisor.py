@@ -11,7 +11,6 @@ and exits when they have all exited.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import signal
 import sys
@@ -43,14 +42,21 @@ def child_position(child: str) -> tuple[int, int]:
     return int(index), int(total)
 
 
+def share(total: int, index: int, count: int) -> int:
+    """Daemon `index` of `count`'s part of a limit: the parts add up to `total` exactly
+    (the first `total % count` get one more), and none is below 1 (a daemon with no
+    connection could deliver nothing, so more daemons than the limit exceed it)."""
+    return max(1, total // count + (1 if index < total % count else 0))
+
+
 def share_of(config: Config, child: str) -> Config:
-    """The config of daemon i of n: an equal share (rounded up) of the smtp limits."""
-    _, n = child_position(child)
+    """The config of daemon i of n: its share of the smtp connection limits."""
+    index, n = child_position(child)
     smtp = config.smtp
     return replace(config, smtp=replace(
         smtp,
-        max_connections=math.ceil(smtp.max_connections / n),
-        max_connections_per_domain=math.ceil(smtp.max_connections_per_domain / n),
+        max_connections=share(smtp.max_connections, index, n),
+        max_connections_per_domain=share(smtp.max_connections_per_domain, index, n),
     ))
 
 

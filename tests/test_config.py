@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import FrozenInstanceError
 from pathlib import Path
 from typing import Any
@@ -204,9 +205,28 @@ def test_processes_share_out_the_connection_limits() -> None:
                                   "smtp": {"max_connections": 100,
                                            "max_connections_per_domain": 10}})
     assert config.queue.processes == 3
-    share = share_of(config, "1/3")
-    assert share.smtp.max_connections == 34 and share.smtp.max_connections_per_domain == 4
+    shares = [share_of(config, f"{i}/3").smtp for i in range(3)]
+    # Exactly the configured limits between them, never more.
+    assert [s.max_connections for s in shares] == [34, 33, 33]
+    assert [s.max_connections_per_domain for s in shares] == [4, 3, 3]
     assert share_of(config, "0/1").smtp == config.smtp
+
+
+def test_a_limit_smaller_than_the_processes_still_gives_each_one() -> None:
+    from mxsend.supervisor import share
+
+    assert [share(2, i, 4) for i in range(4)] == [1, 1, 1, 1]
+    assert sum(share(10, i, 4) for i in range(4)) == 10
+
+
+def test_processes_auto_is_the_usable_cores_within_bounds(monkeypatch) -> None:
+    assert 1 <= config_module.usable_cpus() <= (os.cpu_count() or 1)
+    for cores, expected in ((1, 1), (2, 2), (64, config_module.AUTO_PROCESSES_MAX)):
+        monkeypatch.setattr(config_module, "usable_cpus", lambda cores=cores: cores)
+        config = config_from_mapping({"queue": {"processes": "auto"}})
+        assert config.queue.processes == expected
+    with pytest.raises(ConfigError, match=r"queue\.processes"):
+        config_from_mapping({"queue": {"processes": "many"}})
 
 
 def test_child_position_reads_i_of_n() -> None:
