@@ -27,6 +27,7 @@ import re
 import secrets
 import socket
 import stat
+import sys
 import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
@@ -51,6 +52,7 @@ DIRS = ("tmp", "new", "incoming", "bad", "msg", "queue", "active", "owners", "se
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 T = TypeVar("T")
 _OWNER_SAFE = re.compile(r"[^A-Za-z0-9.\-]")
+_PRINTABLE_NO_SPACE = re.compile(r"[!-~]*")  # code points 33 to 126
 _TAKEN = "~"  # active/<owner>~<token>: a directory taken over from a dead owner
 
 
@@ -147,7 +149,7 @@ def id_problem(name: str) -> str | None:
         return f"file name longer than {MAX_ID_LENGTH} characters"
     if "/" in name or "\0" in name:
         return "file name contains '/' or NUL"
-    if not all(33 <= ord(c) <= 126 for c in name):
+    if not _PRINTABLE_NO_SPACE.fullmatch(name):
         # Ids appear in logs, on command lines and in Lua: printable ASCII, no spaces.
         return "file name has spaces, control or non-ASCII characters"
     return None
@@ -189,9 +191,13 @@ def state_to_json(state: MessageState) -> bytes:
             for r in state.recipients
         ],
     }
-    # Compact on purpose: with `indent` the json module falls back to its pure-Python
-    # encoder, which was an eighth of the daemon's CPU (`mxsend queue show` pretty-prints).
-    return (json.dumps(doc, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    return (_STATE_ENCODER.encode(doc) + "\n").encode()
+
+
+# Compact on purpose: with `indent` the json module falls back to its pure-Python
+# encoder, which was an eighth of the daemon's CPU (`mxsend queue show` pretty-prints).
+# One encoder for all: json.dumps with options builds a new one per call.
+_STATE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def state_from_json(raw: bytes) -> MessageState:
@@ -268,6 +274,17 @@ class Spool:
             raise ValueError(f"owner must be letters, digits, '.' and '-': {owner!r}")
         self.owner = owner or default_owner()
         self._registered = False
+        # The hot operations join plain strings: pathlib's `/` and str() were ~5% of the
+        # daemon's CPU. Each is the str of the Path the method of that name returns.
+        root_str = os.fspath(self.root)
+        self._new, self._msg, self._queue, self._bad, self._sent = (
+            os.path.join(root_str, name) for name in ("new", "msg", "queue", "bad", "sent"))
+        self._inbox = os.path.join(root_str, "incoming", self.owner)
+        self._active = os.path.join(root_str, "active", self.owner)
+        # Whether we made (or found) incoming/<owner> and active/<owner>: after that an
+        # operation does not mkdir them again, but makes them anew if a rename into one
+        # finds it gone (a recoverer took it, or retire() removed it).
+        self._have_inbox = self._have_active = False
 
     # -- paths
 
@@ -316,6 +333,7 @@ class Spool:
 
     def retire(self) -> None:
         """Remove our heartbeat on a clean exit: anything we still hold is recovered at once."""
+        self._have_inbox = self._have_active = False
         for directory in (self._active_dir(), self._incoming_dir()):
             with contextlib.suppress(OSError):
                 os.rmdir(directory)  # only if empty: a leftover claim stays for recovery
@@ -323,12 +341,33 @@ class Spool:
             os.unlink(self.root / "owners" / self.owner)
         self._registered = False
 
-    def _register(self, directory: Path) -> None:
+    def _register(self, directory: str | Path) -> None:
         # The heartbeat must exist before our first private directory does, or a
         # recoverer could see the directory without a live owner and take it.
         if not self._registered:
             self.heartbeat()
         os.makedirs(directory, exist_ok=True)
+
+    def _rename_into_own(self, source: str, directory: str, name: str, fresh: bool) -> bool:
+        """rename(source, directory/name) into our incoming/ or active/ directory; False
+        if `source` is not there (someone else took it).
+
+        Unless `fresh` (just made by _register), the directory is only assumed to be
+        there: if the rename finds it gone, it is made again and the rename retried.
+        """
+        try:
+            os.rename(source, f"{directory}/{name}")
+            return True
+        except FileNotFoundError:
+            if fresh:
+                return False
+        # The source or our directory is missing: which one, only a new try can tell.
+        self._register(directory)
+        try:
+            os.rename(source, f"{directory}/{name}")
+        except FileNotFoundError:
+            return False
+        return True
 
     # -- acceptance from new/
 
@@ -351,26 +390,27 @@ class Spool:
         """accept() as steps, for run_batch."""
         if "/" in name or name in ("", ".", "..") or name.startswith("."):
             return None
-        inbox = self._incoming_dir()
+        inbox = self._inbox
         try:
-            self._register(inbox)
-            held = inbox / name
-            try:
-                # The claim: exactly one process's rename succeeds (contract §1).
-                os.rename(self.root / "new" / name, held)
-            except FileNotFoundError:
+            fresh = not self._have_inbox
+            if fresh:
+                self._register(inbox)
+                self._have_inbox = True
+            # The claim: exactly one process's rename succeeds (contract §1).
+            if not self._rename_into_own(f"{self._new}/{name}", inbox, name, fresh):
                 return None
+            held = f"{inbox}/{name}"
             try:
                 return (yield from self._accept_held(name, held, now))
             except OSError:
                 # Hand it back rather than keep it in our incoming/ until we die.
                 with contextlib.suppress(OSError):
-                    _move_noreplace(held, self.root / "new", _free_name(self.root / "new", name))
+                    _move_noreplace(held, self._new, _free_name(self._new, name))
                 raise
         except OSError as exc:
             raise SpoolError(f"cannot accept {name}: {exc}") from exc
 
-    def _accept_held(self, name: str, held: Path, now: float
+    def _accept_held(self, name: str, held: str, now: float
                      ) -> Steps[Accepted | Quarantined]:
         problem = id_problem(name)
         if problem:
@@ -386,45 +426,47 @@ class Spool:
                 name, held, f"file of {size} bytes exceeds spool.max_message_size"
             ))
         fd = os.open(held, os.O_RDONLY | os.O_NOFOLLOW)
-        with open(fd, "rb") as handle:
-            raw = handle.read(self.max_message_size + 1)
+        try:
+            raw = _read_fd(fd, self.max_message_size + 1, size)
+        finally:
+            os.close(fd)
         try:
             message = parse_bsmtp(raw)
         except EnvelopeError as exc:
             return (yield from self._quarantine(name, held, str(exc)))
         state = initial_state(name, message, now, _stamp(info))
-        inbox = held.parent
-        pending_state = inbox / f".{name}.state"
+        inbox = os.path.dirname(held)
+        pending_state = f"{inbox}/.{name}.state"
         # 1. The state, private to us until published.
         yield from _write_atomic_steps(pending_state, state_to_json(state), state.next_try)
         # 2. Reserve the id: link() fails if msg/NAME exists, atomically, so two
         #    processes accepting two files of one name cannot both win.
         try:
-            os.link(held, self.root / "msg" / name, follow_symlinks=False)
+            os.link(held, f"{self._msg}/{name}", follow_symlinks=False)
         except FileExistsError:
             os.unlink(pending_state)
             return (yield from self._quarantine(name, held, "queue id in use"))
-        yield _Sync(directory=self.root / "msg")
+        yield _Sync(directory=self._msg)
         # 3. Publish: from this rename on the message is queued and claimable.
-        os.rename(pending_state, self.root / "queue" / name)
-        yield _Sync(directory=self.root / "queue")
+        os.rename(pending_state, f"{self._queue}/{name}")
+        yield _Sync(directory=self._queue)
         # 4. Drop our second name of the file.
         os.unlink(held)
         yield _Sync(directory=inbox)
         return Accepted(id=name, state=state, message=message)
 
-    def _quarantine(self, name: str, held: Path, reason: str) -> Steps[Quarantined]:
+    def _quarantine(self, name: str, held: str, reason: str) -> Steps[Quarantined]:
         reason = " ".join(reason.split())  # one line, whatever the parser said
-        bad = self.root / "bad"
+        bad = self._bad
         target = _free_name(bad, name, reasons=True)
         # The reason first: a crash before the file's move leaves the file in incoming/,
         # which recovery returns to new/ and this runs again, overwriting the reason.
-        yield from _write_atomic_steps(bad / f"{target}.reason", (reason + "\n").encode())
+        yield from _write_atomic_steps(f"{bad}/{target}.reason", (reason + "\n").encode())
         moved = _move_noreplace(held, bad, target)
         if moved != target:  # someone took the name meanwhile
-            yield from _write_atomic_steps(bad / f"{moved}.reason", (reason + "\n").encode())
+            yield from _write_atomic_steps(f"{bad}/{moved}.reason", (reason + "\n").encode())
         yield _Sync(directory=bad)
-        yield _Sync(directory=held.parent)
+        yield _Sync(directory=os.path.dirname(held))
         return Quarantined(id=name, reason=reason)
 
     # -- scheduling
@@ -453,24 +495,23 @@ class Spool:
 
     def claim(self, id: str) -> Claim | None:
         """Move queue/ID into active/<owner>/; None if it is not there (someone else has it)."""
-        active = self._active_dir()
+        active = self._active
         try:
-            self._register(active)
-            path = active / _checked(id)
-            try:
-                os.rename(self.root / "queue" / id, path)
-            except FileNotFoundError:
+            fresh = not self._have_active
+            if fresh:
+                self._register(active)
+                self._have_active = True
+            if not self._rename_into_own(f"{self._queue}/{id}", active, _checked(id), fresh):
                 return None
         except OSError as exc:
             raise SpoolError(f"cannot claim {id}: {exc}") from exc
         # No directory fsync: if a power loss undoes the claim, the message is simply
         # queued again, which is the state recovery would have restored anyway.
-        return Claim(id=id, path=path, owner=self.owner)
+        return Claim(id=id, path=Path(f"{active}/{id}"), owner=self.owner)
 
     def read(self, claim: Claim) -> MessageState:
         try:
-            with open(claim.path, "rb") as handle:
-                return state_from_json(handle.read())
+            return state_from_json(_read_file(os.fspath(claim.path)))
         except FileNotFoundError:
             raise SpoolError(f"{claim.id}: claim lost (presumed dead and recovered)") from None
         except OSError as exc:
@@ -478,10 +519,9 @@ class Spool:
 
     def load_message(self, id: str) -> Message:
         """Parse msg/ID; SpoolError if it is gone, EnvelopeError if it no longer parses."""
-        path = self.message_path(id)
+        path = f"{self._msg}/{_checked(id)}"
         try:
-            with open(path, "rb") as handle:
-                raw = handle.read()
+            raw = _read_file(path, sized=True)
         except OSError as exc:
             raise SpoolError(f"{id}: cannot read message: {exc}") from exc
         return parse_bsmtp(raw)
@@ -501,10 +541,11 @@ class Spool:
     def release_steps(self, claim: Claim, state: MessageState) -> Steps[None]:
         """release() as steps, for run_batch."""
         yield from self._write_claimed(claim, state)
+        path = os.fspath(claim.path)
         try:
-            os.rename(claim.path, self.root / "queue" / claim.id)
-            yield _Sync(directory=self.root / "queue")
-            yield _Sync(directory=claim.path.parent)
+            os.rename(path, f"{self._queue}/{claim.id}")
+            yield _Sync(directory=self._queue)
+            yield _Sync(directory=os.path.dirname(path))
         except FileNotFoundError:
             raise SpoolError(f"{claim.id}: claim lost (presumed dead and recovered)") from None
         except OSError as exc:
@@ -521,11 +562,12 @@ class Spool:
         # No final state is written: the message file goes first, and a claimed state
         # without its message is what recovery reads as an interrupted removal and
         # drops (as for delete()). That saves a write and two barriers per message.
-        if not os.path.exists(claim.path):
+        path = os.fspath(claim.path)
+        if not os.path.exists(path):
             # Presumed dead and recovered: the message is someone else's now.
             raise SpoolError(f"{claim.id}: claim lost (presumed dead and recovered)")
         try:
-            yield from self._finish(claim.id, claim.path)
+            yield from self._finish(claim.id, path)
         except OSError as exc:
             raise SpoolError(f"{claim.id}: cannot complete: {exc}") from exc
 
@@ -544,32 +586,33 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"{claim.id}: cannot delete: {exc}") from exc
 
-    def _finish(self, id: str, state_path: Path) -> Steps[None]:
-        message = self.message_path(id)
+    def _finish(self, id: str, state_path: str | Path) -> Steps[None]:
+        message = f"{self._msg}/{_checked(id)}"
         if self.keep_sent:
             moved = True
             try:
-                _move_noreplace(message, self.root / "sent", _free_name(self.root / "sent", id))
+                _move_noreplace(message, self._sent, _free_name(self._sent, id))
             except FileNotFoundError:
                 moved = False
             if moved:
-                yield _Sync(directory=self.root / "sent")
+                yield _Sync(directory=self._sent)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(message)
-        yield _Sync(directory=self.root / "msg")
+        yield _Sync(directory=self._msg)
         os.unlink(state_path)
-        yield _Sync(directory=state_path.parent)
+        yield _Sync(directory=os.path.dirname(state_path))
 
     def _write_claimed(self, claim: Claim, state: MessageState) -> Steps[None]:
         if state.id != claim.id:
             raise SpoolError(f"state of {state.id} written to the claim of {claim.id}")
         # A process presumed dead has had its directory taken away: refuse rather than
         # resurrect a claim someone else now holds (a new rename would recreate it).
-        if not os.path.exists(claim.path):
+        path = os.fspath(claim.path)
+        if not os.path.exists(path):
             raise SpoolError(f"{claim.id}: claim lost (presumed dead and recovered)")
         try:
-            yield from _write_atomic_steps(claim.path, state_to_json(state), state.next_try)
+            yield from _write_atomic_steps(path, state_to_json(state), state.next_try)
         except FileNotFoundError:
             raise SpoolError(f"{claim.id}: claim lost (presumed dead and recovered)") from None
         except OSError as exc:
@@ -905,6 +948,37 @@ def _mtime(entry: os.DirEntry[str]) -> float:
         return -1.0  # vanished while we looked
 
 
+def _read_fd(fd: int, limit: int, expected: int) -> bytes:
+    """Up to `limit` bytes from `fd`, to its end; `expected` is the size it probably has.
+
+    os.read directly: a file object would cost an fstat, an ioctl and an lseek per
+    file, and read(limit) would allocate the whole limit (50 MiB) for every message.
+    Reads go on until one returns nothing, as a file object's would: a short read alone
+    does not prove the end.
+    """
+    chunks: list[bytes] = []
+    total = 0
+    ask = min(limit, expected + 1)
+    while total < limit:
+        chunk = os.read(fd, ask)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        ask = min(limit - total, max(total, 65536))
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _read_file(path: str, *, sized: bool = False) -> bytes:
+    """The whole file; `sized`: ask fstat first (a file that may be large)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        expected = os.fstat(fd).st_size if sized else 16384
+        return _read_fd(fd, sys.maxsize, expected)
+    finally:
+        os.close(fd)
+
+
 def _read_state(path: Path) -> MessageState | None:
     try:
         with open(path, "rb") as handle:
@@ -958,7 +1032,7 @@ class _Sync:
     """A barrier: what an operation did before it must be durable before it goes on."""
 
     fd: int | None = None  # a file's data (fsync of the file)
-    directory: Path | None = None  # a directory's entries (fsync of the directory)
+    directory: str | Path | None = None  # a directory's entries (fsync of the directory)
 
     def apply(self, durable: Durability) -> None:
         if self.fd is not None:
@@ -989,7 +1063,8 @@ def _drive(steps: Steps[T], durable: Durability) -> T:
         return result
 
 
-def _write_file_steps(path: Path, data: bytes, mtime: float | None = None) -> Steps[None]:
+def _write_file_steps(path: str | Path, data: bytes, mtime: float | None = None
+                      ) -> Steps[None]:
     """Create `path` exclusively, write, set mtime, make it durable (before any rename)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -1004,9 +1079,12 @@ def _write_file_steps(path: Path, data: bytes, mtime: float | None = None) -> St
         os.close(fd)
 
 
-def _write_atomic_steps(path: Path, data: bytes, mtime: float | None = None) -> Steps[None]:
+def _write_atomic_steps(path: str | Path, data: bytes, mtime: float | None = None
+                        ) -> Steps[None]:
     """Replace `path` with `data` so a reader sees the old or the new file, never a mix."""
-    temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    directory, name = os.path.split(path)
+    directory = directory or os.curdir
+    temp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
     try:
         yield from _write_file_steps(temp, data, mtime)
         os.rename(temp, path)
@@ -1014,7 +1092,7 @@ def _write_atomic_steps(path: Path, data: bytes, mtime: float | None = None) -> 
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-    yield _Sync(directory=path.parent)
+    yield _Sync(directory=directory)
 
 
 def _write_file(path: Path, data: bytes, mtime: float | None = None,
@@ -1027,7 +1105,7 @@ def _write_atomic(path: Path, data: bytes, mtime: float | None = None,
     _drive(_write_atomic_steps(path, data, mtime), durable or FSYNC)
 
 
-def _fsync_dir(directory: Path) -> None:
+def _fsync_dir(directory: str | Path) -> None:
     """A rename is durable only once its directory is (POSIX leaves it to fsync)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -1044,7 +1122,7 @@ class Durability:
     def file(self, fd: int) -> None:
         os.fsync(fd)
 
-    def directory(self, directory: Path) -> None:
+    def directory(self, directory: str | Path) -> None:
         _fsync_dir(directory)
 
 
@@ -1079,7 +1157,7 @@ class GroupCommit(Durability):
     def file(self, fd: int) -> None:
         self.barrier()
 
-    def directory(self, directory: Path) -> None:
+    def directory(self, directory: str | Path) -> None:
         self.barrier()
 
     def barrier(self) -> None:
@@ -1145,7 +1223,7 @@ def _same_file(a: Path, b: Path) -> bool:
     return stat.S_ISREG(sa.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def _free_name(directory: Path, name: str, *, reasons: bool = False) -> str:
+def _free_name(directory: str | Path, name: str, *, reasons: bool = False) -> str:
     """`name`, or `name-<token>` if a file of that name is in `directory`.
 
     In bad/ (`reasons`), a data file's name never ends in ".reason", so every such file
@@ -1153,12 +1231,13 @@ def _free_name(directory: Path, name: str, *, reasons: bool = False) -> str:
     died half-way, and is overwritten when the file comes back.
     """
     candidate = name
-    while (reasons and candidate.endswith(".reason")) or os.path.lexists(directory / candidate):
+    while (reasons and candidate.endswith(".reason")) or os.path.lexists(
+            os.path.join(directory, candidate)):
         candidate = f"{name}-{secrets.token_hex(3)}"
     return candidate
 
 
-def _move_noreplace(source: Path, directory: Path, name: str) -> str:
+def _move_noreplace(source: str | Path, directory: str | Path, name: str) -> str:
     """Move `source` to directory/name, or a free variant of it; return the name used.
 
     rename() would silently replace a file that is there; link() fails instead, so a
@@ -1167,11 +1246,11 @@ def _move_noreplace(source: Path, directory: Path, name: str) -> str:
     """
     if stat.S_ISDIR(os.lstat(source).st_mode):
         name = _free_name(directory, name)
-        os.rename(source, directory / name)
+        os.rename(source, os.path.join(directory, name))
         return name
     while True:
         try:
-            os.link(source, directory / name, follow_symlinks=False)
+            os.link(source, os.path.join(directory, name), follow_symlinks=False)
             break
         except FileExistsError:
             name = _free_name(directory, f"{name}-{secrets.token_hex(3)}", reasons=True)
