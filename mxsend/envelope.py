@@ -37,13 +37,14 @@ NOTIFY_NEVER = "NEVER"
 NOTIFY_KEYWORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
-_DOT_STRING = re.compile(rf"^{_ATEXT}+(?:\.{_ATEXT}+)*$")
+_DOT_STRING = re.compile(rf"^{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
 # qtextSMTP / quoted-pairSMTP, RFC 5321 §4.1.2 (and RFC 6531 §3.3 for UTF-8).
-_QUOTED_STRING = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"$')
+_QUOTED_STRING = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]'
+                            r'|\\[\x20-\x7e])*"\Z')
 _LABEL = re.compile(r"^[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*"
-                    r"[A-Za-z0-9\u0080-\U0010ffff])?$")
-_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
-_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*$")
+                    r"[A-Za-z0-9\u0080-\U0010ffff])?\Z")
+_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
+_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*\Z")
 _COMMAND = re.compile(rb"^(MAIL\s+FROM|RCPT\s+TO)\s*:\s*(.*)$", re.IGNORECASE | re.DOTALL)
 _LINE_END = re.compile(rb"\r?\n")
 # An LF not after a CR. Written with the LF first, so that the regex engine jumps from

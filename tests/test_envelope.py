@@ -22,6 +22,7 @@ from mxsend.envelope import (
     serialise_bsmtp,
     split_header,
     unstuff,
+    validate_mailbox,
     xtext_decode,
     xtext_encode,
 )
@@ -313,3 +314,16 @@ def test_paths_of_any_text(text: str) -> None:
         except EnvelopeError:
             continue
         assert parse_path(f"<{address}>", allow_null=True, utf8=utf8) == address
+
+
+@pytest.mark.parametrize("text", ["a@b.example\n", '"q"@b.example\n', "a\n@b.example"])
+def test_a_newline_never_passes_as_part_of_an_address(text: str) -> None:
+    # `$` in a pattern also matches before a final newline; the checks must not.
+    with pytest.raises(EnvelopeError):
+        validate_mailbox(text, utf8=True)
+
+
+def test_xtext_and_keyword_stop_at_a_trailing_newline() -> None:
+    with pytest.raises(EnvelopeError):
+        parse_bsmtp(b"MAIL FROM:<a@b.example> AUTH=<x+0A@b.example>\n\r\n"
+                    b"RCPT TO:<c@d.example>\r\nDATA\r\nhi\r\n.\r\n")
