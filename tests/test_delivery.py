@@ -753,6 +753,25 @@ async def test_idle_connections_are_closed_after_a_while(smtp_receivers, make):
     assert deliverer.pool.open_count == 0
 
 
+async def test_the_idle_sweep_closes_only_sessions_idle_long_enough(smtp_receivers, make):
+    smtp_receivers.start("127.0.0.2")
+    smtp_receivers.start("127.0.0.3")
+    deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2")],
+                      "example.net": [mx("mx1.example.net", "127.0.0.3")]})
+    await deliver(deliverer, message("a@example.org"))
+    await deliver(deliverer, message("a@example.net"), domain="example.net")
+    pool = deliverer.pool
+    assert pool.open_count == 2 and pool._sweeper is not None
+    stale = next(e for entries in pool._idle.values() for e in entries
+                 if e.domain == "example.org")
+    stale.idle_since -= pool.idle_seconds + 1  # as if given back long ago
+    pool._sweep()
+    assert pool.open_count == 1
+    assert [e.domain for entries in pool._idle.values() for e in entries] == ["example.net"]
+    assert pool._sweeper is not None  # and it comes back for the other one
+    await pool.close()
+
+
 async def test_ipv6_failure_falls_back_to_ipv4(smtp_receivers, make):
     server = smtp_receivers.start("127.0.0.3")  # nothing listens on [::1] at this port
     deliverer = make({"example.org": [mx("mx1.example.org", "::1", "127.0.0.3")]})
