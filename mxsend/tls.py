@@ -16,9 +16,6 @@ import ssl
 from functools import lru_cache
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
-
 
 class CertificateCheckFailed(Exception):
     """A certificate did not pass checkCertName or checkCertThumbprint."""
@@ -45,6 +42,10 @@ def client_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
 
 def certificate_names(der: bytes) -> list[str]:
     """The subject CNs and the DNS subjectAltNames of a DER certificate, lower-cased."""
+    # Imported on first use: only checkCertName needs it, and it is ~6 MB per daemon.
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     cert = x509.load_der_x509_certificate(der)
     names = [
         str(attr.value).lower()

@@ -9,10 +9,10 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from mxsend import batv
 from mxsend.config import Config
 from mxsend.errors import ConfigError, SpoolError
 from mxsend.log import setup_logging
-from mxsend.scheduler import read_batv_key, run_daemon
 from mxsend.supervisor import CHILD_ENV, Supervisor, child_position, share_of
 
 # The spool's I/O thread makes many short system calls, each followed by taking the
@@ -40,8 +40,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
     elif config.queue.processes > 1:
         if config.source is None:
             raise ConfigError("queue.processes: several processes need a config file")
-        read_batv_key(config)  # a config error is one line from here, not N from them
+        if config.batv.key_file is not None:
+            # A config error is one line from here, not one from every daemon.
+            batv.load_key(config.batv.key_file)
         return _event_loop_runner()(Supervisor(config, once=args.once).run())
+    # Imported here, not above: the supervisor never runs a daemon itself, and without
+    # the delivery stack (DNS, SMTP, TLS, email) it is a third of a daemon's memory.
+    from mxsend.scheduler import run_daemon
+
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         return _event_loop_runner()(run_daemon(config, once=args.once, position=position))
