@@ -101,7 +101,8 @@ class QueueConfig:
     max_age: float = 5 * 86400.0
     delay_warning: float = 4 * 3600.0
     shutdown_grace: float = 30.0
-    processes: int = 1  # daemon processes sharing the spool (and the smtp limits)
+    # Daemon processes sharing the spool (and the smtp limits); "auto" by default.
+    processes: int = field(default_factory=lambda: auto_processes())
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,9 +204,14 @@ def usable_cpus() -> int:
     return max(1, cpus)
 
 
+def auto_processes() -> int:
+    """`processes = "auto"`: one daemon per usable core, within AUTO_PROCESSES_MAX."""
+    return min(usable_cpus(), AUTO_PROCESSES_MAX)
+
+
 def _processes(value: object, key: str) -> int:
     if isinstance(value, str) and value.lower() == "auto":
-        return min(usable_cpus(), AUTO_PROCESSES_MAX)
+        return auto_processes()
     if isinstance(value, str):
         raise ConfigError(f'{key}: expected a whole number or "auto", got {value!r}')
     return _int_range(1, 64)(value, key)

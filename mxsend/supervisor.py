@@ -70,8 +70,6 @@ class _Child:
 
 class Supervisor:
     def __init__(self, config: Config, *, once: bool) -> None:
-        if config.source is None:
-            raise ValueError("several processes need a config file to start them with")
         self.config = config
         self.once = once
         self.count = config.queue.processes
@@ -80,8 +78,9 @@ class Supervisor:
 
     def _command(self) -> list[str]:
         source = self.config.source
-        assert source is not None
-        command = [sys.executable, "-m", "mxsend", "-c", str(Path(source).resolve()), "run"]
+        # Without a file the daemons read the same built-in defaults as we did.
+        config = ["-c", str(Path(source).resolve())] if source is not None else []
+        command = [sys.executable, "-m", "mxsend", *config, "run"]
         return [*command, "--once"] if self.once else command
 
     async def _start(self, index: int, failures: int = 0) -> bool:

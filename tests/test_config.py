@@ -219,6 +219,21 @@ def test_a_limit_smaller_than_the_processes_still_gives_each_one() -> None:
     assert sum(share(10, i, 4) for i in range(4)) == 10
 
 
+def test_processes_default_to_auto() -> None:
+    assert config_from_mapping({}).queue.processes == config_module.auto_processes()
+
+
+def test_supervisor_gives_its_daemons_its_own_config_source(tmp_path: Path) -> None:
+    from mxsend.supervisor import Supervisor
+
+    built_in = Supervisor(config_from_mapping({"queue": {"processes": 2}}), once=True)
+    assert "-c" not in built_in._command() and built_in._command()[-2:] == ["run", "--once"]
+    path = tmp_path / "mxsend.toml"
+    path.write_text("[queue]\nprocesses = 2\n")
+    from_file = Supervisor(load_config(path), once=False)
+    assert from_file._command()[-3:] == ["-c", str(path.resolve()), "run"]
+
+
 def test_processes_auto_is_the_usable_cores_within_bounds(monkeypatch) -> None:
     assert 1 <= config_module.usable_cpus() <= (os.cpu_count() or 1)
     for cores, expected in ((1, 1), (2, 2), (64, config_module.AUTO_PROCESSES_MAX)):

@@ -11,7 +11,7 @@ from typing import Any
 
 from mxsend import batv
 from mxsend.config import Config
-from mxsend.errors import ConfigError, SpoolError
+from mxsend.errors import SpoolError
 from mxsend.log import setup_logging
 from mxsend.supervisor import CHILD_ENV, Supervisor, child_position, share_of
 
@@ -38,8 +38,6 @@ def run(args: argparse.Namespace, config: Config) -> int:
         config = share_of(config, child)
         position = child_position(child)
     elif config.queue.processes > 1:
-        if config.source is None:
-            raise ConfigError("queue.processes: several processes need a config file")
         if config.batv.key_file is not None:
             # A config error is one line from here, not one from every daemon.
             batv.load_key(config.batv.key_file)

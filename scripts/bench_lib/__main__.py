@@ -27,6 +27,15 @@ ROOT = Path(__file__).resolve().parents[2]
 PARTS = ("mxsend", "postfix", "latency", "deferred")
 
 
+def _processes(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number or "auto", got {text!r}') from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="scripts/bench",
@@ -46,8 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="deferred messages parked for the big-queue test (default 100000)")
     ap.add_argument("--probes", type=int, default=20,
                     help="new messages timed on the daemon with the big deferred queue")
-    ap.add_argument("--processes", type=int, default=1,
-                    help="mxsend's queue.processes for the throughput part (default 1)")
+    ap.add_argument("--processes", type=_processes, default="auto",
+                    help='mxsend\'s queue.processes for the throughput part: a number or '
+                         '"auto" (the default, as mxsend ships: one per core, at most 4)')
     ap.add_argument("--same-domain", action="store_true",
                     help="both recipients of a message in one domain (one transaction each)")
     ap.add_argument("--workdir", type=Path, default=None,

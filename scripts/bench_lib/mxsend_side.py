@@ -42,7 +42,7 @@ def _toml(value: object) -> str:
 
 def write_config(path: Path, *, spool: Path, sink_port: int, nameserver: str,
                  scan_interval: float = SCAN_INTERVAL, log_level: str = "warning",
-                 processes: int = 1) -> Path:
+                 processes: int | str = "auto") -> Path:
     assert nameserver.startswith("127."), "the benchmark only resolves through loopback"
     sections: dict[str, dict[str, object]] = {
         "spool": {"path": str(spool)},
@@ -134,7 +134,7 @@ def _wait_until(cond: Callable[[], bool], timeout: float, what: str,
 
 # --------------------------------------------------------------------- throughput
 def run_once(msgs: list[Msg], workdir: Path, nameserver: str, timeout: float,
-             processes: int = 1) -> dict[str, Any]:
+             processes: int | str = "auto") -> dict[str, Any]:
     """Fill a spool, then time `mxsend run --once` until the sink has everything."""
     spool = workdir / "spool-once"
     if spool.exists():
