@@ -54,6 +54,10 @@ T = TypeVar("T")
 _OWNER_SAFE = re.compile(r"[^A-Za-z0-9.\-]")
 _PRINTABLE_NO_SPACE = re.compile(r"[!-~]*")  # code points 33 to 126
 _TAKEN = "~"  # active/<owner>~<token>: a directory taken over from a dead owner
+# State files a process has finished with are kept as active/<owner>/.spare-N and
+# reused for the next state it writes, up to this many (see Spool._take_spare).
+SPARE_MAX = 1024
+_SPARE = ".spare-"
 
 
 class RecipientStatus(StrEnum):
@@ -285,6 +289,13 @@ class Spool:
         # operation does not mkdir them again, but makes them anew if a rename into one
         # finds it gone (a recoverer took it, or retire() removed it).
         self._have_inbox = self._have_active = False
+        # Inodes to reuse for new state files: ext4 looks for a free inode by skipping
+        # the ones freed in the last ~30 s, so with a state file made and removed per
+        # message each new one cost a scan over thousands (the kernel's
+        # recently_deleted()): up to half of the daemon's system time, varying run to
+        # run. Names of our active/<owner>/.spare-N whose inode has no other name.
+        self._spares: list[str] = []
+        self._spare_numbers = iter(range(sys.maxsize))
 
     # -- paths
 
@@ -334,6 +345,10 @@ class Spool:
     def retire(self) -> None:
         """Remove our heartbeat on a clean exit: anything we still hold is recovered at once."""
         self._have_inbox = self._have_active = False
+        for spare in self._spares:
+            with contextlib.suppress(OSError):
+                os.unlink(f"{self._active}/{spare}")
+        self._spares.clear()
         for directory in (self._active_dir(), self._incoming_dir()):
             with contextlib.suppress(OSError):
                 os.rmdir(directory)  # only if empty: a leftover claim stays for recovery
@@ -438,7 +453,7 @@ class Spool:
         inbox = os.path.dirname(held)
         pending_state = f"{inbox}/.{name}.state"
         # 1. The state, private to us until published.
-        yield from _write_atomic_steps(pending_state, state_to_json(state), state.next_try)
+        yield from self._new_file_steps(pending_state, state_to_json(state), state.next_try)
         # 2. Reserve the id: link() fails if msg/NAME exists, atomically, so two
         #    processes accepting two files of one name cannot both win.
         try:
@@ -600,7 +615,8 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(message)
         yield _Sync(directory=self._msg)
-        os.unlink(state_path)
+        if not self._keep_as_spare(os.fspath(state_path)):
+            os.unlink(state_path)
         yield _Sync(directory=os.path.dirname(state_path))
 
     def _write_claimed(self, claim: Claim, state: MessageState) -> Steps[None]:
@@ -612,11 +628,85 @@ class Spool:
         if not os.path.exists(path):
             raise SpoolError(f"{claim.id}: claim lost (presumed dead and recovered)")
         try:
-            yield from _write_atomic_steps(path, state_to_json(state), state.next_try)
+            yield from self._replace_steps(path, state_to_json(state), state.next_try)
         except FileNotFoundError:
             raise SpoolError(f"{claim.id}: claim lost (presumed dead and recovered)") from None
         except OSError as exc:
             raise SpoolError(f"{claim.id}: cannot write state: {exc}") from exc
+
+    # -- reusing state files' inodes (see __init__)
+
+    def _take_spare(self, path: str) -> bool:
+        """Rename a spare to `path` (replacing a leftover there); False if none is left."""
+        while self._spares:
+            spare = self._spares.pop()
+            try:
+                os.rename(f"{self._active}/{spare}", path)
+                return True
+            except FileNotFoundError:
+                # Our directory was taken (we were presumed dead): none is left.
+                self._spares.clear()
+        return False
+
+    def _keep_as_spare(self, path: str) -> bool:
+        """Move a state file we are done with, in our active/ directory, to the spares."""
+        if len(self._spares) >= SPARE_MAX or os.path.dirname(path) != self._active:
+            return False
+        spare = f"{_SPARE}{next(self._spare_numbers)}"
+        os.rename(path, f"{self._active}/{spare}")
+        self._spares.append(spare)
+        return True
+
+    def _new_file_steps(self, path: str, data: bytes, mtime: float | None) -> Steps[None]:
+        """Write a private file (a dot-name of ours) from a spare inode if there is one;
+        durable before any rename publishes it, as _write_file_steps."""
+        if self._take_spare(path):
+            # The spare's old content is another message's: truncated before a byte is
+            # written, and nothing reads this name until it is complete and synced.
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if mtime is not None:
+                os.utime(fd, (mtime, mtime))
+            yield _Sync(fd=fd)
+        finally:
+            os.close(fd)
+
+    def _replace_steps(self, path: str, data: bytes, mtime: float | None) -> Steps[None]:
+        """_write_atomic_steps for a state in our active/ directory, reusing inodes: the
+        new state is written into a spare, and the old one becomes a spare."""
+        directory, name = os.path.split(path)
+        temp = f"{directory}/.{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            yield from self._new_file_steps(temp, data, mtime)
+            # A second name for the old state before the rename replaces it. A crash in
+            # between leaves a dot-file that recovery deletes (only that name).
+            kept: str | None = None
+            if len(self._spares) < SPARE_MAX and directory == self._active:
+                kept = f"{_SPARE}{next(self._spare_numbers)}"
+                try:
+                    os.link(path, f"{directory}/{kept}", follow_symlinks=False)
+                except OSError:
+                    kept = None
+            try:
+                os.rename(temp, path)
+            except BaseException:
+                if kept is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(f"{directory}/{kept}")
+                raise
+            if kept is not None:
+                self._spares.append(kept)  # its only name now
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        yield _Sync(directory=directory)
 
     # -- recovery
 

@@ -255,8 +255,11 @@ def test_complete_removes_everything(spool: Spool) -> None:
         spool.complete(claim, state)  # still pending
     done = tuple(replace(r, status=RecipientStatus.BOUNCED) for r in state.recipients)
     spool.complete(claim, replace(state, recipients=done))
-    assert files(spool.root) == ["owners/one"]
+    # The state file's inode is kept to be reused (Spool._spares) until we retire.
+    assert files(spool.root) == ["active/one/.spare-0", "owners/one"]
     assert spool.find("m") is None
+    spool.retire()
+    assert files(spool.root) == []
 
 
 def test_keep_sent_keeps_the_message(tmp_path: Path) -> None:
@@ -268,7 +271,7 @@ def test_keep_sent_keeps_the_message(tmp_path: Path) -> None:
     done = tuple(replace(r, status=RecipientStatus.SENT) for r in state.recipients)
     spool.complete(claim, replace(state, recipients=done))
     assert (spool.root / "sent" / "m").read_bytes() == GOOD
-    assert files(spool.root) == ["owners/one", "sent/m"]
+    assert files(spool.root) == ["active/one/.spare-0", "owners/one", "sent/m"]
 
 
 def test_delete(spool: Spool) -> None:
@@ -512,3 +515,59 @@ def test_an_io_error_during_acceptance_hands_the_file_back(spool: Spool) -> None
     assert spool.incoming() == ["m"]
     assert isinstance(spool.accept("m", NOW), Accepted)
     assert files(spool.root) == ["msg/m", "owners/one", "queue/m"]
+
+
+# --- reused inodes ----------------------------------------------------------------------
+
+
+def _inode(path: Path) -> int:
+    return os.stat(path).st_ino
+
+
+def test_state_inodes_are_reused_not_made_anew(spool: Spool) -> None:
+    """ext4 pays a scan over recently freed inodes for every new file (docs/spool.md)."""
+    state = accepted(spool, "m1").state
+    claim = spool.claim("m1")
+    assert claim is not None
+    first = _inode(claim.path)
+    # An update writes the new state into a fresh file and keeps the old inode.
+    spool.update(claim, replace(state, attempts=1))
+    assert spool.read(claim).attempts == 1
+    assert [p.name for p in claim.path.parent.iterdir() if p.name.startswith(".")] == [
+        ".spare-0"]
+    assert _inode(claim.path.parent / ".spare-0") == first
+    done = tuple(replace(r, status=RecipientStatus.SENT) for r in state.recipients)
+    second = _inode(claim.path)
+    spool.complete(claim, replace(state, recipients=done))
+    # The next message's state is written into those inodes, truncated first.
+    state2 = accepted(spool, "m2").state
+    claim2 = spool.claim("m2")
+    assert claim2 is not None
+    assert _inode(claim2.path) in (first, second)
+    assert spool.read(claim2) == state2
+
+
+def test_a_dead_owners_spares_go_with_its_claims(tmp_path: Path) -> None:
+    dead = Spool(tmp_path, owner="dead")
+    dead.create_dirs()
+    state = accepted(dead, "m").state
+    claim = dead.claim("m")
+    assert claim is not None
+    dead.update(claim, replace(state, attempts=1))  # leaves a spare beside the claim
+    (tmp_path / "owners" / "dead").unlink()
+    alive = Spool(tmp_path, owner="alive")
+    assert alive.recover(stale_after=60, now=NOW) == ["m"]
+    assert [p for p in files(tmp_path) if "spare" in p] == []
+    assert alive.find("m") is not None and alive.find("m")[0].attempts == 1
+
+
+def test_spares_are_bounded(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mxsend.spool as spool_module
+
+    monkeypatch.setattr(spool_module, "SPARE_MAX", 1)
+    for name in ("m1", "m2"):
+        state = accepted(spool, name).state
+        claim = spool.claim(name)
+        assert claim is not None
+        spool.update(claim, replace(state, attempts=1))
+    assert len([p for p in files(spool.root) if "spare" in p]) == 1
