@@ -352,10 +352,13 @@ class Deliverer:
         self._wall_clock = wall_clock
         self._ids = itertools.count(1)
         self.backoff = Backoff()
-        # One domain's sessions usually go to one or two hosts: the per-destination bound
-        # follows the per-domain limit so an operator who raises one raises both.
+        # The limits are the contract's two: per recipient domain and in total, as
+        # Postfix's per-destination concurrency is per domain for MX delivery. An extra
+        # per-address cap equal to the per-domain one (what we had) throttled every
+        # domain hosted on one MX to 10 connections together, which no setting named;
+        # a server that wants fewer says 421, and Backoff listens.
         self.pool = ConnectionPool(smtp.max_connections, smtp.max_connections_per_domain,
-                                   max_per_destination=smtp.max_connections_per_domain)
+                                   max_per_destination=smtp.max_connections)
 
     async def deliver(self, queue_id: str, message: Message, recipients: Sequence[Recipient],
                       domain: str, server_details: ServerDetailsFn) -> list[RecipientOutcome]:

@@ -753,6 +753,18 @@ async def test_idle_connections_are_closed_after_a_while(smtp_receivers, make):
     assert deliverer.pool.open_count == 0
 
 
+async def test_domains_sharing_an_mx_are_limited_per_domain_not_per_address(
+        smtp_receivers, make):
+    server = smtp_receivers.start("127.0.0.2")
+    deliverer = make({"example.org": [mx("mx.hoster.example", "127.0.0.2")],
+                      "example.net": [mx("mx.hoster.example", "127.0.0.2")]},
+                     max_connections_per_domain=1)
+    await asyncio.gather(deliver(deliverer, message("a@example.org")),
+                         deliver(deliverer, message("a@example.net"), domain="example.net"))
+    # One session per domain at once: the shared host is not a third, hidden limit.
+    assert deliverer.pool.open_count == 2 and len(server.messages) == 2
+
+
 async def test_the_idle_sweep_closes_only_sessions_idle_long_enough(smtp_receivers, make):
     smtp_receivers.start("127.0.0.2")
     smtp_receivers.start("127.0.0.3")
