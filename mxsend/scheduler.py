@@ -31,6 +31,7 @@ import itertools
 import logging
 import signal
 import socket
+import threading
 import time
 import zlib
 from collections import deque
@@ -74,6 +75,8 @@ STALE_AFTER = 60.0
 # bounded so that 100,000 due messages do not all sit in memory.
 READY_WINDOW_PER_WORKER = 4
 READY_WINDOW_MIN = 256
+# Acceptances started per turn of the scan loop (see _accept_incoming).
+ACCEPT_CHUNK = 64
 # A message whose attempt was cut short by shutdown was no server's fault: it is due
 # again at once, so the next start (or the other process sharing the spool) takes it.
 INTERRUPTED_RETRY = 0.0
@@ -87,43 +90,80 @@ SCAN_FAILURES_ONCE = 5
 class _Committer:
     """Group commit for the daemon's spool operations.
 
-    Operations handed in while a batch is being made durable wait and go together in
-    the next one (Spool.run_batch on the I/O thread): under load each syncfs serves
-    many messages, and an idle daemon still commits a lone operation at once.
+    Operations run on the I/O thread (Spool.run_rolling) and join at the next barrier:
+    under load each syncfs serves many messages at different stages, and an idle
+    daemon still commits a lone operation at once. Results come back to the loop once
+    per round.
     """
 
     def __init__(self, spool: Spool, executor: ThreadPoolExecutor) -> None:
         self._spool = spool
         self._executor = executor
+        self._lock = threading.Lock()
         self._pending: list[tuple[Steps[Any], asyncio.Future[Any]]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._running = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self, steps: Steps[T]) -> T:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[T] = loop.create_future()
-        self._pending.append((steps, done))
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._drain())
-        return await done
+        [done] = self.submit([steps])
+        result: T = await done
+        return result
 
-    async def _drain(self) -> None:
+    def submit(self, operations: Sequence[Steps[Any]]) -> list[asyncio.Future[Any]]:
+        """Hand operations in together (they start at the same barrier); their futures."""
         loop = asyncio.get_running_loop()
-        while self._pending:
-            batch, self._pending = self._pending, []
+        self._loop = loop
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in operations]
+        with self._lock:
+            self._pending.extend(zip(operations, futures, strict=True))
+            start = not self._running
+            self._running = True
+        if start:
             try:
-                results: list[object] = await loop.run_in_executor(
-                    self._executor, self._spool.run_batch, [steps for steps, _ in batch])
-            except Exception as exc:
-                # The batch could not run at all (say, the pool is shutting down): every
-                # waiter hears it, none waits forever.
-                results = [SpoolError(f"spool batch failed: {exc}")] * len(batch)
-            for (_, done), result in zip(batch, results, strict=True):
-                if done.done():
-                    continue  # its waiter was cancelled; the operation still happened
-                if isinstance(result, BaseException):
-                    done.set_exception(result)
-                else:
-                    done.set_result(result)
+                future = loop.run_in_executor(self._executor, self._serve)
+            except RuntimeError as exc:  # the pool is shutting down
+                with self._lock:
+                    self._running = False
+                    batch, self._pending = self._pending, []
+                self._deliver([(d, SpoolError(f"spool I/O stopped: {exc}")) for _, d in batch])
+            else:
+                future.add_done_callback(self._served)
+        return futures
+
+    def _serve(self) -> None:
+        self._spool.run_rolling(self._take, self._done_on_thread)
+
+    def _take(self, idle: bool) -> list[tuple[Steps[Any], asyncio.Future[Any]]]:
+        with self._lock:
+            batch, self._pending = self._pending, []
+            if idle and not batch:
+                self._running = False  # decided under the lock run() starts us with
+            return batch
+
+    def _done_on_thread(self, finished: list[tuple[asyncio.Future[Any], object]]) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, finished)
+
+    def _served(self, future: asyncio.Future[None]) -> None:
+        if future.cancelled() or future.exception() is None:
+            return
+        # The runner itself failed (a bug): every waiter hears it, none waits forever.
+        error = SpoolError(f"spool I/O failed: {future.exception()}")
+        with self._lock:
+            self._running = False
+            batch, self._pending = self._pending, []
+        self._deliver([(done, error) for _, done in batch])
+        log.error("%s", error)
+
+    @staticmethod
+    def _deliver(finished: list[tuple[asyncio.Future[Any], object]]) -> None:
+        for done, result in finished:
+            if done.done():
+                continue  # its waiter was cancelled; the operation still happened
+            if isinstance(result, BaseException):
+                done.set_exception(result)
+            else:
+                done.set_result(result)
 
 
 @dataclass(order=True, slots=True)
@@ -244,8 +284,11 @@ class Daemon:
         self.deliverer: Deliverer | None = None
         self.reporting_mta = config.smtp.helo_name or socket.getfqdn()
         self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="mxsend-spool")
+        # The committer's runner may run for as long as operations keep coming: it has
+        # a thread of its own, so that listings (new/, queue/) never wait behind it.
+        self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="mxsend-commit")
         self._commit: GroupCommit | None = None
-        self._committer = _Committer(self.spool, self._io)
+        self._committer = _Committer(self.spool, self._commit_thread)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._jobs: asyncio.PriorityQueue[_Job] = asyncio.PriorityQueue()
@@ -256,6 +299,8 @@ class Daemon:
         self._planned: dict[str, float] = {}
         self._plan: list[tuple[float, str]] = []
         self._fresh: dict[str, Accepted] = {}  # just accepted: no need to read them back
+        self._accepting = 0  # acceptances under way (each goes through four barriers)
+        self._accepts: set[asyncio.Task[None]] = set()
         self._backlog: deque[str] = deque()  # names listed in new/, not yet accepted
         self._new_arrived = True
         self._rescan_requested = True
@@ -279,7 +324,7 @@ class Daemon:
             self.spool = Spool(self.config.spool.path, keep_sent=self.config.spool.keep_sent,
                                max_message_size=self.config.spool.max_message_size,
                                owner=self.spool.owner, durable=self._commit)
-            self._committer = _Committer(self.spool, self._io)
+            self._committer = _Committer(self.spool, self._commit_thread)
         self.spool.heartbeat()
         self.policy = Policy(self.config)
         self.deliverer = Deliverer(
@@ -304,6 +349,7 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
             self._io.shutdown(wait=True)
+            self._commit_thread.shutdown(wait=True)
             if self._commit is not None:
                 self._commit.close()
         return 0
@@ -311,6 +357,8 @@ class Daemon:
     async def _shutdown(self) -> None:
         sdnotify.notify("STOPPING=1")
         self._stop_watching()
+        # Acceptances under way finish (a few barriers): their messages are then queued.
+        await asyncio.gather(*self._accepts, return_exceptions=True)
         # Claimed but not started: back to the queue untouched, due at once.
         while not self._jobs.empty():
             job = self._jobs.get_nowait()
@@ -518,8 +566,10 @@ class Daemon:
             if self.once:
                 if accepted or dispatched:
                     continue
-                if not self._jobs.empty() or self._in_flight:
-                    await self._jobs.join()  # what they queue (DSNs) is looked at next
+                if not self._jobs.empty() or self._in_flight or self._accepting:
+                    # Woken by an acceptance finishing or by the workers; what they
+                    # queue (DSNs, into new/) is looked for once the backlog is empty.
+                    await self._sleep_until(next_rescan)
                     self._new_arrived = True
                     continue
                 if self._new_arrived:
@@ -549,23 +599,42 @@ class Daemon:
         return max(READY_WINDOW_MIN, READY_WINDOW_PER_WORKER * workers)
 
     def _room(self) -> int:
-        return self._ready_window() - self._jobs.qsize() - len(self._fresh)
+        return (self._ready_window() - self._jobs.qsize() - len(self._fresh)
+                - self._accepting)
 
     async def _accept_incoming(self) -> int:
-        """Accept a window's worth of new/ at a time, so delivery starts at once."""
+        """Start accepting the next part of new/; return how many were started.
+
+        Acceptances run in the background and each one's message is dispatchable as
+        soon as it is durable: the scan loop goes on dispatching meanwhile. (Awaiting a
+        window's acceptances before dispatching any made the daemon accept and deliver
+        by turns, each half of the time idle.) At most ACCEPT_CHUNK start per turn, so
+        they finish in a stream rather than all at once.
+        """
         if not self._backlog and self._new_arrived:
             self._new_arrived = False
             incoming = await self._spool_io(self.spool.incoming)
             self._backlog.extend(own_share_first(incoming, *self.position))
-        names = [self._backlog.popleft() for _ in range(min(len(self._backlog), self._room()))]
-        if not names:
+        count = min(len(self._backlog), self._room(), ACCEPT_CHUNK)
+        if count <= 0:
             return 0
+        names = [self._backlog.popleft() for _ in range(count)]
         now = time.time()
-        results = await asyncio.gather(
-            *(self._committer.run(self.spool.accept_steps(name, now)) for name in names),
-            return_exceptions=True,
-        )
-        accepted = 0
+        self._accepting += count
+        # Handed in together, so they become due together and CheckFile orders them.
+        futures = self._committer.submit([self.spool.accept_steps(name, now)
+                                          for name in names])
+        task = asyncio.create_task(self._accepted(names, futures))
+        self._accepts.add(task)
+        task.add_done_callback(self._accepts.discard)
+        return count
+
+    async def _accepted(self, names: list[str], futures: list[asyncio.Future[Any]]) -> None:
+        try:
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            self._accepting -= len(names)
+            self._wake.set()
         for name, result in zip(names, results, strict=True):
             if isinstance(result, Accepted):
                 envelope = result.message.envelope
@@ -574,12 +643,13 @@ class Daemon:
                       size=len(result.message.data))
                 self._fresh[result.id] = result
                 self._schedule(result.id, result.state.next_try)
-                accepted += 1
             elif isinstance(result, Quarantined):
                 event("quarantined", result.id, logging.WARNING, reason=result.reason)
-            elif isinstance(result, BaseException):
+            elif isinstance(result, MxsendError):
                 log.error("could not accept %s: %s", name, result)
-        return accepted
+            elif isinstance(result, BaseException):
+                # A bug: the file stays in our incoming/, which recovery hands back.
+                log.error("accepting %s failed unexpectedly: %r", name, result)
 
     async def _dispatch_due(self) -> int:
         """Claim due messages, ask CheckFile, and hand the batch to the workers at once.

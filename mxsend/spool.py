@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import json
 import os
 import re
@@ -30,7 +31,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -927,6 +928,77 @@ class Spool:
                         errors[index] = exc
             lockstep.resume(errors)
         return lockstep.results
+
+    def run_rolling(
+        self,
+        take: Callable[[bool], list[tuple[Steps[Any], T]]],
+        done: Callable[[list[tuple[T, object]]], None],
+    ) -> None:
+        """run_batch for a stream: operations join at every barrier, not between batches.
+
+        `take(idle)` hands over the operations that arrived (each with a token); `idle`
+        says nothing waits at a barrier, and if it then has nothing to give it must
+        note (under its own lock) that this runner is stopping, as it returns at once.
+        `done()` receives (token, result or exception) for those that finished. Each
+        operation still makes each step durable before its next; an operation that
+        arrives while others are half-way only waits for the next barrier, not for the
+        rest of their steps (which a batch of acceptances, four barriers each, made it
+        do, so that the daemon accepted and delivered by turns instead of together).
+        """
+        waiting: dict[int, tuple[Steps[Any], _Sync, T]] = {}
+        numbers = itertools.count()
+
+        def advance(steps: Steps[Any], token: T, error: BaseException | None, first: bool,
+                    finished: list[tuple[T, object]]) -> None:
+            try:
+                if error is not None:
+                    sync = steps.throw(error)
+                else:
+                    sync = next(steps) if first else steps.send(None)
+            except StopIteration as stop:
+                finished.append((token, stop.value))
+            except Exception as exc:  # one operation's failure is its own result
+                finished.append((token, exc))
+            else:
+                waiting[next(numbers)] = (steps, sync, token)
+
+        try:
+            while True:
+                arrived = take(not waiting)
+                if not arrived and not waiting:
+                    return
+                finished: list[tuple[T, object]] = []
+                for steps, token in arrived:
+                    advance(steps, token, None, True, finished)
+                if finished:
+                    done(finished)
+                    finished = []
+                if not waiting:
+                    continue
+                errors: dict[int, OSError] = {}
+                if isinstance(self._durable, GroupCommit):
+                    try:
+                        self._durable.barrier()
+                    except OSError as exc:
+                        errors = dict.fromkeys(waiting, exc)
+                else:
+                    for key, (_, sync, _) in waiting.items():
+                        try:
+                            sync.apply(self._durable)
+                        except OSError as exc:
+                            errors[key] = exc
+                current = dict(waiting)
+                waiting.clear()
+                for key, (steps, _, token) in current.items():
+                    advance(steps, token, errors.get(key), False, finished)
+                if finished:
+                    done(finished)
+        except BaseException as exc:
+            # A bug, not a disk error (those are each operation's own result): no
+            # operation may wait forever for a runner that is gone.
+            error = SpoolError(f"spool I/O failed: {exc!r}")
+            done([(token, error) for _, _, token in waiting.values()])
+            raise
 
     @property
     def group_commit(self) -> GroupCommit | None:

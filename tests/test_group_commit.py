@@ -5,9 +5,11 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,4 +146,64 @@ def test_run_batch_shares_each_round_and_isolates_failures(
     assert spool.find("m0") is not None
     assert all(spool.find(n) is None for n in names[1:])
     assert sorted(p.name for p in (root / "msg").iterdir()) == ["m0"]
+    commit.close()
+
+
+def test_run_rolling_lets_late_operations_join_at_the_next_barrier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = _Recorder()
+    monkeypatch.setattr(spool_module, "_syncfs", recorder)
+    root = tmp_path / "spool"
+    root.mkdir()
+    commit = GroupCommit(root)
+    spool = Spool(root, owner="gc", durable=commit)
+    spool.create_dirs()
+    spool.heartbeat()
+    rounds: list[str] = []
+
+    def steps(name: str, barriers: int) -> Generator[Any, None, str]:
+        for number in range(barriers):
+            rounds.append(f"{name}{number}")
+            yield spool_module._Sync(directory=root)
+        return name
+
+    arrivals = [[(steps("a", 4), "a")], [], [(steps("b", 1), "b")]]
+    idle_asks: list[bool] = []
+
+    def take(idle: bool) -> list[tuple[Any, str]]:
+        idle_asks.append(idle)
+        return arrivals.pop(0) if arrivals else []
+
+    finished: list[tuple[str, object]] = []
+    before = len(recorder.calls)
+    spool.run_rolling(take, finished.extend)
+    # b arrived while a was half-way, went through one barrier and was done long
+    # before a's remaining ones; every result came back, and the runner stopped only
+    # when nothing waited and nothing came.
+    assert finished == [("b", "b"), ("a", "a")]
+    assert rounds.index("b0") < rounds.index("a3")
+    assert idle_asks[-1] is True and not arrivals
+    # Each barrier was one syncfs, shared by whoever stood at it.
+    assert len(recorder.calls) - before == 4
+    commit.close()
+
+
+def test_run_rolling_gives_every_operation_its_own_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spool_module, "_syncfs", _Recorder(fail=True))
+    root = tmp_path / "spool"
+    root.mkdir()
+    commit = GroupCommit(root)
+    spool = Spool(root, owner="gc", durable=commit)
+
+    def steps() -> Generator[Any, None, None]:
+        yield spool_module._Sync(directory=root)
+
+    batches = [[(steps(), 1), (steps(), 2)]]
+    finished: list[tuple[int, object]] = []
+    spool.run_rolling(lambda idle: batches.pop(0) if batches else [], finished.extend)
+    assert sorted(token for token, _ in finished) == [1, 2]
+    assert all(isinstance(result, OSError) for _, result in finished)
     commit.close()
