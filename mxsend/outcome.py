@@ -99,6 +99,15 @@ def truncate(text: str, limit: int = MAX_RESPONSE_TEXT) -> str:
 
 def parse_reply(code: int, text: str) -> Reply:
     """Split an RFC 3463 enhanced status code off the reply text when it matches the code."""
+    if "\n" not in text:
+        # One line, nearly every reply: the same result without the list work.
+        first = text.strip()
+        match = _ENHANCED.match(first)
+        if match and str(code)[:1] == match.group(1):
+            return Reply(code=code, message=truncate(first[match.end():].strip()),
+                         enhanced=f"{match.group(1)}.{int(match.group(2))}."
+                                  f"{int(match.group(3))}")
+        return Reply(code=code, message=truncate(first), enhanced=None)
     lines = text.split("\n")
     first = lines[0].strip()
     match = _ENHANCED.match(first)

@@ -666,13 +666,15 @@ class SmtpConnection:
         return await self._reply(phase, seconds)
 
     async def _reply(self, phase: Phase, seconds: float) -> Reply:
+        # Not `with _phase(...)`: this runs for every reply, and a generator-based
+        # context manager per call showed in profiles; the mapping is the same.
         try:
-            with _phase(phase, self.destination.name):
-                code, text = await self._wire.read(seconds)
-        except DeliveryError:
-            # Out of step with the server (a reply late or missing): never reused.
+            code, text = await self._wire.read(seconds)
+        except (OSError, ValueError, TimeoutError) as exc:
+            # Out of step with the server (a reply late, missing or garbled): never
+            # reused.
             self.close()
-            raise
+            raise _translate(exc, phase, self.destination.name) from exc
         return parse_reply(code, text[:MAX_REPLY_TEXT])
 
     async def _send_data(self, data: bytes) -> Reply:

@@ -129,3 +129,11 @@ def test_should_try_next_host():
     bounced = failure_outcomes(["a@x.example"], PermanentFailure("x"))
     assert should_try_next_host(deferred)
     assert not should_try_next_host(deferred + bounced)
+
+
+@given(st.sampled_from([250, 354, 421, 451, 550, 199]),
+       st.text(alphabet="2450.19 \tx", max_size=14) | st.text(max_size=8))
+def test_one_line_replies_parse_as_the_general_path_does(code: int, text: str) -> None:
+    # A trailing newline sends the text down the multi-line path, which strips it.
+    one_line = text.replace("\n", " ")
+    assert parse_reply(code, one_line) == parse_reply(code, one_line + "\n")
