@@ -675,7 +675,7 @@ class Daemon:
         verdicts = await self.policy.check_files([
             CheckFileRequest(
                 queue_id=claim.id,
-                filename=str(self.spool.message_path(claim.id)),
+                filename=self.spool.message_file(claim.id),
                 size=len(message.data),
                 creation_time=state.created,
                 retries=state.attempts,

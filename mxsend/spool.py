@@ -307,6 +307,10 @@ class Spool:
         """msg/ID, the accepted spool file (Lua's `Filename`)."""
         return self.root / "msg" / _checked(id)
 
+    def message_file(self, id: str) -> str:
+        """str(message_path(id)) without pathlib, for the per-message hot path."""
+        return f"{self._msg}/{_checked(id)}"
+
     def _active_dir(self) -> Path:
         return self.root / "active" / self.owner
 

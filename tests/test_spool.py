@@ -571,3 +571,9 @@ def test_spares_are_bounded(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> No
         assert claim is not None
         spool.update(claim, replace(state, attempts=1))
     assert len([p for p in files(spool.root) if "spare" in p]) == 1
+
+
+def test_message_file_is_the_message_path(spool: Spool) -> None:
+    assert spool.message_file("Q1") == str(spool.message_path("Q1"))
+    with pytest.raises(SpoolError):
+        spool.message_file("../x")
