@@ -20,10 +20,11 @@ import asyncio
 import itertools
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from mxsend.actions import ServerActions, ServerParameters
 from mxsend.batv import BatvKey, sign
@@ -116,6 +117,18 @@ class _Entry:
     idle_since: float = 0.0  # loop time it was given back
 
 
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    """A delivery waiting for a session of `key`, or for room to open one."""
+
+    key: PoolKey
+    domain: str
+    future: asyncio.Future[_Entry | None]
+
+
+_NOTHING = object()  # _try: neither a session nor room for one
+
+
 class ConnectionPool:
     """Open sessions, idle ones by (ip, port, actions), and the connection limits."""
 
@@ -130,12 +143,12 @@ class ConnectionPool:
         self._total = 0
         self._per_domain: Counter[str] = Counter()
         self._per_destination: Counter[tuple[str, int]] = Counter()
-        self._changed = asyncio.Condition()
-        self._waiters = 0
-        # Wake-ups are handed on one waiter at a time (a baton), not broadcast: with
-        # many deliveries queued for one busy destination, waking them all for every
-        # session given back cost more than the deliveries (see _pass_baton).
-        self._examined = 0  # how many waiters found the last change of no use to them
+        # Deliveries waiting, first come first served. A session given back goes
+        # straight to the first waiter for its key (no wake-up round: with deliveries
+        # queued behind busy sessions that is every transaction); room freed or an idle
+        # session that could be closed is offered to each waiter in turn (_serve).
+        self._queue: deque[_Waiter] = deque()
+        self._serving = False
         self._closing: set[asyncio.Task[None]] = set()
         # One timer closes every session idle too long, instead of a timer per session
         # given back (a timer armed and cancelled per transaction showed in profiles).
@@ -168,34 +181,55 @@ class ConnectionPool:
         Waits while the limits are reached, closing idle sessions of other keys that
         stand in the way; a session given back meanwhile is taken rather than replaced.
         """
+        # Straight in if it can be served: a waiter ahead of us is waiting for something
+        # else (a session given back for its key goes to it; room would have served it).
+        got = self._try(key, domain)
+        if got is not _NOTHING:
+            return cast(_Entry | None, got)
+        waiter = _Waiter(key, domain, asyncio.get_running_loop().create_future())
+        self._queue.append(waiter)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                # Served just as we were cancelled: hand it on.
+                served = waiter.future.result()
+                if served is None:
+                    self.unreserve(domain, (key[0], key[1]))
+                else:
+                    self.give_back(served)
+            else:
+                with suppress(ValueError):
+                    self._queue.remove(waiter)
+            raise
+
+    def _try(self, key: PoolKey, domain: str) -> object:
+        """A session, None with room reserved, or _NOTHING."""
+        entry = self.take(key)
+        if entry is not None:
+            return entry
         destination = (key[0], key[1])
-        if not self._waiters:
-            # Nobody queues ahead of us: take or reserve without the condition's lock.
-            entry = self.take(key)
-            if entry is not None:
-                return entry
-            if self._room(domain, destination):
-                self._reserve(domain, destination)
-                return None
-        woken = False
-        async with self._changed:
-            while True:
-                entry = self.take(key)
-                if entry is not None:
-                    return entry
-                if self._room(domain, destination):
-                    break
-                if not self._evict(key, domain, destination):
-                    if woken:
-                        self._pass_baton()
-                    self._waiters += 1
-                    try:
-                        await self._changed.wait()
-                    finally:
-                        self._waiters -= 1
-                    woken = True
+        if self._room(domain, destination) or self._evict(key, domain, destination):
             self._reserve(domain, destination)
-        return None
+            return None
+        return _NOTHING
+
+    def _serve(self) -> None:
+        """Something changed (room freed, a session idle): offer it to each waiter."""
+        if self._serving or not self._queue:
+            return
+        self._serving = True  # _try may close a session, which comes back here
+        try:
+            for waiter in list(self._queue):
+                if waiter.future.done():  # cancelled
+                    self._queue.remove(waiter)
+                    continue
+                got = self._try(waiter.key, waiter.domain)
+                if got is not _NOTHING:
+                    self._queue.remove(waiter)
+                    waiter.future.set_result(cast(_Entry | None, got))
+        finally:
+            self._serving = False
 
     def _reserve(self, domain: str, destination: tuple[str, int]) -> None:
         self._total += 1
@@ -228,7 +262,7 @@ class ConnectionPool:
         self._total -= 1
         self._per_domain[domain] -= 1
         self._per_destination[destination] -= 1
-        self._notify()
+        self._serve()
 
     def give_back(self, entry: _Entry) -> None:
         """A busy session is idle again (already RSET), or gone if it is not alive."""
@@ -237,12 +271,17 @@ class ConnectionPool:
             self._close(entry)
             return
         key = (conn.destination.ip, conn.destination.port, conn.actions)
+        for waiter in self._queue:
+            if waiter.key == key and not waiter.future.done():
+                self._queue.remove(waiter)
+                waiter.future.set_result(entry)  # busy still, now theirs
+                return
         self._idle.setdefault(key, []).append(entry)
         loop = asyncio.get_running_loop()
         entry.idle_since = loop.time()
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.idle_seconds, self._sweep)
-        self._notify()
+        self._serve()  # a waiter of another key may need it closed to make room
 
     def discard(self, entry: _Entry) -> None:
         self._close(entry)
@@ -289,32 +328,7 @@ class ConnectionPool:
     @property
     def waiting(self) -> int:
         """Deliveries waiting for a session or for room under the limits."""
-        return self._waiters
-
-    def _pass_baton(self) -> None:
-        """A woken waiter could not use the change: wake the next, once round the queue.
-
-        Condition wakes in FIFO order and a waiter that waits again goes to the back,
-        so handing on once per waiter that has not yet looked at this change lets each
-        look exactly once; then the baton stops until the next change. No change is
-        lost to a waiter that could not use it, and none wakes the whole queue.
-        """
-        self._examined += 1
-        if self._examined <= self._waiters:
-            self._changed.notify(1)
-
-    def _notify(self) -> None:
-        self._examined = 0
-        if not self._waiters:
-            return  # the common case: nobody waits, so no task per transaction
-
-        async def wake() -> None:
-            async with self._changed:
-                self._changed.notify(1)
-
-        task = asyncio.get_running_loop().create_task(wake())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        return len(self._queue)
 
     async def close(self) -> None:
         """QUIT every idle session and wait for every QUIT under way."""

@@ -19,7 +19,7 @@ import pytest
 from mxsend.actions import ServerActions, ServerParameters, Timeouts
 from mxsend.batv import BatvKey, verify
 from mxsend.config import Config, config_from_mapping
-from mxsend.delivery import Backoff, Deliverer
+from mxsend.delivery import Backoff, ConnectionPool, Deliverer
 from mxsend.envelope import Envelope, Message, Recipient
 from mxsend.errors import DeliveryError, PermanentFailure, Phase
 from mxsend.mx import MxHost, literal_host
@@ -790,3 +790,25 @@ async def test_ipv6_failure_falls_back_to_ipv4(smtp_receivers, make):
     [outcome] = await deliver(deliverer, message("bob@example.org"))
     assert outcome.status is DeliveryStatus.SENT and "[127.0.0.3]" in (outcome.relay or "")
     assert len(server.messages) == 1
+
+
+async def test_a_cancelled_waiter_leaves_nothing_reserved():
+    pool = ConnectionPool(max_total=1, max_per_domain=1)
+    key = ("127.0.0.2", 25, ServerActions())
+    assert await pool.acquire(key, "a.org") is None  # room reserved: the one slot
+    waiting = asyncio.create_task(pool.acquire(key, "a.org"))
+    await poll_until(lambda: pool.waiting == 1)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert pool.waiting == 0
+    # Served (room reserved for it) and cancelled before it ran: the room comes back.
+    served = asyncio.create_task(pool.acquire(key, "a.org"))
+    await poll_until(lambda: pool.waiting == 1)
+    pool.unreserve("a.org", ("127.0.0.2", 25))
+    assert pool.waiting == 0 and pool.open_count == 1  # reserved for the waiter
+    served.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await served
+    assert pool.open_count == 0
+    await pool.close()
