@@ -407,7 +407,7 @@ class Spool:
         return _drive(self.accept_steps(name, now), self._durable)
 
     def accept_steps(self, name: str, now: float) -> Steps[Accepted | Quarantined | None]:
-        """accept() as steps, for run_batch."""
+        """accept() as steps, for run_batch and run_rolling."""
         if "/" in name or name in ("", ".", "..") or name.startswith("."):
             return None
         inbox = self._inbox
@@ -551,7 +551,7 @@ class Spool:
         _drive(self.update_steps(claim, state), self._durable)
 
     def update_steps(self, claim: Claim, state: MessageState) -> Steps[None]:
-        """update() as steps, for run_batch."""
+        """update() as steps, for run_batch and run_rolling."""
         yield from self._write_claimed(claim, state)
 
     def release(self, claim: Claim, state: MessageState) -> None:
@@ -559,7 +559,7 @@ class Spool:
         _drive(self.release_steps(claim, state), self._durable)
 
     def release_steps(self, claim: Claim, state: MessageState) -> Steps[None]:
-        """release() as steps, for run_batch."""
+        """release() as steps, for run_batch and run_rolling."""
         yield from self._write_claimed(claim, state)
         path = os.fspath(claim.path)
         try:
@@ -576,7 +576,7 @@ class Spool:
         _drive(self.complete_steps(claim, state), self._durable)
 
     def complete_steps(self, claim: Claim, state: MessageState) -> Steps[None]:
-        """complete() as steps, for run_batch."""
+        """complete() as steps, for run_batch and run_rolling."""
         if not state.is_final():
             raise SpoolError(f"{claim.id}: complete() with recipients still pending")
         # No final state is written: the message file goes first, and a claimed state
@@ -878,7 +878,7 @@ class Spool:
         return _drive(self.enqueue_steps(raw, name=name), self._durable)
 
     def enqueue_steps(self, raw: bytes, *, name: str | None = None) -> Steps[str]:
-        """enqueue_bytes() as steps, for run_batch."""
+        """enqueue_bytes() as steps, for run_batch and run_rolling."""
         if name is not None and id_problem(name):
             raise SpoolError(f"bad queue id {name!r}: {id_problem(name)}")
         tmp = self.root / "tmp"
@@ -1160,10 +1160,9 @@ class Lockstep:
 
     `waiting` maps each unfinished operation to the barrier it stands at; `resume`
     lets them all go on once the barrier is passed (or throws its error into those
-    it failed for). The caller decides how a barrier is passed: Spool.run_batch on
-    its own thread, or the daemon with one syncfs on its I/O thread while every
-    file-system call of the operations stays on the event loop, so that the I/O
-    thread never has to win the GIL back after each short system call.
+    it failed for). Spool.run_batch passes each barrier with one group commit (or an
+    fsync per operation without syncfs). The daemon uses Spool.run_rolling instead,
+    where operations also join between barriers.
     """
 
     def __init__(self, operations: Sequence[Steps[Any]]) -> None:
