@@ -154,15 +154,18 @@ def summarize(results: dict[str, Any]) -> list[str]:
                      f"{lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max "
                      f"{lat['max_ms']:.1f} ms, {lat['over_5s']} over 5 s; "
                      f"start to READY {lat['start_to_ready_s']:.2f} s, "
-                     f"RSS {lat['rss_mb']:.0f} MB (PSS sum {lat['pss_sum_mb']:.0f}); "
+                     f"largest RSS {lat['rss_mb']:.0f} MB, PSS sum {lat['pss_sum_mb']:.0f} "
+                     f"over {lat['nproc']} processes; "
                      f"{'OK' if lat['ok'] else 'NOT OK'}")
     big = results.get("deferred")
     if big:
         probe = big["probe_latency"]
         lines.append(f"{big['deferred']} deferred: start to READY {big['start_to_ready_s']:.2f} s "
-                     f"({big['cpu_to_ready_s']:.2f} s CPU), RSS at READY "
-                     f"{big['rss_at_ready_mb']:.0f} MB (PSS sum {big['pss_sum_at_ready_mb']:.0f}), "
-                     f"peak {big['peak_rss_mb']:.0f} MB; "
+                     f"({big['cpu_to_ready_s']:.2f} s CPU, all processes), largest RSS at "
+                     f"READY {big['rss_at_ready_mb']:.0f} MB, PSS sum "
+                     f"{big['pss_sum_at_ready_mb']:.0f} over {big['nproc_at_ready']} processes, "
+                     f"largest peak {big['peak_rss_mb']:.0f} MB; "
+                     f"{big['cpu_total_s']:.2f} s CPU in all; "
                      f"new message p50 {probe['p50_ms']:.1f} ms, max {probe['max_ms']:.1f} ms "
                      f"over {probe['count']}; {'OK' if big['ok'] else 'NOT OK'}")
     return lines

@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from bench_lib.procstat import TreeMonitor, proc_cpu, sys_cpu, tree_sample, vm_status
+from bench_lib.procstat import (
+    TreeMonitor,
+    sys_cpu,
+    tree_sample,
+    tree_vm,
+    vm_status,
+)
 from bench_lib.sink import Sink
 from bench_lib.workload import Msg, drop_message, fill_spool, to_bsmtp
 
@@ -331,16 +337,17 @@ def run_latency(msgs: list[Msg], workdir: Path, nameserver: str,
                               sink_port=sink.port, nameserver=nameserver)
         with daemon(config, workdir, log, timeout) as (proc, t_start, t_ready):
             values = latencies(sink, spool, msgs, "L")
-            cpu = sum(proc_cpu(proc.pid)[:2])
-            rss = vm_status(proc.pid)
+            rss = tree_vm(proc.pid)
             tree = tree_sample(proc.pid)
+            cpu = tree["cpu"]
         res: dict[str, Any] = {
             "start_to_ready_s": t_ready - t_start,
             **_latency_stats(values),
             "daemon_cpu_s": cpu,
             "rss_mb": rss.get("VmRSS", 0) / 2**20,
             "peak_rss_mb": rss.get("VmHWM", 0) / 2**20,
-            "pss_sum_mb": tree["pss"] / 2**20,  # daemon + Lua worker
+            "pss_sum_mb": tree["pss"] / 2**20,  # every process: daemons, Lua workers
+            "nproc": tree["nproc"],
             "sink_counted": sink.mesg(),
         }
     res["leftovers"] = spool_leftovers(spool)
@@ -397,13 +404,13 @@ def run_deferred(parked: list[Msg], probes: list[Msg], workdir: Path, nameserver
         config = write_config(workdir / "mxsend-deferred.toml", spool=spool,
                               sink_port=sink.port, nameserver=nameserver)
         with daemon(config, workdir, log, timeout) as (proc, t_start, t_ready):
-            cpu_ready = sum(proc_cpu(proc.pid)[:2])
-            rss_ready = vm_status(proc.pid)
             tree_ready = tree_sample(proc.pid)
+            cpu_ready = tree_ready["cpu"]
+            rss_ready = tree_vm(proc.pid)
             values = latencies(sink, spool, probes, "P")
             time.sleep(1.0)
-            rss_after = vm_status(proc.pid)
-            cpu_after = sum(proc_cpu(proc.pid)[:2])
+            rss_after = tree_vm(proc.pid)
+            cpu_after = tree_sample(proc.pid)["cpu"]
         res: dict[str, Any] = {
             "deferred": len(parked),
             "queued_before_start": queued,
@@ -411,7 +418,7 @@ def run_deferred(parked: list[Msg], probes: list[Msg], workdir: Path, nameserver
             "start_to_ready_s": t_ready - t_start,
             "cpu_to_ready_s": cpu_ready,
             "rss_at_ready_mb": rss_ready.get("VmRSS", 0) / 2**20,
-            "pss_sum_at_ready_mb": tree_ready["pss"] / 2**20,  # daemon + Lua worker
+            "pss_sum_at_ready_mb": tree_ready["pss"] / 2**20,  # every process
             "nproc_at_ready": tree_ready["nproc"],
             "rss_after_probes_mb": rss_after.get("VmRSS", 0) / 2**20,
             "peak_rss_mb": rss_after.get("VmHWM", 0) / 2**20,

@@ -94,6 +94,17 @@ def tree_sample(root: int) -> dict[str, float]:
     return {"cpu": cpu, "rss": rss, "pss": pss, "nproc": nproc}
 
 
+def tree_vm(root: int) -> dict[str, int]:
+    """VmRSS and VmHWM of the largest process of a tree (with queue.processes > 1 the
+    root is the small supervisor and the daemons are its children), in bytes."""
+    rss = hwm = 0
+    for pid in [root, *descendants(root)]:
+        status = vm_status(pid)
+        rss = max(rss, status.get("VmRSS", 0))
+        hwm = max(hwm, status.get("VmHWM", 0))
+    return {"VmRSS": rss, "VmHWM": hwm}
+
+
 def sys_cpu() -> tuple[float, float]:
     """(busy s, total s) over all CPUs since boot, from /proc/stat."""
     with open("/proc/stat") as handle:
