@@ -296,6 +296,10 @@ def _path_end(text: str) -> int:
     """Index of the `>` closing the path, skipping quoted local parts."""
     if '"' not in text:
         return text.find(">")  # nothing quoted: the first `>` closes it
+    return _path_end_scanning(text)
+
+
+def _path_end_scanning(text: str) -> int:
     quoted = escaped = False
     for index, char in enumerate(text):
         if escaped:

@@ -672,12 +672,7 @@ class Spool:
         else:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            if mtime is not None:
-                os.utime(fd, (mtime, mtime))
+            _write_fd(fd, data, mtime)
             yield _Sync(fd=fd)
         finally:
             os.close(fd)
@@ -1233,15 +1228,20 @@ def _write_file_steps(path: str | Path, data: bytes, mtime: float | None = None
     """Create `path` exclusively, write, set mtime, make it durable (before any rename)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        if mtime is not None:
-            os.utime(fd, (mtime, mtime))
+        _write_fd(fd, data, mtime)
         yield _Sync(fd=fd)
     finally:
         os.close(fd)
+
+
+def _write_fd(fd: int, data: bytes, mtime: float | None) -> None:
+    """All of `data` (os.write may write less than asked), then the mtime if given."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+    if mtime is not None:
+        os.utime(fd, (mtime, mtime))
 
 
 def _write_atomic_steps(path: str | Path, data: bytes, mtime: float | None = None

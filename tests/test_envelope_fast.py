@@ -25,6 +25,7 @@ from mxsend.envelope import (
     _labels_valid,
     _parse_path_exactly,
     _path_end,
+    _path_end_scanning,
     _split_command,
     _split_command_exactly,
     _unstuff,
@@ -168,23 +169,9 @@ def test_control_regex_is_the_character_rule(text: str) -> None:
     assert bool(_CONTROL.search(text)) == any(ord(c) < 32 or ord(c) == 127 for c in text)
 
 
-def _path_end_by_scanning(text: str) -> int:
-    quoted = escaped = False
-    for index, char in enumerate(text):
-        if escaped:
-            escaped = False
-        elif char == "\\" and quoted:
-            escaped = True
-        elif char == '"':
-            quoted = not quoted
-        elif char == ">" and not quoted:
-            return index
-    return -1
-
-
 @given(st.text(alphabet='<>"\\a@ ', max_size=20))
 def test_path_end_shortcut(text: str) -> None:
-    assert _path_end(text) == _path_end_by_scanning(text)
+    assert _path_end(text) == _path_end_scanning(text)
 
 
 _OLD_BARE_LF = re.compile(rb"(?<!\r)\n")

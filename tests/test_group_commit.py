@@ -80,11 +80,7 @@ def test_spool_operations_under_group_commit(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     recorder = _Recorder()
     monkeypatch.setattr(spool_module, "_syncfs", recorder)
-    root = tmp_path / "spool"
-    root.mkdir()
-    commit = GroupCommit(root)
-    spool = Spool(root, owner="gc", durable=commit)
-    spool.create_dirs()
+    root, commit, spool = _group_spool(tmp_path)
     (root / "tmp" / "m").write_bytes(GOOD)
     (root / "tmp" / "m").rename(root / "new" / "m")
     accepted = spool.accept("m", 1000.0)
@@ -105,16 +101,22 @@ def test_spool_operations_under_group_commit(tmp_path: Path,
     commit.close()
 
 
-def test_run_batch_shares_each_round_and_isolates_failures(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    recorder = _Recorder()
-    monkeypatch.setattr(spool_module, "_syncfs", recorder)
+def _group_spool(tmp_path: Path) -> tuple[Path, GroupCommit, Spool]:
+    """A spool whose barriers go through a GroupCommit (its syncfs patched by the test)."""
     root = tmp_path / "spool"
     root.mkdir()
     commit = GroupCommit(root)
     spool = Spool(root, owner="gc", durable=commit)
     spool.create_dirs()
+    return root, commit, spool
+
+
+def test_run_batch_shares_each_round_and_isolates_failures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = _Recorder()
+    monkeypatch.setattr(spool_module, "_syncfs", recorder)
+    root, commit, spool = _group_spool(tmp_path)
     names = [f"m{i}" for i in range(50)]
     for name in names:
         (root / "tmp" / name).write_bytes(GOOD)
@@ -154,11 +156,7 @@ def test_run_rolling_lets_late_operations_join_at_the_next_barrier(
 ) -> None:
     recorder = _Recorder()
     monkeypatch.setattr(spool_module, "_syncfs", recorder)
-    root = tmp_path / "spool"
-    root.mkdir()
-    commit = GroupCommit(root)
-    spool = Spool(root, owner="gc", durable=commit)
-    spool.create_dirs()
+    root, commit, spool = _group_spool(tmp_path)
     spool.heartbeat()
     rounds: list[str] = []
 
