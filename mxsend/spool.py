@@ -296,7 +296,7 @@ class Spool:
         # recently_deleted()): up to half of the daemon's system time, varying run to
         # run. Names of our active/<owner>/.spare-N whose inode has no other name.
         self._spares: list[str] = []
-        self._spare_numbers = iter(range(sys.maxsize))
+        self._spare_numbers = itertools.count()
 
     # -- paths
 
