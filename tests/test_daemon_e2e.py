@@ -519,12 +519,20 @@ def test_supervisor_readiness_restart_and_stop(tmp_path: Path, world: World,
     assert queued_ids(spool) == []
 
 
+def _wait_started(process: DaemonProcess) -> None:
+    """Until the daemon has recovered and entered its scan loop ("mxsend started"), not
+    merely written its first line: a test that breaks a folder before then breaks
+    recovery instead (seen on a loaded machine)."""
+    wait_until(lambda: any("mxsend started" in line for line in process.lines), 15,
+               message=process.output)
+
+
 def test_a_failing_scan_is_logged_and_retried(tmp_path: Path, world: World,
                                               daemon: Start) -> None:
     mx1 = world.smtp.start("127.0.0.2")
     spool = tmp_path / "spool"
     process = daemon(_config(tmp_path, world))
-    process.wait_event("log", timeout=15)  # started: the spool folders exist
+    _wait_started(process)  # the spool folders exist and recovery is over
     # queue/ replaced by a file: every scan of it fails with NotADirectoryError.
     os.rename(spool / "queue", spool / "queue.saved")
     (spool / "queue").write_text("not a folder")
@@ -557,7 +565,7 @@ def test_a_report_that_cannot_be_queued_is_tried_again(tmp_path: Path, world: Wo
     home = world.home()
     spool = tmp_path / "spool"
     process = daemon(_config(tmp_path, world, queue={"retry": ["1s"]}))
-    process.wait_event("log", timeout=15)  # started
+    _wait_started(process)  # recovery (which reads tmp/) is over
     # tmp/ stops being a folder, so no report can be written; the message comes in
     # through another folder of the same file system.
     os.rename(spool / "tmp", spool / "tmp.saved")
