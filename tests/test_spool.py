@@ -577,3 +577,16 @@ def test_message_file_is_the_message_path(spool: Spool) -> None:
     assert spool.message_file("Q1") == str(spool.message_path("Q1"))
     with pytest.raises(SpoolError):
         spool.message_file("../x")
+
+
+def test_spares_lost_with_a_taken_directory_are_not_missed(spool: Spool) -> None:
+    """A recoverer that took our active/ (we were presumed dead) took the spares too."""
+    state = accepted(spool, "m1").state
+    claim = spool.claim("m1")
+    assert claim is not None
+    spool.update(claim, replace(state, attempts=1))  # one spare now
+    assert spool._spares
+    claim.path.parent.rename(spool.root / "active" / "one~taken")
+    # The next state is written into a new file instead, and the message is queued.
+    assert accepted(spool, "m2").state.id == "m2"
+    assert spool._spares == [] and spool.find("m2") is not None
