@@ -301,6 +301,10 @@ class Daemon:
         self._fresh: dict[str, Accepted] = {}  # just accepted: no need to read them back
         self._accepting = 0  # acceptances under way (each goes through four barriers)
         self._accepts: set[asyncio.Task[None]] = set()
+        # Files whose acceptance failed (the disk said no: EIO, EACCES, ENOSPC) and when
+        # they may be tried again: the failure hands the file back to new/, and without
+        # this its inotify event retried it at once, a hot loop of error lines.
+        self._accept_failed: dict[str, float] = {}
         self._backlog: deque[str] = deque()  # names listed in new/, not yet accepted
         self._new_arrived = True
         self._rescan_requested = True
@@ -614,7 +618,7 @@ class Daemon:
         if not self._backlog and self._new_arrived:
             self._new_arrived = False
             incoming = await self._spool_io(self.spool.incoming)
-            self._backlog.extend(own_share_first(incoming, *self.position))
+            self._backlog.extend(own_share_first(self._retryable(incoming), *self.position))
         count = min(len(self._backlog), self._room(), ACCEPT_CHUNK)
         if count <= 0:
             return 0
@@ -647,9 +651,21 @@ class Daemon:
                 event("quarantined", result.id, logging.WARNING, reason=result.reason)
             elif isinstance(result, MxsendError):
                 log.error("could not accept %s: %s", name, result)
+                self._accept_failed[name] = time.monotonic() + self.config.queue.scan_interval
             elif isinstance(result, BaseException):
                 # A bug: the file stays in our incoming/, which recovery hands back.
                 log.error("accepting %s failed unexpectedly: %r", name, result)
+
+    def _retryable(self, names: list[str]) -> list[str]:
+        """`names` without those whose acceptance failed lately: they wait a scan
+        interval (and `run --once` leaves them in new/ for the next run)."""
+        if not self._accept_failed:
+            return names
+        now = time.monotonic()
+        for name, when in list(self._accept_failed.items()):
+            if when <= now and not self.once:
+                del self._accept_failed[name]
+        return [name for name in names if name not in self._accept_failed]
 
     async def _dispatch_due(self) -> int:
         """Claim due messages, ask CheckFile, and hand the batch to the workers at once.

@@ -11,8 +11,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.message import Message as EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -545,6 +547,37 @@ def test_a_failing_scan_is_logged_and_retried(tmp_path: Path, world: World,
     mx1.wait_for(1, timeout=30)
     assert process.proc.poll() is None  # still running
     assert process.stop() == 0
+
+
+def test_a_file_that_cannot_be_accepted_waits_a_scan_interval(
+        tmp_path: Path, world: World, daemon: Start) -> None:
+    mx1 = world.smtp.start("127.0.0.2")
+    spool = tmp_path / "spool"
+    process = daemon(_config(tmp_path, world))
+    _wait_started(process)
+    # msg/ replaced by a file: accepting fails (link: ENOTDIR) and the file goes back to
+    # new/, whose inotify event used to retry it at once, again and again.
+    os.rename(spool / "msg", spool / "msg.saved")
+    (spool / "msg").write_text("not a folder")
+    drop(spool, "m", "alice@src.test", "bob@d1.test")
+
+    def failures() -> list[dict[str, Any]]:
+        return [e for e in process.find("log")
+                if str(e.get("message", "")).startswith("could not accept m")]
+
+    wait_until(lambda: len(failures()) >= 2, 15, message=process.output)
+    first, second = (e["ts"] for e in failures()[:2])
+    gap = _parse_ts(second) - _parse_ts(first)
+    assert gap >= 0.9, gap  # scan_interval is 1 s in these tests
+    (spool / "msg").unlink()
+    os.rename(spool / "msg.saved", spool / "msg")
+    mx1.wait_for(1, timeout=30)
+    assert process.stop() == 0
+
+
+def _parse_ts(ts: str) -> float:
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=UTC).timestamp()
 
 
 def test_supervisor_fails_when_a_daemon_cannot_start(tmp_path: Path, world: World,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from mxsend import schedule
+from mxsend.config import config_from_mapping
 from mxsend.envelope import Recipient
 from mxsend.errors import Phase
 from mxsend.outcome import DeliveryStatus, RecipientOutcome
-from mxsend.scheduler import apply_outcomes, give_up, group_by_domain, own_share_first
+from mxsend.scheduler import Daemon, apply_outcomes, give_up, group_by_domain, own_share_first
 from mxsend.spool import MessageState, RecipientState, RecipientStatus
 
 
@@ -104,3 +108,15 @@ def test_own_share_first_splits_new_without_overlap_and_keeps_order() -> None:
     assert 350 < len(mine0) < 650
     # Oldest first within each share.
     assert mine0 == sorted(mine0) and mine1 == sorted(mine1)
+
+
+def test_a_file_that_failed_acceptance_waits_and_once_leaves_it(tmp_path: Path) -> None:
+    config = config_from_mapping({"spool": {"path": str(tmp_path)}})
+    for once, expected in ((False, ["late", "new"]), (True, ["new"])):
+        daemon = Daemon(config, once=once)
+        daemon._accept_failed = {"late": time.monotonic() - 1, "soon": time.monotonic() + 60}
+        # Due again in the daemon; a --once run never retries within the run.
+        assert daemon._retryable(["late", "soon", "new"]) == expected
+        assert "soon" in daemon._accept_failed
+        daemon._io.shutdown()
+        daemon._commit_thread.shutdown()
