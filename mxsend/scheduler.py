@@ -187,8 +187,10 @@ def own_share_first(names: Sequence[str], index: int, count: int) -> list[str]:
     """
     if count <= 1:
         return list(names)
-    mine = [name for name in names if zlib.crc32(name.encode()) % count == index]
-    others = [name for name in names if zlib.crc32(name.encode()) % count != index]
+    mine: list[str] = []
+    others: list[str] = []
+    for name in names:
+        (mine if zlib.crc32(name.encode()) % count == index else others).append(name)
     return mine + others
 
 

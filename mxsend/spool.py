@@ -31,7 +31,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -407,7 +407,7 @@ class Spool:
         return _drive(self.accept_steps(name, now), self._durable)
 
     def accept_steps(self, name: str, now: float) -> Steps[Accepted | Quarantined | None]:
-        """accept() as steps, for run_batch and run_rolling."""
+        """accept() as steps, for run_rolling."""
         if "/" in name or name in ("", ".", "..") or name.startswith("."):
             return None
         inbox = self._inbox
@@ -551,7 +551,7 @@ class Spool:
         _drive(self.update_steps(claim, state), self._durable)
 
     def update_steps(self, claim: Claim, state: MessageState) -> Steps[None]:
-        """update() as steps, for run_batch and run_rolling."""
+        """update() as steps, for run_rolling."""
         yield from self._write_claimed(claim, state)
 
     def release(self, claim: Claim, state: MessageState) -> None:
@@ -559,7 +559,7 @@ class Spool:
         _drive(self.release_steps(claim, state), self._durable)
 
     def release_steps(self, claim: Claim, state: MessageState) -> Steps[None]:
-        """release() as steps, for run_batch and run_rolling."""
+        """release() as steps, for run_rolling."""
         yield from self._write_claimed(claim, state)
         path = os.fspath(claim.path)
         try:
@@ -576,7 +576,7 @@ class Spool:
         _drive(self.complete_steps(claim, state), self._durable)
 
     def complete_steps(self, claim: Claim, state: MessageState) -> Steps[None]:
-        """complete() as steps, for run_batch and run_rolling."""
+        """complete() as steps, for run_rolling."""
         if not state.is_final():
             raise SpoolError(f"{claim.id}: complete() with recipients still pending")
         # No final state is written: the message file goes first, and a claimed state
@@ -873,7 +873,7 @@ class Spool:
         return _drive(self.enqueue_steps(raw, name=name), self._durable)
 
     def enqueue_steps(self, raw: bytes, *, name: str | None = None) -> Steps[str]:
-        """enqueue_bytes() as steps, for run_batch and run_rolling."""
+        """enqueue_bytes() as steps, for run_rolling."""
         if name is not None and id_problem(name):
             raise SpoolError(f"bad queue id {name!r}: {id_problem(name)}")
         tmp = self.root / "tmp"
@@ -903,43 +903,19 @@ class Spool:
 
     # -- batches (the daemon)
 
-    def run_batch(self, operations: Sequence[Steps[Any]]) -> list[object]:
-        """Run many operations' steps in lockstep: each round waits at one barrier.
-
-        Every operation still makes each step durable before its next one, as when run
-        alone; under GroupCommit one syncfs serves the whole round, so a batch of a
-        hundred completions costs two syncfs calls instead of two hundred fsyncs.
-        Returns each operation's result, or the exception it raised.
-        """
-        lockstep = Lockstep(operations)
-        while lockstep.waiting:
-            errors: dict[int, OSError] = {}
-            if isinstance(self._durable, GroupCommit):
-                try:
-                    self._durable.barrier()
-                except OSError as exc:
-                    errors = dict.fromkeys(lockstep.waiting, exc)
-            else:
-                for index, sync in lockstep.waiting.items():
-                    try:
-                        sync.apply(self._durable)
-                    except OSError as exc:
-                        errors[index] = exc
-            lockstep.resume(errors)
-        return lockstep.results
-
     def run_rolling(
         self,
         take: Callable[[bool], list[tuple[Steps[Any], T]]],
         done: Callable[[list[tuple[T, object]]], None],
     ) -> None:
-        """run_batch for a stream: operations join at every barrier, not between batches.
+        """Run operations side by side, each stopped at its barriers, as they come.
 
         `take(idle)` hands over the operations that arrived (each with a token); `idle`
         says nothing waits at a barrier, and if it then has nothing to give it must
         note (under its own lock) that this runner is stopping, as it returns at once.
         `done()` receives (token, result or exception) for those that finished. Each
-        operation still makes each step durable before its next; an operation that
+        operation still makes each step durable before its next, and under GroupCommit
+        one syncfs serves every operation standing at a barrier; an operation that
         arrives while others are half-way only waits for the next barrier, not for the
         rest of their steps (which a batch of acceptances, four barriers each, made it
         do, so that the daemon accepted and delivered by turns instead of together).
@@ -1150,43 +1126,6 @@ def _read_state(path: Path) -> MessageState | None:
         raise SpoolError(f"cannot read {path}: {exc}") from exc
 
 
-class Lockstep:
-    """Many operations run side by side, each stopped at its next barrier.
-
-    `waiting` maps each unfinished operation to the barrier it stands at; `resume`
-    lets them all go on once the barrier is passed (or throws its error into those
-    it failed for). Spool.run_batch passes each barrier with one group commit (or an
-    fsync per operation without syncfs). The daemon uses Spool.run_rolling instead,
-    where operations also join between barriers.
-    """
-
-    def __init__(self, operations: Sequence[Steps[Any]]) -> None:
-        self._operations = operations
-        self.results: list[object] = [None] * len(operations)
-        self.waiting: dict[int, _Sync] = {}
-        for index in range(len(operations)):
-            self._step(index, None, first=True)
-
-    def resume(self, errors: dict[int, OSError] | None = None) -> None:
-        current, self.waiting = self.waiting, {}
-        for index in current:
-            self._step(index, (errors or {}).get(index))
-
-    def _step(self, index: int, error: BaseException | None, first: bool = False) -> None:
-        steps = self._operations[index]
-        try:
-            if error is not None:
-                sync = steps.throw(error)
-            else:
-                sync = next(steps) if first else steps.send(None)
-        except StopIteration as stop:
-            self.results[index] = stop.value
-        except Exception as exc:  # one operation's failure is its own result
-            self.results[index] = exc
-        else:
-            self.waiting[index] = sync
-
-
 @dataclass(frozen=True, slots=True)
 class _Sync:
     """A barrier: what an operation did before it must be durable before it goes on."""
@@ -1203,7 +1142,7 @@ class _Sync:
 
 # An operation as steps: it yields at each barrier and returns its result. Writing the
 # operations this way lets one implementation run alone (_drive: each barrier is its
-# own fsync) or many in lockstep (Spool.run_batch: one group commit per round).
+# own fsync) or many in lockstep (Spool.run_rolling: one group commit per round).
 Steps: TypeAlias = Generator[_Sync, None, T]
 
 

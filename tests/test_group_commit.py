@@ -111,7 +111,16 @@ def _group_spool(tmp_path: Path) -> tuple[Path, GroupCommit, Spool]:
     return root, commit, spool
 
 
-def test_run_batch_shares_each_round_and_isolates_failures(
+def _run_together(spool: Spool, operations: list[Any]) -> list[object]:
+    """Hand all operations to Spool.run_rolling at once; their results in order."""
+    batches = [list(zip(operations, range(len(operations)), strict=True))]
+    results: dict[int, object] = {}
+    spool.run_rolling(lambda idle: batches.pop() if batches else [],
+                      lambda finished: results.update(finished))
+    return [results[index] for index in range(len(operations))]
+
+
+def test_run_together_shares_each_round_and_isolates_failures(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = _Recorder()
@@ -123,7 +132,7 @@ def test_run_batch_shares_each_round_and_isolates_failures(
         (root / "tmp" / name).rename(root / "new" / name)
     (root / "new" / "bad").write_bytes(b"not batch smtp\n")
     before = len(recorder.calls)
-    results = spool.run_batch([spool.accept_steps(n, 1000.0) for n in [*names, "bad"]])
+    results = _run_together(spool, [spool.accept_steps(n, 1000.0) for n in [*names, "bad"]])
     accept_rounds = len(recorder.calls) - before
     assert all(isinstance(r, Accepted) for r in results[:-1])
     assert results[-1].__class__.__name__ == "Quarantined"
@@ -141,7 +150,7 @@ def test_run_batch_shares_each_round_and_isolates_failures(
         # The first one is not final: complete() refuses it, the others are unaffected.
         ops.append(spool.complete_steps(claim, state if claim.id == "m0" else final))
     before = len(recorder.calls)
-    results = spool.run_batch(ops)
+    results = _run_together(spool, ops)
     assert len(recorder.calls) - before <= 4
     assert isinstance(results[0], SpoolError)
     assert all(r is None for r in results[1:])
