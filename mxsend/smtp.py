@@ -35,15 +35,9 @@ from aiosmtplib.errors import (
 from mxsend.actions import ServerActions
 from mxsend.envelope import Envelope, Recipient, dot_stuff, validate_mailbox, xtext_encode
 from mxsend.errors import DeliveryError, EnvelopeError, PermanentFailure, Phase, TemporaryFailure
-from mxsend.outcome import Reply, parse_reply
+from mxsend.reply import MAX_REPLY_BUFFER, MAX_REPLY_TEXT, Reply, parse_reply, take_reply
 from mxsend.tls import CertificateCheckFailed, check_certificate, client_context
 
-# RFC 5321 §4.5.3.1.5 says 512 octets per reply line. A hostile server gets more room
-# than that but not unbounded memory: a line may be 8 KiB, the unread replies 32 KiB
-# (aiosmtplib's bounds for the handshake, which it reads), and we keep 4 KiB of text.
-MAX_REPLY_TEXT = 4096
-MAX_REPLY_LINE = 8192
-MAX_REPLY_BUFFER = 32768
 # Data is written in blocks so that the §4.5.3.2.5 data-block timeout means something:
 # each block must drain into the socket within `datablock` seconds.
 DATA_BLOCK = 256 * 1024
@@ -343,7 +337,7 @@ class _Wire(asyncio.Protocol):
         buffer += data
         while True:
             try:
-                reply = _take_reply(buffer)
+                reply = take_reply(buffer)
             except ValueError as exc:
                 self._fail(exc)
                 self._transport.abort()
@@ -394,33 +388,6 @@ class _Wire(asyncio.Protocol):
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError("timed out waiting for a reply"))
-
-
-def _take_reply(buffer: bytearray) -> tuple[int, str] | None:
-    """Take one complete reply off the front of `buffer` (RFC 5321 §4.2.1); None if
-    it has not all arrived. Multi-line text is joined with newlines, as aiosmtplib does."""
-    start = 0
-    code = b""
-    lines: list[bytes] = []
-    while True:
-        end = buffer.find(b"\n", start)
-        if end < 0:
-            if len(buffer) - start > MAX_REPLY_LINE:
-                raise ValueError("reply line too long")
-            return None
-        if end - start >= MAX_REPLY_LINE:
-            raise ValueError("reply line too long")
-        line = bytes(buffer[start:end + 1])
-        code = line[:3]
-        if not code.isdigit():
-            text = line.decode("utf-8", "replace").strip()
-            raise ValueError(f"malformed reply line: {text!r}")
-        lines.append(line[4:].strip(b" \t\r\n"))
-        start = end + 1
-        if line[3:4] != b"-":
-            break
-    del buffer[:start]
-    return int(code), b"\n".join(lines).decode("utf-8", "surrogateescape")
 
 
 # --- the connection ----------------------------------------------------------------------

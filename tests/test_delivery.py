@@ -19,11 +19,12 @@ import pytest
 from mxsend.actions import ServerActions, ServerParameters, Timeouts
 from mxsend.batv import BatvKey, verify
 from mxsend.config import Config, config_from_mapping
-from mxsend.delivery import Backoff, ConnectionPool, Deliverer
+from mxsend.delivery import Deliverer
 from mxsend.envelope import Envelope, Message, Recipient
 from mxsend.errors import DeliveryError, PermanentFailure, Phase
 from mxsend.mx import MxHost, literal_host
 from mxsend.outcome import DeliveryStatus, RecipientOutcome
+from mxsend.pool import Backoff, ConnectionPool
 from tests.fixtures.smtp_receiver import Behaviour, ReceiverGroup, TlsCa
 
 FAST = Timeouts(connect=3, greeting=3, ehlo=3, starttls=3, mail=3, rcpt=3, data=3,

@@ -9,15 +9,13 @@ from hypothesis import strategies as st
 from mxsend.errors import PermanentFailure, Phase, TemporaryFailure
 from mxsend.outcome import (
     DeliveryStatus,
-    Reply,
     Where,
-    default_dsn,
     failure_outcomes,
-    parse_reply,
     should_try_next_host,
     status_of,
     transaction_outcomes,
 )
+from mxsend.reply import Reply, default_dsn, parse_reply
 
 WHERE = Where("mx.example.org[192.0.2.1]:25", "mx.example.org", "TLSv1.3")
 SENT, DEFERRED, BOUNCED = DeliveryStatus.SENT, DeliveryStatus.DEFERRED, DeliveryStatus.BOUNCED

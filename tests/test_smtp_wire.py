@@ -16,8 +16,8 @@ import pytest
 from mxsend.actions import ServerActions, Timeouts
 from mxsend.envelope import Envelope, Recipient
 from mxsend.errors import DeliveryError, Phase, TemporaryFailure
-from mxsend.outcome import Reply
-from mxsend.smtp import ClientSettings, Destination, SmtpConnection, Transaction, _take_reply
+from mxsend.reply import Reply, take_reply
+from mxsend.smtp import ClientSettings, Destination, SmtpConnection, Transaction
 
 EHLO = b"250-mx.example.org\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
 SHORT = Timeouts(connect=3, greeting=3, ehlo=3, mail=3, rcpt=3, data=3, datablock=3,
@@ -257,7 +257,7 @@ async def test_connection_lost_mid_group_is_temporary_for_all(raw) -> None:
     (b"250\r\n", (250, ""), b""),
     (b"250 caf\xc3\xa9\n", (250, "café"), b""),
 ])
-def test_take_reply(buffer: bytes, reply: tuple[int, str] | None, rest: bytes) -> None:
+def testtake_reply(buffer: bytes, reply: tuple[int, str] | None, rest: bytes) -> None:
     data = bytearray(buffer)
-    assert _take_reply(data) == reply
+    assert take_reply(data) == reply
     assert bytes(data) == rest
