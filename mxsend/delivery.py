@@ -22,6 +22,7 @@ from typing import Protocol
 from mxsend.actions import ServerActions, ServerParameters
 from mxsend.batv import BatvKey, sign
 from mxsend.config import Config
+from mxsend.destination import Destination
 from mxsend.envelope import Message, Recipient
 from mxsend.errors import DeliveryError, Phase, TemporaryFailure
 from mxsend.outcome import (
@@ -35,7 +36,6 @@ from mxsend.pool import Backoff, ConnectionPool, PoolEntry, backoff_worthy
 from mxsend.reply import Reply
 from mxsend.smtp import (
     ClientSettings,
-    Destination,
     HandshakeFailed,
     SmtpConnection,
     Transaction,
@@ -72,6 +72,7 @@ class Deliverer:
             helo_name=smtp.helo_name or socket.getfqdn(),
             source_address=smtp.source_address,
             ca_file=smtp.ca_file,
+            allowed_destinations=smtp.allowed_destinations,
         )
         self._batv = BatvKey(batv_key) if batv_key else None
         self._clock = clock

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from mxsend.actions import ServerActions
-from mxsend.errors import DeliveryError, Phase
+from mxsend.errors import DeliveryError, DestinationRefused, Phase
 from mxsend.smtp import SmtpConnection
 
 # Idle sessions are closed after this long: long enough to catch the next message of a
@@ -61,6 +61,8 @@ class Backoff:
 
 def backoff_worthy(error: DeliveryError) -> bool:
     """Refused or unreachable, or told to go away (421, RFC 5321 §3.8)."""
+    if isinstance(error, DestinationRefused):
+        return False  # never tried: nothing to spare the server from
     return error.code == 421 or (error.phase is Phase.CONNECT and error.code is None)
 
 

@@ -33,8 +33,17 @@ from aiosmtplib.errors import (
 )
 
 from mxsend.actions import ServerActions
+from mxsend.config import IpNetwork
+from mxsend.destination import Destination, refusal
 from mxsend.envelope import Envelope, Recipient, dot_stuff, validate_mailbox, xtext_encode
-from mxsend.errors import DeliveryError, EnvelopeError, PermanentFailure, Phase, TemporaryFailure
+from mxsend.errors import (
+    DeliveryError,
+    DestinationRefused,
+    EnvelopeError,
+    PermanentFailure,
+    Phase,
+    TemporaryFailure,
+)
 from mxsend.reply import MAX_REPLY_BUFFER, MAX_REPLY_TEXT, Reply, parse_reply, take_reply
 from mxsend.tls import CertificateCheckFailed, check_certificate, client_context
 
@@ -44,25 +53,13 @@ DATA_BLOCK = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
-class Destination:
-    """One address of one MX host."""
-
-    name: str  # the MX host name (or the address literal)
-    ip: str
-    port: int
-
-    @property
-    def relay(self) -> str:
-        return f"{self.name}[{self.ip}]:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
 class ClientSettings:
     """What the config says about every connection."""
 
     helo_name: str  # the default when the script leaves HELOname empty
     source_address: str = ""
     ca_file: Path | None = None
+    allowed_destinations: tuple[IpNetwork, ...] = ()  # contract §10
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +439,10 @@ class SmtpConnection:
         host = destination.name
         timeouts = actions.timeouts
         helo = choose_helo(actions, settings)
+        refused = refusal(destination.ip, settings.allowed_destinations)
+        if refused is not None:
+            # RFC 3463 §3.8: X.7.0, other security status: a policy, not the network.
+            raise DestinationRefused(refused, dsn="4.7.0", phase=Phase.CONNECT, host=host)
         with _phase(Phase.CONNECT, host):
             sock = await _connect_socket(destination, settings.source_address, timeouts.connect)
         client = aiosmtplib.SMTP(local_hostname=helo, timeout=timeouts.greeting)

@@ -25,6 +25,7 @@ from mxsend.errors import DeliveryError, PermanentFailure, Phase
 from mxsend.mx import MxHost, literal_host
 from mxsend.outcome import DeliveryStatus, RecipientOutcome
 from mxsend.pool import Backoff, ConnectionPool
+from tests.fixtures.daemon import TEST_DESTINATIONS
 from tests.fixtures.smtp_receiver import Behaviour, ReceiverGroup, TlsCa
 
 FAST = Timeouts(connect=3, greeting=3, ehlo=3, starttls=3, mail=3, rcpt=3, data=3,
@@ -54,7 +55,8 @@ def mx(name: str, *addresses: str, preference: int = 10) -> MxHost:
 
 
 def config(port: int, **smtp: Any) -> Config:
-    values: dict[str, Any] = {"port": port, "helo_name": "client.example.com"}
+    values: dict[str, Any] = {"port": port, "helo_name": "client.example.com",
+                              "allowed_destinations": list(TEST_DESTINATIONS)}
     values.update(smtp)
     return config_from_mapping({"smtp": values})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import ssl
 import subprocess
@@ -19,11 +20,11 @@ from aiosmtplib.errors import (
 )
 
 from mxsend.actions import ServerActions, Timeouts
+from mxsend.destination import Destination
 from mxsend.envelope import Envelope, Recipient
 from mxsend.errors import PermanentFailure, Phase, TemporaryFailure
 from mxsend.smtp import (
     ClientSettings,
-    Destination,
     SmtpConnection,
     Transaction,
     _translate,
@@ -37,6 +38,8 @@ from mxsend.smtp import (
 from tests.fixtures.smtp_receiver import ReceiverGroup, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
+SETTINGS = ClientSettings(helo_name="c.example", allowed_destinations=LOOPBACK)
 
 
 def tx(data: bytes = b"x\r\n", **envelope: object) -> Transaction:
@@ -123,7 +126,7 @@ async def test_big_message_streams_unchanged(smtp_receivers: ReceiverGroup):
                                               data=3, datablock=5, dataend=5))
     conn = await SmtpConnection.open(Destination("mx.example.org", "127.0.0.2",
                                                  smtp_receivers.port),
-                                     actions, ClientSettings(helo_name="c.example"))
+                                     actions, SETTINGS)
     try:
         result = await conn.send(tx(data))
     finally:

@@ -9,16 +9,20 @@ group was sent in one go (a client that waited for the reply to MAIL would time 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from mxsend.actions import ServerActions, Timeouts
+from mxsend.destination import Destination
 from mxsend.envelope import Envelope, Recipient
 from mxsend.errors import DeliveryError, Phase, TemporaryFailure
 from mxsend.reply import Reply, take_reply
-from mxsend.smtp import ClientSettings, Destination, SmtpConnection, Transaction
+from mxsend.smtp import ClientSettings, SmtpConnection, Transaction
 
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
+SETTINGS = ClientSettings(helo_name="c.example", allowed_destinations=LOOPBACK)
 EHLO = b"250-mx.example.org\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
 SHORT = Timeouts(connect=3, greeting=3, ehlo=3, mail=3, rcpt=3, data=3, datablock=3,
                  dataend=3)
@@ -82,7 +86,7 @@ def transaction(*recipients: str, data: bytes = b"Subject: t\r\n\r\nbody\r\n") -
 async def connect(server: RawServer) -> SmtpConnection:
     return await SmtpConnection.open(
         Destination("mx.example.org", "127.0.0.2", server.port),
-        ServerActions(try_tls=False, timeouts=SHORT), ClientSettings(helo_name="c.example"))
+        ServerActions(try_tls=False, timeouts=SHORT), SETTINGS)
 
 
 def final_code(result: object) -> int | None:
@@ -209,7 +213,7 @@ async def test_silent_server_times_out_and_the_session_is_dropped(raw) -> None:
         Destination("mx.example.org", "127.0.0.2", server.port),
         ServerActions(try_tls=False, timeouts=Timeouts(
             connect=3, greeting=3, ehlo=3, mail=0.2, rcpt=3, data=3, datablock=3, dataend=3)),
-        ClientSettings(helo_name="c.example"))
+        SETTINGS)
     with pytest.raises(TemporaryFailure) as caught:
         await conn.send(transaction("b@example.org"))
     assert caught.value.message == "timed out (mail)" and caught.value.dsn == "4.4.2"
