@@ -28,6 +28,7 @@ from mxsend.errors import DeliveryError, Phase, TemporaryFailure
 from mxsend.outcome import (
     RecipientOutcome,
     Where,
+    after_every_host,
     failure_outcomes,
     should_try_next_host,
     transaction_outcomes,
@@ -104,7 +105,7 @@ class Deliverer:
         if not hosts:
             return failure_outcomes(addresses, TemporaryFailure(
                 f"{domain}: no host to deliver to", dsn="4.4.4", phase=Phase.DNS, host=domain))
-        last: list[RecipientOutcome] | None = None
+        tried: list[list[RecipientOutcome]] = []
         for host in hosts:
             for ip in host.addresses:
                 destination = Destination(host.name, ip, self._port)
@@ -112,12 +113,12 @@ class Deliverer:
                                            server_details)
                 if not should_try_next_host(outcomes):
                     return outcomes
-                last = outcomes
-        if last is None:
+                tried.append(outcomes)
+        if not tried:
             return failure_outcomes(addresses, TemporaryFailure(
                 f"{domain}: no address to deliver to", dsn="4.4.4", phase=Phase.DNS,
                 host=domain))
-        return last
+        return after_every_host(tried)
 
     async def close(self) -> None:
         """QUIT every pooled connection."""

@@ -157,9 +157,28 @@ def _unfinished(address: str, error: DeliveryError | None, where: Where) -> Reci
 
 
 def should_try_next_host(outcomes: Sequence[RecipientOutcome]) -> bool:
-    """A host that answered 4xx for the whole transaction: the next MX may do better.
+    """A host that answered 4xx for the whole transaction, or 5xx to its greeting: the
+    next MX may do better.
 
-    Anything sent or bounced is final for this attempt (RFC 5321 §5.1: the MX list is
-    for hosts that cannot be reached or decline temporarily).
+    Anything else sent or bounced is final for this attempt (RFC 5321 §5.1: the MX list
+    is for hosts that cannot be reached or decline temporarily). A 5xx greeting says
+    "not this server", not "not this recipient" (RFC 5321 §3.1; Postfix's
+    smtp_skip_5xx_greeting), so it moves on too.
     """
-    return all(o.status is DeliveryStatus.DEFERRED for o in outcomes)
+    return (all(o.status is DeliveryStatus.DEFERRED for o in outcomes)
+            or _greeting_refused(outcomes))
+
+
+def after_every_host(tried: Sequence[Sequence[RecipientOutcome]]) -> list[RecipientOutcome]:
+    """The outcomes of a domain whose every host was tried, each moving on to the next.
+
+    Bounced only if every host refused at its greeting; otherwise the last host that
+    deferred speaks, since a temporary failure anywhere means a later attempt may work.
+    """
+    deferred = [outcomes for outcomes in tried if not _greeting_refused(outcomes)]
+    return list(deferred[-1] if deferred else tried[-1])
+
+
+def _greeting_refused(outcomes: Sequence[RecipientOutcome]) -> bool:
+    return bool(outcomes) and all(
+        o.status is DeliveryStatus.BOUNCED and o.phase is Phase.GREETING for o in outcomes)

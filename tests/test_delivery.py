@@ -603,6 +603,31 @@ async def test_next_mx_after_whole_transaction_4xx_but_not_after_5xx(smtp_receiv
     assert len(second.messages) == 1  # the 5xx was final
 
 
+async def test_a_5xx_greeting_moves_on_to_the_next_mx(smtp_receivers, make):
+    refusing = smtp_receivers.start("127.0.0.2", behaviour=Behaviour(greeting="554 5.7.1 no"))
+    good = smtp_receivers.start("127.0.0.3")
+    deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2", preference=10),
+                                      mx("mx2.example.org", "127.0.0.3", preference=20)]})
+    [outcome] = await deliver(deliverer, message("bob@example.org"))
+    assert outcome.status is DeliveryStatus.SENT
+    assert "[127.0.0.3]" in (outcome.relay or "")
+    assert len(refusing.sessions) == 1 and len(good.messages) == 1
+
+
+async def test_bounced_only_when_every_mx_refuses_at_the_greeting(smtp_receivers, make):
+    for host in ("127.0.0.2", "127.0.0.3"):
+        smtp_receivers.start(host, behaviour=Behaviour(greeting="554 5.7.1 no"))
+    deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2", preference=10),
+                                      mx("mx2.example.org", "127.0.0.3", preference=20)]})
+    [outcome] = await deliver(deliverer, message("bob@example.org"))
+    assert outcome.status is DeliveryStatus.BOUNCED and outcome.phase is Phase.GREETING
+    assert "[127.0.0.3]" in (outcome.relay or "")  # both were tried
+    # One host deferring is enough to try again later, whichever order they come in.
+    smtp_receivers.receivers[1].behaviour = Behaviour(greeting="421 4.3.2 busy")
+    [outcome] = await deliver(deliverer, message("bob@example.org"))
+    assert outcome.status is DeliveryStatus.DEFERRED
+
+
 async def test_address_literal_goes_straight_to_the_address(smtp_receivers, make):
     server = smtp_receivers.start("127.0.0.4")
     deliverer = make({})
