@@ -13,6 +13,7 @@ ServerActions; one aborted half-way is RSET first (RFC 5321 §4.1.1.5).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import socket
 import time
@@ -89,8 +90,15 @@ class Deliverer:
                                    max_per_destination=smtp.max_connections)
 
     async def deliver(self, queue_id: str, message: Message, recipients: Sequence[Recipient],
-                      domain: str, server_details: ServerDetailsFn) -> list[RecipientOutcome]:
+                      domain: str, server_details: ServerDetailsFn, *,
+                      recorded: asyncio.Future[None] | None = None) -> list[RecipientOutcome]:
         """One transaction for these recipients of `domain`; one outcome per recipient.
+
+        `recorded`: the caller resolves it (set_result, always, also on failure or
+        shutdown) once these outcomes are durable. Until then the connection that
+        carried the message may run the next transaction but holds back its final `.`,
+        so that at most one accepted message per connection is unrecorded (contract §1:
+        a crash duplicates at most one message per open connection).
 
         Never raises for a delivery problem: DNS errors and local misconfiguration (a
         script asking for BATV without a key) come back as outcomes too.
@@ -110,7 +118,7 @@ class Deliverer:
             for ip in host.addresses:
                 destination = Destination(host.name, ip, self._port)
                 outcomes = await self._try(destination, message, recipients, domain,
-                                           server_details)
+                                           server_details, recorded)
                 if not should_try_next_host(outcomes):
                     return outcomes
                 tried.append(outcomes)
@@ -127,7 +135,8 @@ class Deliverer:
     # -- one destination ----------------------------------------------------------------
 
     async def _try(self, dest: Destination, message: Message, recipients: Sequence[Recipient],
-                   domain: str, server_details: ServerDetailsFn) -> list[RecipientOutcome]:
+                   domain: str, server_details: ServerDetailsFn,
+                   recorded: asyncio.Future[None] | None) -> list[RecipientOutcome]:
         addresses = [r.address for r in recipients]
         key = (dest.ip, dest.port)
         until = self.backoff.blocked_until(key, self._clock())
@@ -151,7 +160,7 @@ class Deliverer:
             entry = await self.pool.acquire((dest.ip, dest.port, actions), domain)
             if entry is None:
                 break  # room was reserved for a new session
-            outcomes = await self._send(entry, tx, addresses)
+            outcomes = await self._send(entry, tx, addresses, recorded)
             if outcomes is not None:
                 return outcomes
             # The pooled session had died while idle: nothing was sent; try again.
@@ -162,7 +171,7 @@ class Deliverer:
                 self.backoff.failed(key, self._clock())
             return failure_outcomes(addresses, exc, Where(dest.relay, dest.name))
         self.backoff.succeeded(key)
-        outcomes = await self._send(entry, tx, addresses, fresh=True)
+        outcomes = await self._send(entry, tx, addresses, recorded, fresh=True)
         assert outcomes is not None
         return outcomes
 
@@ -199,12 +208,15 @@ class Deliverer:
         return PoolEntry(conn, domain)
 
     async def _send(self, entry: PoolEntry, tx: Transaction, addresses: list[str],
-                    *, fresh: bool = False) -> list[RecipientOutcome] | None:
+                    recorded: asyncio.Future[None] | None, *, fresh: bool = False
+                    ) -> list[RecipientOutcome] | None:
         """Run the transaction; give the session back. None: a stale pooled session."""
         conn = entry.connection
         where = Where(conn.destination.relay, conn.destination.name, conn.tls_version)
+        if entry.unrecorded is not None and entry.unrecorded.done():
+            entry.unrecorded = None
         try:
-            result = await conn.send(tx)
+            result = await conn.send(tx, before_end_of_data=entry.unrecorded)
         except DeliveryError as exc:
             stale = (not fresh and not conn.alive and exc.phase is Phase.MAIL
                      and exc.code is None)
@@ -218,6 +230,9 @@ class Deliverer:
         if isinstance(result.final, DeliveryError) and result.final.code == 421:
             self.backoff.failed((conn.destination.ip, conn.destination.port), self._clock())
         if isinstance(result.final, Reply) and result.final_phase is Phase.DATAEND:
+            # The end of data was answered: this message is now the one the next
+            # transaction's final `.` waits for (the previous one is recorded by now).
+            entry.unrecorded = recorded
             # The reply to the end of data closes the transaction on both sides (RFC
             # 5321 §4.1.1.4): the session is ready for the next MAIL without an RSET
             # round trip, which is only needed to abort a transaction half-way.

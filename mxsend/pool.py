@@ -76,6 +76,9 @@ class PoolEntry:
     connection: SmtpConnection
     domain: str
     idle_since: float = 0.0  # loop time it was given back
+    # The last message whose end of data this session sent, until the caller has
+    # recorded its outcome: the next message's final `.` waits for it (contract §1).
+    unrecorded: asyncio.Future[None] | None = None
 
 
 @dataclass(slots=True, eq=False)

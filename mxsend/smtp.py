@@ -16,7 +16,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -464,8 +464,15 @@ class SmtpConnection:
             sock.close()
             raise
 
-    async def send(self, tx: Transaction) -> TransactionResult:
+    async def send(self, tx: Transaction, *,
+                   before_end_of_data: Awaitable[None] | None = None) -> TransactionResult:
         """MAIL, RCPT per recipient, DATA; pipelined (RFC 2920) when the server offers it.
+
+        `before_end_of_data` is awaited after the message and before its final `.`, the
+        point past which the server may accept it: the delivery layer passes the
+        previous message's "recorded" so that a connection never has two accepted
+        messages unrecorded (contract §1). The wait is bounded by the data-block
+        timeout; past it the connection is closed, the transaction left unfinished.
 
         Raises DeliveryError when the whole transaction failed before any RCPT was
         answered (MAIL refused, SIZE, SMTPUTF8, lost).
@@ -505,11 +512,12 @@ class SmtpConnection:
         if not rcpts and unsendable is not None:
             raise unsendable
         if self.pipelining:
-            return await self._pipelined(tx, mail, rcpts, unsendable)
-        return await self._lockstep(tx, mail, rcpts, unsendable)
+            return await self._pipelined(tx, mail, rcpts, unsendable, before_end_of_data)
+        return await self._lockstep(tx, mail, rcpts, unsendable, before_end_of_data)
 
     async def _pipelined(self, tx: Transaction, mail: bytes, rcpts: list[bytes],
-                         unsendable: DeliveryError | None) -> TransactionResult:
+                         unsendable: DeliveryError | None,
+                         before_end: Awaitable[None] | None) -> TransactionResult:
         """RFC 2920 §3.1: MAIL, every RCPT and DATA in one write, then every reply, in
         order; DATA goes only when all the recipients are sendable."""
         host = self.destination.name
@@ -552,10 +560,11 @@ class SmtpConnection:
         if not accepted:
             return self._result(replies, None, Phase.RCPT, tx)
         assert start is not None
-        return await self._after_data(tx, replies, start)
+        return await self._after_data(tx, replies, start, before_end)
 
     async def _lockstep(self, tx: Transaction, mail: bytes, rcpts: list[bytes],
-                        unsendable: DeliveryError | None) -> TransactionResult:
+                        unsendable: DeliveryError | None,
+                        before_end: Awaitable[None] | None) -> TransactionResult:
         """Without PIPELINING: each command waits for the reply to the one before."""
         host = self.destination.name
         timeouts = self.actions.timeouts
@@ -586,10 +595,11 @@ class SmtpConnection:
             start = await self._command(Phase.DATA, timeouts.data, b"DATA\r\n")
         except DeliveryError as exc:
             return self._result(replies, exc, exc.phase or Phase.DATA, tx)
-        return await self._after_data(tx, replies, start)
+        return await self._after_data(tx, replies, start, before_end)
 
     async def _after_data(self, tx: Transaction, replies: list[tuple[str, Reply]],
-                          start: Reply) -> TransactionResult:
+                          start: Reply, before_end: Awaitable[None] | None
+                          ) -> TransactionResult:
         """The reply to DATA is in: send the message if it was 354."""
         if start.code != 354:
             if start.positive:
@@ -600,7 +610,7 @@ class SmtpConnection:
                 return self._result(replies, error, Phase.DATA, tx)
             return self._result(replies, start, Phase.DATA, tx)
         try:
-            final = await self._send_data(tx.data)
+            final = await self._send_data(tx.data, before_end)
         except DeliveryError as exc:
             return self._result(replies, exc, exc.phase or Phase.DATA, tx)
         return self._result(replies, final, Phase.DATAEND, tx)
@@ -645,20 +655,42 @@ class SmtpConnection:
             raise _translate(exc, phase, self.destination.name) from exc
         return parse_reply(code, text[:MAX_REPLY_TEXT])
 
-    async def _send_data(self, data: bytes) -> Reply:
+    async def _send_data(self, data: bytes, before_end: Awaitable[None] | None) -> Reply:
         """The message, dot-stuffed (RFC 5321 §4.5.2), then `.`, then the final reply.
 
-        The spool already gives CRLF lines, so the bytes go out as they are.
+        The spool already gives CRLF lines, so the bytes go out as they are. The final
+        `.` goes in the same write as the last block unless `before_end` must be awaited
+        first.
         """
         timeouts = self.actions.timeouts
-        payload = dot_stuff(data) + b".\r\n"
+        host = self.destination.name
+        waiting = before_end is not None and not _done(before_end)
+        payload = dot_stuff(data) + (b"" if waiting else b".\r\n")
         offsets = range(0, len(payload), DATA_BLOCK)
-        with _phase(Phase.DATA, self.destination.name):
+        with _phase(Phase.DATA, host):
             for offset in offsets[:-1]:
                 self._wire.write(payload[offset:offset + DATA_BLOCK], 0)
                 # Each block must drain within the data-block timeout (§4.5.3.2.5).
                 await self._wire.drain(timeouts.datablock)
-            self._wire.write(payload[offsets[-1]:], 1)
+            last = payload[offsets[-1]:] if offsets else b""
+            if not waiting:
+                self._wire.write(last, 1)
+                return await self._reply(Phase.DATAEND, timeouts.dataend)
+            self._wire.write(last, 0)
+        assert before_end is not None
+        # The server waits for more data meanwhile; the data-block timeout bounds the
+        # pause as it bounds any other stretch without progress (§4.5.3.2.5).
+        waiter = asyncio.ensure_future(before_end)
+        done, _ = await asyncio.wait({waiter}, timeout=timeouts.datablock)
+        if not done:
+            if waiter is not before_end:
+                waiter.cancel()  # our own task around a coroutine; a Future is the caller's
+            self.close()  # the server discards the unfinished transaction
+            raise TemporaryFailure(
+                "the previous message on this connection was not recorded in time",
+                dsn="4.4.2", phase=Phase.DATA, host=host)
+        with _phase(Phase.DATA, host):
+            self._wire.write(b".\r\n", 1)
         return await self._reply(Phase.DATAEND, timeouts.dataend)
 
     async def reset(self) -> bool:
@@ -685,6 +717,10 @@ class SmtpConnection:
 
     def close(self) -> None:
         self._wire.close()
+
+
+def _done(awaitable: Awaitable[None]) -> bool:
+    return isinstance(awaitable, asyncio.Future) and awaitable.done()
 
 
 def _command_line(text: str, params: Sequence[str], encoding: str, verb: str = "") -> bytes:

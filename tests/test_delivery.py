@@ -749,6 +749,55 @@ async def test_a_wake_up_one_waiter_cannot_use_reaches_one_that_can(smtp_receive
     await asyncio.gather(stuck, waiting, return_exceptions=True)
 
 
+def _body_arrived(server: Any, index: int) -> bool:
+    """The receiver has every line of its `index`-th transaction's data so far."""
+    transactions = server.transactions
+    return len(transactions) > index and transactions[index].partial[-1:] == [b"last\r\n"]
+
+
+async def test_the_next_end_of_data_waits_until_the_previous_message_is_recorded(
+        smtp_receivers, make):
+    # Contract §1: at most one accepted-but-unrecorded message per connection. The
+    # second message on the session goes out up to its final dot, and no further, until
+    # the first one's outcome is recorded.
+    server = smtp_receivers.start("127.0.0.2")
+    deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2")]})
+    loop = asyncio.get_running_loop()
+    first, second = loop.create_future(), loop.create_future()
+    msg = message("a@example.org")
+    [outcome] = await deliverer.deliver("Q1", msg, list(msg.envelope.recipients),
+                                        "example.org", Details(), recorded=first)
+    assert outcome.status is DeliveryStatus.SENT
+    msg = message("b@example.org")
+    task = asyncio.create_task(deliverer.deliver(
+        "Q2", msg, list(msg.envelope.recipients), "example.org", Details(), recorded=second))
+    await poll_until(lambda: _body_arrived(server, 1))
+    # Held back: the task does not finish while `first` is unresolved (bounded wait).
+    done, _ = await asyncio.wait({task}, timeout=0.5)
+    assert not done and len(server.messages) == 1
+    first.set_result(None)
+    [outcome] = await asyncio.wait_for(task, 5)
+    assert outcome.status is DeliveryStatus.SENT and len(server.messages) == 2
+    assert len(server.sessions) == 1  # one connection carried both
+
+
+async def test_an_end_of_data_never_waits_past_the_data_block_timeout(smtp_receivers, make):
+    server = smtp_receivers.start("127.0.0.2")
+    deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2")]})
+    details = Details(timeouts=replace(FAST, datablock=0.2))
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    msg = message("a@example.org")
+    await deliverer.deliver("Q1", msg, list(msg.envelope.recipients), "example.org",
+                            details, recorded=never)
+    msg = message("b@example.org")
+    [outcome] = await asyncio.wait_for(deliverer.deliver(
+        "Q2", msg, list(msg.envelope.recipients), "example.org", details), 5)
+    # Not sent (the server never saw its end of data): deferred, the session closed.
+    assert outcome.status is DeliveryStatus.DEFERRED and "not recorded" in outcome.response
+    assert len(server.messages) == 1 and deliverer.pool.open_count == 0
+    await asyncio.to_thread(server.wait_for_sessions, 1, 5.0, True)
+
+
 async def test_close_quits_pooled_connections(smtp_receivers, make):
     server = smtp_receivers.start("127.0.0.2")
     deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2")]})
