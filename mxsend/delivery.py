@@ -36,13 +36,8 @@ from mxsend.outcome import (
 )
 from mxsend.pool import Backoff, ConnectionPool, PoolEntry, backoff_worthy
 from mxsend.reply import Reply
-from mxsend.smtp import (
-    ClientSettings,
-    HandshakeFailed,
-    SmtpConnection,
-    Transaction,
-    choose_return_path,
-)
+from mxsend.smtp import HandshakeFailed, SmtpConnection
+from mxsend.smtp_rules import ClientSettings, Transaction, choose_return_path
 
 ServerDetailsFn = Callable[[ServerParameters], Awaitable[ServerActions]]
 
