@@ -27,6 +27,8 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?B?)\s*$", re.IGNORECASE)
 
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 def parse_duration(value: object, key: str) -> float:
     """`30`, `30s`, `5m`, `2h`, `5d` -> seconds. Booleans are not numbers here."""
@@ -92,6 +94,8 @@ class SmtpConfig:
     ca_file: Path | None = None
     max_connections: int = 100
     max_connections_per_domain: int = 10
+    # Contract §10: loopback, private and similar networks an operator lets mail go to.
+    allowed_destinations: tuple[IpNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +270,20 @@ def split_host_port(text: str, default_port: int) -> tuple[str, int]:
     return host, port
 
 
+def _networks(value: object, key: str) -> tuple[IpNetwork, ...]:
+    """A list of CIDR strings ("127.0.0.0/8", "::1/128"; a bare address is a /32 or /128)."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of networks (CIDR), got {value!r}")
+    networks: list[IpNetwork] = []
+    for item in value:
+        text = _str(item, key)
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{key}: {text!r} is not a network (CIDR)") from None
+    return tuple(networks)
+
+
 def _is_port(text: str) -> bool:
     # isascii: str.isdigit() also takes "٣", which int() reads as 3.
     return text.isascii() and text.isdigit() and len(text) <= 5
@@ -392,6 +410,9 @@ def config_from_mapping(
             "max_connections_per_domain",
             defaults.smtp.max_connections_per_domain,
             _int_range(1, 100_000),
+        ),
+        allowed_destinations=s.get(
+            "allowed_destinations", defaults.smtp.allowed_destinations, _networks
         ),
     )
     s.finish()

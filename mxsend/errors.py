@@ -74,6 +74,10 @@ class TemporaryFailure(DeliveryError):
     permanent = False
 
 
+class DestinationRefused(TemporaryFailure):
+    """Not connected: the address is loopback, private or similar and not allowed (§10)."""
+
+
 class PermanentFailure(DeliveryError):
     """Give up and bounce (5xx, null MX, NXDOMAIN, too big)."""
 
