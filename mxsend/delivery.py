@@ -375,7 +375,8 @@ class Deliverer:
                                    max_per_destination=smtp.max_connections)
 
     async def deliver(self, queue_id: str, message: Message, recipients: Sequence[Recipient],
-                      domain: str, server_details: ServerDetailsFn) -> list[RecipientOutcome]:
+                      domain: str, server_details: ServerDetailsFn, *,
+                      recorded: asyncio.Future[None] | None = None) -> list[RecipientOutcome]:
         """One transaction for these recipients of `domain`; one outcome per recipient.
 
         Never raises for a delivery problem: DNS errors and local misconfiguration (a
