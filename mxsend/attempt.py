@@ -22,7 +22,7 @@ import dataclasses
 import time
 from collections.abc import Iterable
 
-from mxsend import schedule
+from mxsend import bounce, schedule
 from mxsend.actions import ServerActions, ServerParameters
 from mxsend.dispatch import Dispatcher, Job
 from mxsend.envelope import Message, Recipient, header_lines
@@ -214,7 +214,8 @@ class Workers:
         for outcome in outcomes:
             event("delivery", queue_id, recipient=outcome.address, status=str(outcome.status),
                   relay=outcome.relay, tls=outcome.tls, dsn=outcome.dsn,
-                  response=outcome.response, attempt=attempt)
+                  response=outcome.response, attempt=attempt,
+                  command=bounce.command_of(outcome.phase))
         return outcomes
 
     def _start_deliveries(

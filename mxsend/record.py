@@ -236,7 +236,7 @@ class Recorder:
         for rcpt in newly_bounced(state, final):
             event("delivery", queue_id, recipient=rcpt.address, status="bounced",
                   relay=None, tls=None, dsn=rcpt.dsn, response=rcpt.response,
-                  attempt=state.attempts)
+                  attempt=state.attempts, command=None)
         return final
 
     async def finish(
@@ -300,6 +300,7 @@ class Recorder:
             log.exception("could not build the %s report for %s", report.action, queue_id)
             return False
         event("bounce", queue_id, bounce_id=bounce_id,
-              recipients=[r.address for r in report.recipients])
+              recipients=[r.address for r in report.recipients],
+              kind=bounce.REPORT_KIND[report.action])
         self._rt.wake.set()
         return True

@@ -640,6 +640,9 @@ def test_a_bounce_says_which_command_the_server_refused(
     process = daemon(_config(tmp_path, world), "--once")
     assert process.wait(60) == 0, process.output()
     [report] = process.find("bounce", id="m")
+    assert report["kind"] == "failure"
+    [refused] = process.find("delivery", id="m")
+    assert refused["status"] == "bounced" and refused["command"] == "RCPT TO"
     dsn = Spool(spool, owner="test-observer").load_message(report["bounce_id"])
     assert dsn.envelope.sender == ""
     text = _unfolded_text(dsn.data)
