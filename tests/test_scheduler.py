@@ -4,10 +4,15 @@ outcomes, giving up, the reports owed."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from mxsend import schedule
+from mxsend import heartbeat, schedule
 from mxsend.attempt import bounce_phases, group_by_domain
 from mxsend.envelope import Envelope, Recipient
 from mxsend.errors import Phase
@@ -258,3 +263,38 @@ def test_bounce_phases_keeps_only_bounces() -> None:
                 _outcome("b@d.test", DeliveryStatus.BOUNCED, "550 no", "5.1.1"),
                 _outcome("d@d.test", DeliveryStatus.DEFERRED, "451 later", "4.3.0")]
     assert bounce_phases(outcomes) == {"b@d.test": Phase.RCPT}
+
+
+# --- heartbeats: health and the supervisor's watchdog ---------------------------------
+
+@pytest.mark.parametrize(("beats", "pids", "fresh"), [
+    ([(1, 99.0), (2, 98.0)], [1, 2], True),
+    ([(1, 99.0), (2, 90.0)], [1, 2], False),  # one daemon stopped beating
+    ([(1, 99.0)], [1, 2], False),  # one never beat (or cannot write its beat)
+    ([(1, 99.0), (2, 90.0)], [1], True),  # a stale beat of no daemon of ours
+    ([(1, 90.0), (1, 99.0)], [1], True),  # the newest beat of a PID counts
+    ([(None, 99.0)], [1], False),  # unreadable: not known to be alive
+    ([], [], True),
+])
+def test_every_daemon_must_beat(beats: list[tuple[int | None, float]], pids: list[int],
+                                fresh: bool) -> None:
+    read = [heartbeat.Beat(f"owner{i}", pid, mtime) for i, (pid, mtime) in enumerate(beats)]
+    assert heartbeat.all_fresh(read, pids, now=100.0, max_age=5.0) is fresh
+
+
+def test_stale_beats_and_reading_them(tmp_path: Path) -> None:
+    owners = tmp_path / "owners"
+    owners.mkdir()
+    (owners / "a").write_text("boot 4026531836 123\n")
+    (owners / "b").write_text("garbage\n")
+    os.utime(owners / "b", (50.0, 50.0))
+    beats = heartbeat.read_beats(tmp_path)
+    assert [(b.owner, b.pid) for b in beats] == [("a", 123), ("b", None)]
+    assert [b.owner for b in heartbeat.stale(beats, time.time(), 15.0)] == ["b"]
+    assert heartbeat.read_beats(tmp_path / "missing") == []
+
+
+def test_health_does_not_import_the_daemon() -> None:
+    code = ("import sys, mxsend.commands.health, mxsend.supervisor; "
+            "sys.exit('mxsend.scheduler' in sys.modules or 'mxsend.delivery' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
