@@ -64,8 +64,14 @@ def test_sigkill_leaves_at_most_one_duplicate_per_connection(
         processes.append(process)
         # Killed mid-stream: some deliveries under way at every kill.
         target = MESSAGES * kill // (KILLS + 2)
-        wait_until(lambda t=target: _received(receivers) >= t, 180, interval=0.005,
-                   message=lambda t=target, p=process: f"{t} deliveries\n{p.output()}")
+
+        def progressed(target: int = target) -> bool:
+            return _received(receivers) >= target
+
+        def progress(target: int = target, process: DaemonProcess = process) -> str:
+            return f"{target} deliveries\n{process.output()}"
+
+        wait_until(progressed, 180, interval=0.005, message=progress)
         process.signal(signal.SIGKILL)
         process.wait(10)
     last = daemon(config)

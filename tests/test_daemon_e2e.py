@@ -622,7 +622,7 @@ def _unfolded_text(raw: bytes) -> str:
     """The DSN's first part (for people) with its line wrapping undone."""
     report = email.message_from_bytes(raw)
     parts = report.get_payload()
-    assert isinstance(parts, list)
+    assert isinstance(parts, list) and isinstance(parts[0], EmailMessage)
     payload = parts[0].get_payload(decode=True)
     assert isinstance(payload, bytes)
     return " ".join(payload.decode("utf-8").split())
