@@ -43,7 +43,6 @@ class Phase(Enum):
     RCPT = "rcpt"
     DATA = "data"
     DATAEND = "dataend"
-    QUEUE = "queue"
 
 
 class DeliveryError(MxsendError):
