@@ -93,7 +93,7 @@ def parse_private_key(data: bytes) -> PrivateKey:
         return key
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key
-    raise ValueError(f"{type(key).__name__.lstrip('_')}: only RSA and Ed25519 keys can sign")
+    raise ValueError("not an RSA or Ed25519 key: DKIM signs with those only (RFC 8463 §2)")
 
 
 def read_key_file(path: Path) -> tuple[PrivateKey, str | None]:
