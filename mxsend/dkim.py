@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 
 from mxsend.dkim_keys import SigningKey
 
-_WSP_RUN = re.compile(rb"[ \t]+")
-_WSP_EOL = re.compile(rb"[ \t]+\r\n")
+_WSP_RUN = re.compile(rb" [ \t]+|\t[ \t]*")  # only runs that change: a lone SP stays
+_SPACES = re.compile(rb"  +")  # starts with a literal, so re scans for it at C speed
 _FOLD = re.compile(rb"\r\n(?=[ \t])")
 _TAG_SPLIT = re.compile(rb"\s*;\s*")
 _FOLD_WIDTH = 76
@@ -59,10 +59,14 @@ def canon_header(field: bytes, kind: str) -> bytes:
 def canon_body(body: bytes, kind: str) -> bytes:
     """The body canonicalised (`simple` §3.4.3, `relaxed` §3.4.4)."""
     if kind == "relaxed":
-        body = _WSP_EOL.sub(b"\r\n", body)
-        if body.endswith((b" ", b"\t")):
-            body = body.rstrip(b" \t")
-        body = _WSP_RUN.sub(b" ", body)
+        # WSP runs become one SP, then the SP left before each CRLF goes. Plain bytes
+        # operations: a character-class regex over 50 KB costs ~1 ms (docs/dkim.md).
+        body = body.replace(b"\t", b" ")
+        if b"  " in body:
+            body = _SPACES.sub(b" ", body)
+        # A last line without CRLF keeps its trailing SP, as dkimpy's (the reference)
+        # does; mxsend's messages always end in CRLF, so this never signs differently.
+        body = body.replace(b" \r\n", b"\r\n")
     # Both: trailing empty lines are ignored, and a non-empty body ends in CRLF.
     while body.endswith(b"\r\n\r\n"):
         body = body[:-2]

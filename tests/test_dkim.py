@@ -8,6 +8,9 @@ from collections.abc import Callable, Iterator
 import dkim as dkimpy
 import dns.resolver
 import pytest
+from dkim.canonicalization import Relaxed, Simple
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mxsend.config import DKIM_DEFAULT_HEADERS
 from mxsend.dkim import (
@@ -124,7 +127,7 @@ def test_simple_example_of_rfc6376_3_4_6() -> None:
         (b"\r\n", b"\r\n", b""),
         (b"\r\n\r\n \r\n", b"\r\n\r\n \r\n", b""),  # " " is not empty to simple
         (b"x", b"x\r\n", b"x\r\n"),  # a missing final CRLF is added
-        (b"x \t", b"x \t\r\n", b"x\r\n"),
+        (b"x \t", b"x \t\r\n", b"x \r\n"),  # as dkimpy: a last line without CRLF
         (b"a\r\n\r\nb\r\n", b"a\r\n\r\nb\r\n", b"a\r\n\r\nb\r\n"),
     ],
 )
@@ -283,3 +286,27 @@ def test_an_unrelated_signature_does_not_stop_signing() -> None:
     key = signing_key("example.com", "r1")
     foreign = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=other; b=abc\r\n"
     assert sign(foreign + MESSAGE, [key], NOW).startswith(b"DKIM-Signature:")
+
+
+# --- the same canonical form as dkimpy, the reference implementation -----------------------
+
+_WSP_TEXT = st.lists(
+    st.sampled_from([b"a", b"Z", b" ", b"\t", b"  ", b"\r\n", b"\r\n\r\n", b".", b"\xc3\xa9"]),
+    max_size=40,
+).map(b"".join)
+
+
+@given(_WSP_TEXT)
+def test_body_canonicalisation_matches_dkimpy(body: bytes) -> None:
+    for kind, reference in (("relaxed", Relaxed), ("simple", Simple)):
+        assert canon_body(body, kind) == reference.canonicalize_body(body), kind
+
+
+@given(st.sampled_from([b"Subject", b"X-Tag", b"from"]), _WSP_TEXT)
+def test_header_canonicalisation_matches_dkimpy(name: bytes, value: bytes) -> None:
+    # A field value never holds a CRLF that is not followed by WSP (that would end it).
+    value = value.replace(b"\r\n", b"\r\n ")
+    raw = name + b":" + value + b"\r\n"
+    for kind, reference in (("relaxed", Relaxed), ("simple", Simple)):
+        [(ref_name, ref_value)] = reference.canonicalize_headers([(name, value + b"\r\n")])
+        assert canon_header(raw, kind) == ref_name + b":" + ref_value, kind
