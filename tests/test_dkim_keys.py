@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from mxsend.config import DKIM_DEFAULT_HEADERS, DkimKey, config_from_mapping
+from mxsend.dkim import Signed, Signer, split_message
 from mxsend.dkim_keys import DkimKeyError, load_keys, read_key_file, txt_record
 from mxsend.errors import ConfigError
 
@@ -203,3 +204,50 @@ def test_record_of_a_bad_file_is_one_line_on_stderr(tmp_path: Path) -> None:
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     bad_bits = mxsend("dkim", "keygen", "x.test", "s", "--bits", "512", cwd=tmp_path)
     assert bad_bits.returncode == 2 and "--bits" in bad_bits.stderr
+
+
+# --- the Signer the daemon is given -----------------------------------------------------
+
+
+def _config(tmp_path: Path, name: str, domain: str, selector: str, kind: str) -> DkimKey:
+    key = (ed25519.Ed25519PrivateKey.generate() if kind == "ed25519"
+           else rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    path = write_key(tmp_path / name, key, serialization.PrivateFormat.PKCS8)
+    return DkimKey(domain, selector, path)
+
+
+MESSAGE = b"From: a@news.example.com\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+def test_signer_signs_once_per_key_and_names_them(tmp_path: Path) -> None:
+    configs = (_config(tmp_path, "r.pem", "example.com", "r1", "rsa"),
+               _config(tmp_path, "e.pem", "example.com", "e1", "ed25519"))
+    signer, warnings = Signer.from_config(configs)
+    assert warnings == ()
+    assert signer.dkim_domain(split_message(MESSAGE)[0]) == "example.com"
+    signed = signer.sign(MESSAGE, None, 1_796_000_000)
+    assert signed.label == "d=example.com s=r1,d=example.com s=e1"
+    assert signed.fields.count(b"DKIM-Signature:") == 2
+    assert signed.fields.isascii()  # storable as text in the message's state
+    assert signer.sign(MESSAGE, "", 1_796_000_000) == Signed(b"", None)  # DKIMDomain ""
+    resigned = signer.sign(signed.fields + MESSAGE, None, 1_796_000_000)
+    assert resigned == Signed(b"", None)  # same d= and s= already there
+
+
+def test_signer_without_keys_signs_nothing() -> None:
+    signer = Signer()
+    assert signer.dkim_domain(MESSAGE) == ""
+    assert signer.sign(MESSAGE, None, 0) == Signed(b"", None)
+
+
+def test_reload_with_a_bad_key_keeps_the_previous_keys(tmp_path: Path) -> None:
+    good = (_config(tmp_path, "e.pem", "example.com", "e1", "ed25519"),)
+    signer, _ = Signer.from_config(good)
+    (tmp_path / "broken.pem").write_text("garbage")
+    broken = (DkimKey("example.com", "e2", tmp_path / "broken.pem"),)
+    with pytest.raises(DkimKeyError, match=r"^dkim.key\[0\] \(example.com e2\)"):
+        signer.reload(broken)
+    assert [key.selector for key in signer.keys] == ["e1"]
+    newer = (_config(tmp_path, "e3.pem", "example.com", "e3", "ed25519"),)
+    assert signer.reload(newer) == ()
+    assert signer.sign(MESSAGE, None, 0).label == "d=example.com s=e3"
