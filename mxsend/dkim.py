@@ -358,6 +358,11 @@ class Signer:
     def keys(self) -> tuple[SigningKey, ...]:
         return self._keys
 
+    def has_domain(self, domain: str) -> bool:
+        """Whether a key is configured for `domain` (to tell a script's typo from "")."""
+        wanted = normalise_domain(domain)
+        return any(key.domain == wanted for key in self._keys)
+
     def dkim_domain(self, header: bytes) -> str:
         """CheckFile's `DKIMDomain` in: the `domain` of the key(s) that would sign, or ""."""
         return signing_domain(self._keys, from_domain(header)) if self._keys else ""

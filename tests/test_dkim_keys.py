@@ -225,6 +225,7 @@ def test_signer_signs_once_per_key_and_names_them(tmp_path: Path) -> None:
     signer, warnings = Signer.from_config(configs)
     assert warnings == ()
     assert signer.dkim_domain(split_message(MESSAGE)[0]) == "example.com"
+    assert signer.has_domain("Example.com.") and not signer.has_domain("example.org")
     signed = signer.sign(MESSAGE, None, 1_796_000_000)
     assert signed.label == "d=example.com s=r1,d=example.com s=e1"
     assert signed.fields.count(b"DKIM-Signature:") == 2
