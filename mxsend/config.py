@@ -114,6 +114,34 @@ class BatvConfig:
     key_file: Path | None = None
 
 
+# Contract §7: signed when present; `from` is listed once more than it occurs
+# ("oversigned", RFC 6376 §8.15) so that a From: added later breaks the signature.
+DKIM_DEFAULT_HEADERS = (
+    "from", "to", "cc", "subject", "date", "message-id", "reply-to", "in-reply-to",
+    "references", "mime-version", "content-type", "content-transfer-encoding",
+    "list-unsubscribe", "list-unsubscribe-post",
+)
+DKIM_CANONICALIZATIONS = ("relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple")
+_DNS_LABEL_RE = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+_HEADER_NAME_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")  # RFC 5322 §3.6.8 ftext
+
+
+@dataclass(frozen=True, slots=True)
+class DkimKey:
+    """One `[[dkim.key]]` table (contract §7); the key file is read by `dkim_keys`."""
+
+    domain: str
+    selector: str
+    key_file: Path
+    headers: tuple[str, ...] = DKIM_DEFAULT_HEADERS
+    canonicalization: str = "relaxed/relaxed"
+
+
+@dataclass(frozen=True, slots=True)
+class DkimConfig:
+    keys: tuple[DkimKey, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     format: str = "text"
@@ -129,6 +157,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     batv: BatvConfig = field(default_factory=BatvConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
     source: Path | None = None  # the file this came from; None for built-in defaults
 
 
@@ -340,6 +369,72 @@ def _path_converter(base: Path | None, *, empty_is_none: bool) -> Callable[[obje
     return convert
 
 
+def _dns_name(value: object, key: str) -> str:
+    """A domain or selector: dot-separated DNS labels, lowercased, A-labels for IDNs."""
+    text = _str(value, key).strip().rstrip(".").lower()
+    try:
+        text = text.encode("idna").decode("ascii") if not text.isascii() else text
+    except UnicodeError:
+        raise ConfigError(f"{key}: not a valid domain name: {value!r}") from None
+    labels = text.split(".")
+    if not text or len(text) > 253 or not all(_DNS_LABEL_RE.match(label) for label in labels):
+        raise ConfigError(f"{key}: not a valid domain name: {value!r}")
+    return text
+
+
+def _dkim_headers(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected a non-empty list of header names, got {value!r}")
+    names: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or not _HEADER_NAME_RE.match(item):
+            raise ConfigError(f"{key}: not a header field name: {item!r}")
+        if item.lower() not in names:
+            names.append(item.lower())
+    if "from" not in names:  # RFC 6376 §5.4: "The From header field MUST be signed"
+        raise ConfigError(f"{key}: must include from (RFC 6376 §5.4)")
+    return tuple(names)
+
+
+def _canonicalization(value: object, key: str) -> str:
+    text = _str(value, key).strip().lower()
+    if text in ("relaxed", "simple"):  # RFC 6376 §3.5 c=: a lone value is the header's
+        text += "/simple"
+    if text not in DKIM_CANONICALIZATIONS:
+        raise ConfigError(
+            f"{key}: expected one of {', '.join(DKIM_CANONICALIZATIONS)}, got {value!r}"
+        )
+    return text
+
+
+def _dkim(table: object, base: Path | None) -> DkimConfig:
+    s = _Section("dkim", table, base)
+    s.seen.add("key")
+    entries = s.table.get("key", [])
+    s.finish()
+    if not isinstance(entries, list):
+        raise ConfigError("dkim.key: expected [[dkim.key]] tables")
+    keys: list[DkimKey] = []
+    for index, entry in enumerate(entries):
+        k = _Section(f"dkim.key[{index}]", entry, base)
+        for required in ("domain", "selector", "key_file"):
+            if required not in k.table:
+                raise ConfigError(f"{k.key(required)}: required")
+        key = DkimKey(
+            domain=k.get("domain", "", _dns_name),
+            selector=k.get("selector", "", _dns_name),
+            key_file=k.get("key_file", Path(), _path_converter(base, empty_is_none=False)),
+            headers=k.get("headers", DKIM_DEFAULT_HEADERS, _dkim_headers),
+            canonicalization=k.get("canonicalization", "relaxed/relaxed", _canonicalization),
+        )
+        k.finish()
+        if any((key.domain, key.selector) == (o.domain, o.selector) for o in keys):
+            raise ConfigError(f"{k.key('selector')}: {key.selector} is configured twice "
+                              f"for {key.domain}")
+        keys.append(key)
+    return DkimConfig(keys=tuple(keys))
+
+
 def load_config(path: Path | None) -> Config:
     """Load and validate a config file; None gives the built-in defaults."""
     if path is None:
@@ -362,7 +457,7 @@ def config_from_mapping(
     data: Mapping[str, Any], *, base: Path | None = None, source: Path | None = None
 ) -> Config:
     """Validate an already-parsed TOML document."""
-    known = {"spool", "script", "dns", "smtp", "queue", "batv", "log"}
+    known = {"spool", "script", "dns", "smtp", "queue", "batv", "log", "dkim"}
     for name in data:
         if name not in known:
             raise ConfigError(f"{name}: unknown section")
@@ -443,9 +538,11 @@ def config_from_mapping(
     )
     s.finish()
 
+    dkim = _dkim(data.get("dkim", {}), base)
+
     return Config(
         spool=spool, script=script, dns=dns, smtp=smtp, queue=queue, batv=batv, log=log,
-        source=source,
+        dkim=dkim, source=source,
     )
 
 
