@@ -415,45 +415,47 @@ maillog_file_prefixes = {directory}
     return config
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(POSTFIX) or os.geteuid() != 0,
-                    reason="needs Postfix and root")
-async def test_postfix_relays_into_the_spool(listen: Start, tmp_path: Path) -> None:
-    listener = await listen()
+def _relay_through_postfix(relay_port: int, spool: Path) -> list[Path]:
+    """Start a private Postfix, submit one message to its smtpd, wait for it in new/."""
     smtpd_port = free_port()
     # Postfix's daemons run as `postfix`: its directories cannot be under pytest's
     # tmp_path, which is private to root.
     home = Path(tempfile.mkdtemp(prefix="mxsend-postfix-"))
     home.chmod(0o755)
-    config = _postfix_instance(home, smtpd_port, listener.port)
+    config = _postfix_instance(home, smtpd_port, relay_port)
     started = subprocess.run([POSTFIX, "-c", str(config), "start"], capture_output=True,
                              text=True)
     assert started.returncode == 0, started.stderr
+
+    def ready() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", smtpd_port), timeout=1):
+            return True
+        return False
+
     try:
-        def submit() -> None:
-            def ready() -> bool:
-                with contextlib.suppress(OSError), socket.create_connection(
-                        ("127.0.0.1", smtpd_port), timeout=1):
-                    return True
-                return False
-
-            wait_until(ready, 20, 0.1, "Postfix's smtpd")
-            with smtplib.SMTP("127.0.0.1", smtpd_port, timeout=10) as smtp:
-                smtp.ehlo("app.test")
-                smtp.mail("alice@src.test", ["RET=HDRS", "ENVID=PF42"])
-                smtp.rcpt("bob@dst.test", ["NOTIFY=SUCCESS,FAILURE",
-                                           "ORCPT=rfc822;bob@dst.test"])
-                assert smtp.data(b"Subject: via postfix\r\n\r\nhello\r\n")[0] == 250
-
-        await asyncio.to_thread(submit)
-        spool = tmp_path / "spool"
-        files = await asyncio.to_thread(
-            wait_until, lambda: new_files(spool), 30, 0.1,
+        wait_until(ready, 20, 0.1, "Postfix's smtpd")
+        with smtplib.SMTP("127.0.0.1", smtpd_port, timeout=10) as smtp:
+            smtp.ehlo("app.test")
+            smtp.mail("alice@src.test", ["RET=HDRS", "ENVID=PF42"])
+            smtp.rcpt("bob@dst.test", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bob@dst.test"])
+            assert smtp.data(b"Subject: via postfix\r\n\r\nhello\r\n")[0] == 250
+        files: list[Path] = wait_until(
+            lambda: new_files(spool), 30, 0.1,
             lambda: "the relayed message in new/; maillog:\n"
             + (home / "maillog").read_text(errors="replace")[-3000:])
+        return files
     finally:
-        subprocess.run([POSTFIX, "-c", str(config), "stop"], capture_output=True)
+        subprocess.run([POSTFIX, "-c", str(config), "stop"], capture_output=True, check=False)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(POSTFIX) or os.geteuid() != 0,
+                    reason="needs Postfix and root")
+async def test_postfix_relays_into_the_spool(listen: Start, tmp_path: Path) -> None:
+    listener = await listen()
+    files = await asyncio.to_thread(_relay_through_postfix, listener.port, tmp_path / "spool")
     message = parse_bsmtp(files[0].read_bytes())
     assert message.envelope.sender == "alice@src.test"
     assert message.envelope.ret == "HDRS" and message.envelope.envid == "PF42"
