@@ -185,6 +185,7 @@ class RelaySession(SMTP):
         self.listener = listener
         self.command_size_limits = _CommandSizes()
         self._transaction: _Transaction | None = None
+        self._replies: list[bytes] = []
 
     # -- aiosmtpd's seams
 
@@ -202,7 +203,25 @@ class RelaySession(SMTP):
         self._transaction = None
 
     async def push(self, status: str) -> None:  # type: ignore[override]
-        await super().push(with_enhanced_code(status))
+        # RFC 2920 §3.1: replies to a pipelined group go out together. While more
+        # commands wait in the buffer, a reply is held; the last one sends them all
+        # (a send per reply was the listener's largest cost).
+        self._replies.append(with_enhanced_code(status).encode("utf-8", "surrogateescape"))
+        reader: Any = self._reader
+        # Held only while a whole command waits (a client sending a command in pieces
+        # waits for nothing), never a reply before a change of state (220 to STARTTLS,
+        # 221, 421: the connection is closed or switched right after).
+        if (b"\n" in reader._buffer and status[:3] not in ("220", "221", "421")
+                and len(self._replies) < 64):
+            return
+        await self._flush()
+
+    async def _flush(self) -> None:
+        if self._replies:
+            self._replies.append(b"")
+            self._writer.write(b"\r\n".join(self._replies))
+            self._replies.clear()
+            await self._writer.drain()
 
     async def _handle_client(self) -> None:
         peer = self._peer_ip()
@@ -256,8 +275,8 @@ class RelaySession(SMTP):
         if self._tls():
             lines.append("REQUIRETLS")  # RFC 8689 §4: offered on a TLS session
         text = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
-        self._writer.write(text.encode("ascii"))
-        await self._writer.drain()
+        self._replies.append(text[:-2].encode("ascii"))  # EHLO's lines carry no codes
+        await self._flush()
 
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push("502 5.5.1 AUTH not offered")  # the networks are the access control
