@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from mxsend.listener import (
     with_enhanced_code,
     write_error_reply,
 )
-from tests.fixtures.daemon import wait_until
+from tests.fixtures.daemon import DaemonProcess, wait_until, write_config
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -463,3 +464,50 @@ async def test_postfix_relays_into_the_spool(listen: Start, tmp_path: Path) -> N
         Recipient("bob@dst.test", notify=("SUCCESS", "FAILURE"), orcpt="rfc822;bob@dst.test"),)
     assert b"Subject: via postfix" in message.data
     assert b"by mta.test (Postfix)" in message.data  # Postfix's own Received field
+
+
+# --- in the daemon ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_daemon_serves_the_listener_and_metrics(
+        daemon: Callable[..., DaemonProcess], tmp_path: Path, processes: int) -> None:
+    """With one daemon it serves both; with two the supervisor does, and the daemons
+    record into its metrics directory."""
+    listen_port, metrics_port = free_port(), free_port()
+    config = write_config(tmp_path, {
+        "listen": {"address": f"127.0.0.1:{listen_port}"},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "queue": {"processes": processes},
+        "dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"},
+    })
+    process = daemon(config)
+
+    def connect() -> smtplib.SMTP | None:
+        with contextlib.suppress(OSError):
+            return smtplib.SMTP("127.0.0.1", listen_port, timeout=10)
+        return None
+
+    smtp = wait_until(connect, 30, 0.1, lambda: "the listener\n" + process.output())
+    with smtp:
+        smtp.ehlo()
+        smtp.mail("a@src.test")
+        smtp.rcpt("b@dst.test")
+        code, reply = smtp.data(b"Subject: in\r\n\r\nhi\r\n")
+        assert code == 250
+        queue_id = reply.decode().rsplit(" ", 1)[1]
+    process.wait_event("queued", timeout=30, id=queue_id)
+
+    def scraped() -> str | None:
+        with contextlib.suppress(OSError), urllib.request.urlopen(
+                f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as answer:
+            return str(answer.read().decode())
+        return None
+
+    text = wait_until(scraped, 10, 0.1, "/metrics")
+    assert 'mxsend_deliveries_total{status="sent"} 0.0' in text
+    assert "mxsend_queue_messages" in text
+    assert process.stop() == 0
+    assert not list((tmp_path / "spool" / "tmp").iterdir())
+
