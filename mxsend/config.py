@@ -148,6 +148,31 @@ class LogConfig:
     level: str = "info"
 
 
+# RFC 5321 §4.5.3.2.7: a server waits at least 5 minutes for the next command.
+LISTEN_IDLE_TIMEOUT = 300.0
+LOOPBACK_NETWORKS: tuple[IpNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    """The SMTP listener (contract §10); `address` "" is off."""
+
+    address: str = ""
+    networks: tuple[IpNetwork, ...] = LOOPBACK_NETWORKS
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    idle_timeout: float = LISTEN_IDLE_TIMEOUT
+    max_connections: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus endpoint (contract §10); `listen` "" is off."""
+
+    listen: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -158,6 +183,8 @@ class Config:
     batv: BatvConfig = field(default_factory=BatvConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = None  # the file this came from; None for built-in defaults
 
 
@@ -318,6 +345,20 @@ def _is_port(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= 5
 
 
+def _listen_address(value: object, key: str) -> str:
+    """"" (off) or `ip:port` / `[ipv6]:port`: a port is required, there is no default."""
+    text = _str(value, key)
+    if not text:
+        return text
+    if not (text.startswith("[") and "]:" in text) and text.count(":") != 1:
+        raise ConfigError(f"{key}: expected ip:port or [ipv6]:port, got {text!r}")
+    try:
+        split_host_port(text, 0)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return text
+
+
 def _source_address(value: object, key: str) -> str:
     text = _str(value, key)
     if text:
@@ -457,7 +498,8 @@ def config_from_mapping(
     data: Mapping[str, Any], *, base: Path | None = None, source: Path | None = None
 ) -> Config:
     """Validate an already-parsed TOML document."""
-    known = {"spool", "script", "dns", "smtp", "queue", "batv", "log", "dkim"}
+    known = {"spool", "script", "dns", "smtp", "queue", "batv", "log", "dkim", "listen",
+             "metrics"}
     for name in data:
         if name not in known:
             raise ConfigError(f"{name}: unknown section")
@@ -540,10 +582,33 @@ def config_from_mapping(
 
     dkim = _dkim(data.get("dkim", {}), base)
 
+    listen = _listen_section(section("listen"), defaults.listen, base)
+    s = section("metrics")
+    metrics = MetricsConfig(listen=s.get("listen", defaults.metrics.listen, _listen_address))
+    s.finish()
+
     return Config(
         spool=spool, script=script, dns=dns, smtp=smtp, queue=queue, batv=batv, log=log,
-        dkim=dkim, source=source,
+        dkim=dkim, listen=listen, metrics=metrics, source=source,
     )
+
+
+def _listen_section(s: _Section, defaults: ListenConfig, base: Path | None) -> ListenConfig:
+    path = _path_converter(base, empty_is_none=True)
+    listen = ListenConfig(
+        address=s.get("address", defaults.address, _listen_address),
+        networks=s.get("networks", defaults.networks, _networks),
+        tls_cert=s.get("tls_cert", defaults.tls_cert, path),
+        tls_key=s.get("tls_key", defaults.tls_key, path),
+        idle_timeout=s.get("idle_timeout", defaults.idle_timeout, _positive_duration),
+        max_connections=s.get("max_connections", defaults.max_connections,
+                              _int_range(1, 100_000)),
+    )
+    s.finish()
+    if (listen.tls_cert is None) != (listen.tls_key is None):
+        missing = "listen.tls_key" if listen.tls_key is None else "listen.tls_cert"
+        raise ConfigError(f"{missing}: tls_cert and tls_key go together (both or neither)")
+    return listen
 
 
 def config_path(explicit: str | None, environ: Mapping[str, str] = os.environ) -> Path | None:
