@@ -55,6 +55,10 @@ class ServerActions:
     default_return_address: str = ""
     null_return_address: str = ""
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # Non-empty: the script asked for a protection that could not be read (a pin with a
+    # CR in it, say); the attempt to this server fails temporarily before connecting,
+    # never unpinned or in plaintext (docs/policy.md, "Fields that cannot be read").
+    unusable: str = ""
 
     @property
     def requires_tls(self) -> bool:
@@ -64,6 +68,7 @@ class ServerActions:
             or self.verify_cert
             or self.check_cert_name
             or self.check_cert_thumbprint
+            or self.unusable
         )
 
 

@@ -287,7 +287,7 @@ def _read(
     try:
         return reader(value)
     except FieldError as exc:
-        faults.append((label or name, str(exc)))
+        faults.append((label or name, f"{exc}; using the default"))
         return default
 
 
@@ -321,6 +321,18 @@ SERVER_FIELDS: tuple[tuple[str, str, Callable[[object], Any]], ...] = (
 )
 _TIMEOUT_FIELDS = tuple(f.name for f in dataclasses.fields(Timeouts))
 _PINS = ("checkCertName", "checkCertThumbprint")
+# Flags whose unreadable value is taken as on: off would be the weaker connection.
+_FAIL_CLOSED_FLAGS = {"forceTLS": "force_tls", "verifyCert": "verify_cert"}
+# returnAddressModifier -> the field it sends as MAIL FROM.
+_MODIFIER_TARGETS = {1: ("defaultReturnAddress", "default_return_address"),
+                     2: ("nullReturnAddress", "null_return_address")}
+
+
+def _restate(faults: list[Fault], name: str, outcome: str) -> None:
+    """Replace "using the default" in `name`'s fault with what is done instead."""
+    for index, (field, problem) in enumerate(faults):
+        if field == name:
+            faults[index] = (field, problem.replace("using the default", outcome))
 
 
 def server_actions_from_lua(
@@ -329,16 +341,36 @@ def server_actions_from_lua(
 ) -> tuple[ServerActions, list[Fault]]:
     """ServerDetails' returned Actions -> ServerActions and the faults found on the way.
 
-    A pin (checkCertName, checkCertThumbprint) that cannot be used falls back to its
-    default as every field does, but forceTLS is then turned on: the operator asked for
-    a protected connection, so it must not silently become a plaintext one.
+    A field that cannot be read is a fault and takes the value given in, except where
+    that would weaken what the script asked for (docs/policy.md, "Fields that cannot
+    be read"): an unreadable forceTLS or verifyCert counts as on; an unreadable pin
+    makes the attempt fail temporarily (`unusable`), never unpinned; a
+    returnAddressModifier whose target is not a valid address sends the envelope
+    sender as queued, never `<>` (RFC 5321 §4.5.5 keeps the null path for reports).
     """
     faults: list[Fault] = []
     values: dict[str, Any] = {}
     for attr, lua_name, reader in SERVER_FIELDS:
         values[attr] = _read(fields, lua_name, reader, getattr(defaults, attr), faults)
-    if any(name in _PINS for name, _ in faults):
+    failed = {name for name, _ in faults}
+    for lua_name, attr in _FAIL_CLOSED_FLAGS.items():
+        if lua_name in failed:
+            values[attr] = True
+            _restate(faults, lua_name, "taken as on")
+    bad_pins = [name for name in _PINS if name in failed]
+    if bad_pins:
         values["force_tls"] = True
+        values["unusable"] = f"the script's {' and '.join(bad_pins)} cannot be used"
+        for name in bad_pins:
+            _restate(faults, name, "no attempt to this server until the script is fixed")
+    target = _MODIFIER_TARGETS.get(values["return_address_modifier"])
+    if target is not None:
+        lua_name, attr = target
+        if lua_name in failed or (attr == "default_return_address" and not values[attr]):
+            faults.append(("returnAddressModifier", (
+                f"{values['return_address_modifier']} names {lua_name}, which is not a"
+                " valid address; the envelope sender as queued is used")))
+            values["return_address_modifier"] = 0
     if isinstance(timeouts, Opaque) or (timeouts is not None and not isinstance(timeouts, dict)):
         faults.append(("timeouts", f"must be a table, got {_kind(timeouts)}"))
         timeouts = None
@@ -913,7 +945,7 @@ class Policy:
     def _log_faults(function: str, queue_id: str, faults: Sequence[Fault]) -> None:
         for name, problem in faults:
             event(SCRIPT_ERROR, queue_id, function=function,
-                  error=f"{name}: {problem}; using the default")
+                  error=f"{name}: {problem}")
 
 
 def _check_message(request: CheckFileRequest, timeout: float) -> tuple[object, ...]:

@@ -278,6 +278,10 @@ def server(**changes: Any) -> ServerActions:
     return ServerActions(**{"helo_name": "out.example.com", **changes})
 
 
+def unusable(pins: str) -> ServerActions:
+    return server(force_tls=True, unusable=f"the script's {pins} cannot be used")
+
+
 @pytest.mark.parametrize(
     ("lua", "expected", "fault"),
     [
@@ -297,14 +301,21 @@ def server(**changes: Any) -> ServerActions:
         ("Actions.HELOname = {}", server(), True),
         ("Actions.checkCertName = '*.example.org'", server(check_cert_name="*.example.org"),
          False),
-        ("Actions.checkCertName = 'x\\ny'", server(force_tls=True), True),
+        ("Actions.checkCertName = 'x\\ny'", unusable("checkCertName"), True),
+        ("Actions.checkCertName = {}", unusable("checkCertName"), True),
         ("Actions.checkCertThumbprint = string.rep('ab', 20)",
          server(check_cert_thumbprint="ab" * 20), False),
-        ("Actions.checkCertThumbprint = 'AB:CD'", server(force_tls=True), True),
+        ("Actions.checkCertThumbprint = 'AB:CD'", unusable("checkCertThumbprint"), True),
         ("Actions.checkCertThumbprint = string.rep('ab', 20) .. '\\0'",
-         server(force_tls=True), True),
+         unusable("checkCertThumbprint"), True),
+        ("Actions.checkCertName = 'a\\rb'; Actions.checkCertThumbprint = 'no'",
+         unusable("checkCertName and checkCertThumbprint"), True),
+        # An unreadable protection flag counts as on: off would be the weaker connection.
+        ("Actions.forceTLS = 'maybe'", server(force_tls=True), True),
+        ("Actions.verifyCert = {}", server(verify_cert=True), True),
         ("Actions.returnAddressModifier = 2", server(return_address_modifier=2), False),
-        ("Actions.returnAddressModifier = '1'", server(return_address_modifier=1), False),
+        ("Actions.returnAddressModifier = '1'; Actions.defaultReturnAddress = 'b@x.example'",
+         server(return_address_modifier=1, default_return_address="b@x.example"), False),
         ("Actions.returnAddressModifier = 3", server(), True),
         ("Actions.defaultReturnAddress = '<bounce@example.com>'",
          server(default_return_address="bounce@example.com"), False),
@@ -312,6 +323,20 @@ def server(**changes: Any) -> ServerActions:
          server(), True),
         ("Actions.defaultReturnAddress = 'not an address'", server(), True),
         ("Actions.nullReturnAddress = '<>'", server(), False),
+        # A modifier whose target cannot be used sends the envelope sender as queued
+        # (modifier 0), never <> (issue 10 item 1).
+        ("Actions.returnAddressModifier = 1; Actions.defaultReturnAddress = 'b@x.example\\r'",
+         server(), True),
+        ("Actions.returnAddressModifier = 1; Actions.defaultReturnAddress = 'not valid'",
+         server(), True),
+        ("Actions.returnAddressModifier = 1", server(), True),
+        ("Actions.returnAddressModifier = 1; Actions.defaultReturnAddress = {}", server(), True),
+        ("Actions.returnAddressModifier = 2; Actions.nullReturnAddress = 'a\\nb@x.example'",
+         server(), True),
+        ("Actions.returnAddressModifier = 2; Actions.nullReturnAddress = ''",
+         server(return_address_modifier=2), False),
+        ("Actions.returnAddressModifier = 2; Actions.nullReturnAddress = '<>'",
+         server(return_address_modifier=2), False),
         ("Actions.nullReturnAddress = 'null@example.com'",
          server(null_return_address="null@example.com"), False),
         ("Actions.timeouts.connect = 30", server(timeouts=Timeouts(connect=30.0)), False),
@@ -328,6 +353,72 @@ async def test_server_details_results(script: Any, events: Events, lua: str,
     policy = script(SERVER_SET % lua)
     assert await policy.server_details("Q1", PARAMS, ["Subject: hi"]) == expected
     assert bool(events.of("script_error")) == fault
+
+
+async def test_a_bad_modifier_target_is_one_script_error_naming_it(script: Any,
+                                                                   events: Events) -> None:
+    policy = script(SERVER_SET % (
+        "Actions.returnAddressModifier = 1; Actions.defaultReturnAddress = 'b@x.example\\r'"))
+    actions = await policy.server_details("Q1", PARAMS, [])
+    assert actions.return_address_modifier == 0
+    messages = [e["error"] for e in events.of("script_error")]
+    assert any(m.startswith("defaultReturnAddress:") for m in messages), messages
+    assert any(m.startswith("returnAddressModifier: 1 names defaultReturnAddress")
+               and "envelope sender as queued" in m for m in messages), messages
+
+
+@pytest.fixture
+async def delivery_to(smtp_receivers: Any) -> Any:
+    """delivery_to(policy) -> outcomes and the receiver, for one message to example.org."""
+    from mxsend.config import config_from_mapping
+    from mxsend.delivery import Deliverer
+    from mxsend.envelope import Envelope, Message, Recipient
+    from mxsend.mx import MxHost
+
+    receiver = smtp_receivers.start("127.0.0.2", tls=True)
+
+    class Static:
+        async def resolve(self, domain: str) -> list[MxHost]:
+            return [MxHost(name="mx1.example.org", preference=10, addresses=("127.0.0.2",))]
+
+    async def run(policy: Policy) -> tuple[list[Any], Any]:
+        config = config_from_mapping({"smtp": {"port": smtp_receivers.port,
+                                               "helo_name": "out.example.com"}})
+        deliverer = Deliverer(config, Static(), batv_key=None)
+        msg = Message(Envelope(sender="alice@example.com",
+                               recipients=(Recipient("bob@example.org"),)),
+                      b"Subject: t\r\n\r\nhi\r\n")
+
+        async def details(params: ServerParameters) -> ServerActions:
+            return await policy.server_details("Q1", params, [])
+
+        try:
+            outcomes = await deliverer.deliver("Q1", msg, list(msg.envelope.recipients),
+                                               "example.org", details)
+        finally:
+            await deliverer.close()
+        return outcomes, receiver
+
+    return run
+
+
+async def test_a_bad_default_return_address_sends_the_queued_sender_not_null(
+        script: Any, delivery_to: Any) -> None:
+    policy = script(SERVER_SET % (
+        "Actions.returnAddressModifier = 1; Actions.defaultReturnAddress = 'b@x.example\\n'"))
+    [outcome], receiver = await delivery_to(policy)
+    assert str(outcome.status) == "sent", outcome
+    [received] = await receiver.async_wait_for(1)
+    assert received.mail_from == "alice@example.com"
+
+
+async def test_an_unreadable_pin_defers_without_connecting(script: Any,
+                                                           delivery_to: Any) -> None:
+    policy = script(SERVER_SET % "Actions.checkCertThumbprint = 'AB\\r\\nCD'")
+    [outcome], receiver = await delivery_to(policy)
+    assert str(outcome.status) == "deferred" and outcome.dsn == "4.7.5", outcome
+    assert "checkCertThumbprint" in outcome.response
+    assert receiver.sessions == []  # never connected: not unpinned, not in plaintext
 
 
 async def test_repeated_server_details_answers_are_read_once_faults_logged_each_time(
