@@ -22,7 +22,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from mxsend.config import Config
 from mxsend.envelope import split_header, validate_mailbox
 from mxsend.errors import EnvelopeError
 from mxsend.log import event, get_logger
+from mxsend.watch import Watcher
 
 PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 1, 100, 50
 # A call that outlives script.timeout by this much is stuck in C (the Lua hook would
@@ -566,7 +566,8 @@ class Policy:
         self._caller: asyncio.Task[None] | None = None
         self._missing_logged = False
         self._missing_functions: set[tuple[int, str]] = set()
-        self._observer: Any = None
+        self._watching: tuple[Watcher, int] | None = None
+        self.reads = 0  # times the script file was read (reload), for tests and bench
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reload_handle: asyncio.TimerHandle | None = None
         self._closed = False
@@ -681,6 +682,7 @@ class Policy:
         A version that does not compile, or whose top level fails, is logged as
         script_error (function="load") and the previous one stays.
         """
+        self.reads += 1
         try:
             source = self.path.read_bytes()
         except FileNotFoundError:
@@ -710,42 +712,27 @@ class Policy:
             return True  # a call is waiting on the worker; the next call loads it
         return self._load_pending_sync()
 
-    def start_watching(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Reload when the script file is written or replaced by a rename (watchdog).
+    def watch(self, watcher: Watcher) -> None:
+        """Reload when the script is written or renamed into place (one reload per change).
 
-        watchdog calls back on its own thread; the reload is handed to the event loop
-        with call_soon_threadsafe so it never races a call in progress.
+        Only closed writes and renames count (watch.py): the reload's own read of the
+        file is no change, so it never schedules another reload.
         """
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
-        from watchdog.observers import Observer
-
-        if self._observer is not None:
+        self.stop_watching()
+        self._loop = asyncio.get_running_loop()
+        try:
+            token = watcher.add(self.path.parent, self._file_changed, name=self.path.name)
+        except OSError as exc:
+            get_logger().warning("the script %s is not watched for changes: %s",
+                                 self.path, exc)
             return
-        self._loop = loop or asyncio.get_running_loop()
-        target = os.path.abspath(self.path)
-        policy = self
-
-        class Handler(FileSystemEventHandler):
-            def on_any_event(self, fs_event: FileSystemEvent) -> None:
-                paths = {os.fsdecode(fs_event.src_path)}
-                dest = getattr(fs_event, "dest_path", "")
-                if dest:
-                    paths.add(os.fsdecode(dest))
-                if target in {os.path.abspath(p) for p in paths}:
-                    policy._changed_threadsafe()
-
-        observer = Observer()
-        observer.schedule(Handler(), str(self.path.parent), recursive=False)
-        observer.daemon = True
-        observer.start()
-        self._observer = observer
+        self._watching = (watcher, token)
 
     def stop_watching(self) -> None:
-        observer, self._observer = self._observer, None
-        if observer is not None:
-            observer.stop()
-            if threading.current_thread() is not observer:
-                observer.join(timeout=5)
+        watching, self._watching = self._watching, None
+        if watching is not None:
+            watcher, token = watching
+            watcher.remove(token)
         if self._reload_handle is not None:
             self._reload_handle.cancel()
             self._reload_handle = None
@@ -759,25 +746,18 @@ class Policy:
 
     # -- reload plumbing -------------------------------------------------------------------
 
-    def _changed_threadsafe(self) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        # RuntimeError: the loop closed while watchdog was reporting.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self._schedule_reload)
-
-    def _schedule_reload(self) -> None:
+    def _file_changed(self) -> None:
         if self._closed or self._loop is None:
             return
+        # Editors write in several steps; reload once things settle.
         if self._reload_handle is not None:
             self._reload_handle.cancel()
         self._reload_handle = self._loop.call_later(RELOAD_SETTLE, self._reload_now)
 
     def _reload_now(self) -> None:
         self._reload_handle = None
-        if not self._closed:
-            self.reload()
+        if not self._closed and self.reload():
+            get_logger().info("script %s changed: reloaded", self.path)
 
     # -- the worker ----------------------------------------------------------------------
 

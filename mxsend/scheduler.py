@@ -61,7 +61,7 @@ from mxsend.spool import (
     Spool,
     Steps,
 )
-from mxsend.watch import Watch, watch_folders
+from mxsend.watch import Watcher
 
 log = get_logger()
 T = TypeVar("T")
@@ -312,7 +312,7 @@ class Daemon:
         self._rescan_requested = True
         self._sequence = itertools.count()
         self._workers: list[asyncio.Task[None]] = []
-        self._watches: list[Watch] = []
+        self._watcher: Watcher | None = None
         self._batv_key: bytes | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -342,7 +342,6 @@ class Daemon:
         await self._recover()
         if not self.once:
             self._start_watching(loop)
-            self.policy.start_watching()
         worker_count = self.config.smtp.max_connections
         self._workers = [asyncio.create_task(self._worker()) for _ in range(worker_count)]
         heartbeat = asyncio.create_task(self._heartbeat())
@@ -417,8 +416,8 @@ class Daemon:
             old_policy = None
         else:
             self.policy = Policy(config)
-            if not self.once:
-                self.policy.start_watching()
+            if self._watcher is not None:
+                self.policy.watch(self._watcher)
             if old_policy is not None:
                 old_policy.stop_watching()
         self.config = config
@@ -496,13 +495,16 @@ class Daemon:
             self._wake.set()
 
         root = self.config.spool.path
-        self._watches = [watch_folders(loop, [root / "new"], arrived),
-                         watch_folders(loop, [root / "control"], rescan)]
+        self._watcher = Watcher(loop)
+        self._watcher.add(root / "new", arrived)
+        self._watcher.add(root / "control", rescan, touch=True)
+        if self.policy is not None:
+            self.policy.watch(self._watcher)
 
     def _stop_watching(self) -> None:
-        for watch in self._watches:
-            watch.close()
-        self._watches = []
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
 
     # --- the plan: what is queued and when it is due -------------------------------
 

@@ -21,6 +21,7 @@ from mxsend.actions import FileActions, ServerActions, ServerParameters, Timeout
 from mxsend.config import Config, ScriptConfig, SmtpConfig
 from mxsend.log import get_logger
 from mxsend.policy import CheckFileRequest, Policy, lua_time
+from mxsend.watch import Watcher
 
 HEADERS = (
     b"Received: from a by b;\r\n\tThu, 26 Nov 2026 09:30:00 +0000\r\n"
@@ -651,38 +652,87 @@ def test_default_helo_is_the_fqdn(tmp_path: Path) -> None:
 
 # --- reload -----------------------------------------------------------------------------
 
-async def poll_priority(policy: Policy, wanted: int, seconds: float = 10.0) -> int:
-    deadline = time.monotonic() + seconds
-    while True:
-        priority = (await policy.check_file(request())).priority
-        if priority == wanted or time.monotonic() > deadline:
-            return priority
+async def until(condition: Any, seconds: float = 10.0) -> None:
+    """Poll `condition` (sync or async) until it holds; fail after `seconds`."""
+    async with asyncio.timeout(seconds):
+        while True:
+            result = condition()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def stays(condition: Any, seconds: float = 1.0) -> bool:
+    """True if `condition` holds throughout a bounded quiet window (polled)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if not condition():
+            return False
         await asyncio.sleep(0.02)
+    return bool(condition())
 
 
-async def test_reload_on_write_and_on_rename(tmp_path: Path, events: Events) -> None:
+async def priority_is(policy: Policy, wanted: int) -> bool:
+    return (await policy.check_file(request())).priority == wanted
+
+
+@pytest.fixture
+async def watcher() -> Any:
+    made = Watcher(asyncio.get_running_loop())
+    yield made
+    made.close()
+
+
+async def test_reload_on_write_and_on_rename(tmp_path: Path, events: Events,
+                                             watcher: Watcher) -> None:
     path = tmp_path / "mxout.lua"
     path.write_text("function CheckFile(f, a) a.Priority = 10 return a end")
     policy = Policy(make_config(path))
-    policy.start_watching()
+    policy.watch(watcher)
     try:
-        assert await poll_priority(policy, 10) == 10
+        assert await priority_is(policy, 10)
         # An editor that writes in place.
         write_in_place(path, "function CheckFile(f, a) a.Priority = 20 return a end")
-        assert await poll_priority(policy, 20) == 20
+        await until(lambda: priority_is(policy, 20))
         # An editor that writes a new file and renames it over the old one.
         temporary = tmp_path / ".mxout.lua.swp"
         temporary.write_text("function CheckFile(f, a) a.Priority = 30 return a end")
         os.replace(temporary, path)
-        assert await poll_priority(policy, 30) == 30
+        await until(lambda: priority_is(policy, 30))
         # A broken version is logged and the old one stays.
         path.write_text("function CheckFile(f, a) a.Priority = = 40 return a end")
-        for _ in range(500):
-            if events.of("script_error"):
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: events.of("script_error"))
         assert events.of("script_error")[0]["function"] == "load"
-        assert (await policy.check_file(request())).priority == 30
+        assert await priority_is(policy, 30)
+    finally:
+        policy.close()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["good", "broken"])
+async def test_one_change_is_one_reload_and_one_log_line(tmp_path: Path, events: Events,
+                                                         watcher: Watcher,
+                                                         broken: bool) -> None:
+    # Issue 10 item 3: the reload's own read of the file counted as a change, so every
+    # reload scheduled the next one (ten a second, forever).
+    path = tmp_path / "mxout.lua"
+    path.write_text("function CheckFile(f, a) a.Priority = 10 return a end")
+    policy = Policy(make_config(path))
+    policy.watch(watcher)
+    try:
+        assert await priority_is(policy, 10)
+        reads = policy.reads
+        events.records.clear()
+        write_in_place(path, "function CheckFile(f, a) a.Priority = 20 %s return a end"
+                       % ("= =" if broken else ""))
+        await until(lambda: policy.reads > reads)
+        assert await stays(lambda: policy.reads == reads + 1), policy.reads - reads
+        lines = [e for e in events.records
+                 if e["event"] == "script_error" or "reloaded" in e.get("message", "")]
+        assert len(lines) == 1, lines
+        assert (lines[0]["event"] == "script_error") is broken
+        assert await priority_is(policy, 10 if broken else 20)
     finally:
         policy.close()
 
