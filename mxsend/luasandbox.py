@@ -13,10 +13,13 @@ big-endian length, then a `marshal` payload of plain tuples (no pickle: nothing 
 daemon receives can run code).
 
 Requests and replies:
-    ("load", source: bytes, chunkname: str, timeout: float)
+    ("load", source: bytes, chunkname: str, timeout: float, names)
         -> ("loaded", error: str | None, prints: list[str])
+        names: the VPOP3 field names (CheckFile's, ServerDetails', the timeouts'), as
+        three tuples of bytes; they come from mxsend/actions.py, the one place they
+        are written.
     ("check", timeout, filename, size, ctime, retries, lasttry, return_path,
-              recipients, header_block)          (strings as bytes)
+              recipients, header_block, defaults: tuple)          (strings as bytes)
         -> ("result", values: tuple, prints: list[str])
     ("server", timeout, authsender, originator, server, domain, length, connid,
                connection, header_lines, defaults: tuple)
@@ -100,11 +103,13 @@ class LuaHost:
     def loaded(self) -> bool:
         return self._host is not None
 
-    def load(self, source: bytes, chunkname: str, timeout: float) -> str | None:
+    def load(self, source: bytes, chunkname: str, timeout: float,
+             names: tuple[tuple[bytes, ...], ...]) -> str | None:
         """Run the script's top level in a fresh state; keep the old one on failure."""
         try:
             runtime = new_runtime(self.memory)
             host = runtime.execute(SANDBOX_LUA.read_bytes())
+            host[b"set_fields"](*(b",".join(group) for group in names))
             ok, *error = _values(host[b"load"](source, chunkname.encode(), timeout))
             prints = self._prints_of(host)
         except lua52.LuaError as exc:
@@ -152,6 +157,12 @@ class LuaHost:
 # --- the worker process --------------------------------------------------------------
 
 
+def frame(message: tuple[Any, ...]) -> bytes:
+    """One message as it goes on the socket: length, then marshal payload."""
+    payload = marshal.dumps(message)
+    return _HEADER.pack(len(payload)) + payload
+
+
 class Channel:
     """Length-prefixed marshal frames over a non-blocking socket."""
 
@@ -184,8 +195,8 @@ class Channel:
         return True
 
     def send(self, message: tuple[Any, ...]) -> None:
-        payload = marshal.dumps(message)
-        data = memoryview(_HEADER.pack(len(payload)) + payload)
+        """Blocking send: the worker's side, where waiting for the daemon is right."""
+        data = memoryview(frame(message))
         while data:
             try:
                 sent = self.sock.send(data)
@@ -242,11 +253,12 @@ def serve(channel: Channel, memory: int) -> None:
         assert isinstance(request, tuple)
         kind = request[0]
         if kind == "load":
-            _, source, chunkname, timeout = request
-            error = host.load(source, chunkname, timeout)
+            _, source, chunkname, timeout, names = request
+            error = host.load(source, chunkname, timeout, names)
             channel.send(("loaded", error, host.take_prints()))
         elif kind == "check":
-            values, prints = host.check_file(*request[1:])
+            *args, defaults = request[1:]
+            values, prints = host.check_file(*args, *defaults)
             channel.send(("result", values, prints))
         elif kind == "server":
             *args, defaults = request[1:]
