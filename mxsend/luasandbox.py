@@ -77,7 +77,33 @@ def compile_check(source: bytes, chunkname: str) -> str | None:
     )
     compiler = runtime.eval("function(s, n) local f, e = load(s, n, 't', {}) return e end")
     error = compiler(source, chunkname.encode())
-    return None if error is None else _text(error)
+    return None if error is None else _full_path(_text(error), chunkname)
+
+
+def _full_path(error: str, chunkname: str) -> str:
+    """Lua shortens a long chunk name to "...tail"; put the whole path back."""
+    path = chunkname[1:]
+    if error.startswith("..."):
+        tail, sep, rest = error[3:].partition(":")
+        if sep and path.endswith(tail):
+            return f"{path}:{rest}"
+    return error
+
+
+def read_script(path: Path) -> tuple[bytes | None, str | None]:
+    """(source, None) if the script compiles; (None, error) if not; (None, None) if absent.
+
+    The error is one line as Lua writes it (`/etc/mxsend/mxout.lua:4: ...`). Nothing of
+    the script runs. `mxsend run` uses this to refuse to start on a broken script.
+    """
+    try:
+        source = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"{path}: {exc.strerror}"
+    error = compile_check(source, f"@{path}")
+    return (None, error) if error is not None else (source, None)
 
 
 def _text(value: object) -> str:

@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mxsend import luasandbox
 from mxsend.actions import FileActions, ServerActions, ServerParameters
 from mxsend.config import Config
 from mxsend.log import event, get_logger
+from mxsend.luasandbox import read_script
 from mxsend.luavalues import (
     Fault,
     check_file_reply,
@@ -93,22 +93,6 @@ class _Script:
     def chunkname(self) -> str:
         # "@path" makes Lua name the file in messages: "/etc/mxout.lua:3: ...".
         return f"@{self.path}"
-
-
-def read_script(path: Path) -> tuple[bytes | None, str | None]:
-    """(source, None) if the script compiles; (None, error) if not; (None, None) if absent.
-
-    The error is one line as Lua writes it (`/etc/mxsend/mxout.lua:4: ...`). Nothing of
-    the script runs. `mxsend run` uses this to refuse to start on a broken script.
-    """
-    try:
-        source = path.read_bytes()
-    except FileNotFoundError:
-        return None, None
-    except OSError as exc:
-        return None, f"{path}: {exc.strerror}"
-    error = luasandbox.compile_check(source, f"@{path}")
-    return (None, error) if error is not None else (source, None)
 
 
 Call = tuple[str, str, tuple[object, ...]]  # (function, queue id, request)
