@@ -634,6 +634,45 @@ async def test_a_stuck_worker_with_large_headers_never_freezes_the_loop(
     assert {e["id"] for e in events.of("script_error")} == {r.queue_id for r in batch}
 
 
+async def test_nan_priority_says_so(script: Any, events: Events) -> None:
+    policy = await script(CHECK_SET % ("Priority", "0/0"))
+    assert await policy.check_file(request()) == FileActions()
+    [error] = events.of("script_error")
+    assert error["error"] == "Priority: is not a number (NaN, such as 0/0); using the default"
+
+
+async def test_a_message_that_hangs_the_script_twice_is_not_given_to_it_again(
+        tmp_path: Path, events: Events) -> None:
+    # Each hang in C costs a worker restart; a message whose calls always hang would
+    # cost one on every attempt, for every server (issue 10 item 14).
+    path = tmp_path / "mxout.lua"
+    path.write_text(HANGS_ON_SUBJECT)
+    policy = Policy(make_config(path, timeout=0.2))
+    hang = request(queue_id="Qhang", data=b"Subject: hang\r\n\r\n")
+    try:
+        for _ in range(2):
+            assert await policy.check_file(hang) == FileActions()
+        assert len([e for e in events.of("script_error") if "killed" in e["error"]]) == 2
+        worker = policy._worker
+        started = time.monotonic()
+        assert await policy.check_file(hang) == FileActions()
+        assert await policy.server_details("Qhang", PARAMS, []) == server()
+        assert time.monotonic() - started < policy.hard_timeout  # not asked: no hang
+        assert policy._worker is worker  # and no worker killed for it
+        refused = [e for e in events.of("script_error") if "hung 2 times" in e["error"]]
+        assert [e["id"] for e in refused] == ["Qhang", "Qhang"]
+        # Other messages still go to the script, and a new version is asked again.
+        assert (await policy.check_file(request())).priority == 77
+        write_in_place(path, HANGS_ON_SUBJECT.replace("77", "78"))
+        assert await policy.load()
+        assert (await policy.check_file(request())).priority == 78
+        events.records.clear()
+        assert await policy.check_file(hang) == FileActions()
+        assert any("killed" in e["error"] for e in events.of("script_error"))
+    finally:
+        policy.close()
+
+
 async def test_check_files_answers_a_batch_in_order(script: Any, events: Events) -> None:
     policy = await script("""
 function CheckFile(f, a, size, c, r, l, rp, rcpts, hd)
