@@ -3,9 +3,10 @@
 The operator's `mxout.lua` runs in a worker process (luasandbox.py, Lua 5.2 through
 lupa) so that a call stuck in C can be abandoned by killing the worker; see
 docs/policy.md for that decision and its measured cost. This module is the daemon's
-side: it batches calls to the worker (policy_worker.py, an async channel with a
-deadline on every send and receive), reads the script's Actions back through
-luavalues.py, and reloads the script when it changes.
+side: it builds each call's request, hands it to script_calls.py (batching, the
+worker and its failures; policy_worker.py is the async channel with a deadline on
+every send and receive), reads the script's Actions back through luavalues.py, and
+reloads the script when it changes.
 
 Faults never cost mail: a missing function, a nil or wrongly typed return, a runtime
 error, a timeout, memory exhaustion or a dead worker is one `script_error` event and the
@@ -19,10 +20,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from mxsend.actions import FileActions, ServerActions, ServerParameters
 from mxsend.config import Config
@@ -31,16 +30,14 @@ from mxsend.luasandbox import read_script
 from mxsend.luavalues import (
     Fault,
     check_file_reply,
-    field_names,
     file_actions_to_lua,
     lua_time,
     script_header,
     script_header_lines,
     server_actions_to_lua,
     server_details_reply,
-    text_value,
 )
-from mxsend.policy_worker import Worker, WorkerGone, WorkerStuck
+from mxsend.script_calls import Script, ScriptCalls
 from mxsend.watch import Watcher
 
 __all__ = ["CheckFileRequest", "Policy", "lua_time"]
@@ -49,16 +46,8 @@ __all__ = ["CheckFileRequest", "Policy", "lua_time"]
 # have fired): the worker is killed. At least half a second so a busy machine's
 # scheduling noise does not kill a worker that was about to answer.
 MIN_GRACE = 0.5
-# Calls sent to the worker before reading replies (see Policy._call_many).
-CALL_CHUNK = 16
 # Editors write a file in several steps; reload once things settle.
 RELOAD_SETTLE = 0.1
-# A message whose calls got the worker killed this often is not given to the script
-# again (until a new version loads): each such hang costs a worker restart (~2 s of
-# the script's time for every message behind it), and the message's own calls would
-# hang the same way on every attempt (docs/policy.md).
-MAX_STUCK_PER_MESSAGE = 2
-STUCK_MEMORY = 10_000  # queue ids remembered for that, oldest forgotten first
 
 SCRIPT_ERROR = "script_error"
 CHECKFILE = "CheckFile"
@@ -83,21 +72,6 @@ class CheckFileRequest:
     data: bytes  # message bytes (CRLF); only the header part is read
 
 
-@dataclass(frozen=True, slots=True)
-class _Script:
-    path: Path
-    source: bytes
-    version: int
-
-    @property
-    def chunkname(self) -> str:
-        # "@path" makes Lua name the file in messages: "/etc/mxout.lua:3: ...".
-        return f"@{self.path}"
-
-
-Call = tuple[str, str, tuple[object, ...]]  # (function, queue id, request)
-
-
 class Policy:
     """The operator's mxout.lua, as the daemon uses it."""
 
@@ -111,16 +85,9 @@ class Policy:
         self._file_defaults_lua = file_actions_to_lua(FileActions())
         self._server_results: dict[tuple[ServerActions, tuple[object, ...]],
                                    tuple[ServerActions, list[Fault]]] = {}
-        self._good: _Script | None = None  # the version the worker runs
-        self._pending: _Script | None = None  # compiled, not yet run in a worker
+        self._calls = ScriptCalls(config.script.memory, self.timeout, self.hard_timeout)
         self._version = 0
-        self._worker: Worker | None = None
-        self._lock = asyncio.Lock()
-        self._queued_calls: list[tuple[Call, asyncio.Future[tuple[object, ...] | None]]] = []
-        self._caller: asyncio.Task[None] | None = None
         self._missing_logged = False
-        self._missing_functions: set[tuple[int, str]] = set()
-        self._stuck: OrderedDict[str, int] = OrderedDict()  # queue id -> worker kills
         self._watching: tuple[Watcher, int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reload_handle: asyncio.TimerHandle | None = None
@@ -135,7 +102,7 @@ class Policy:
 
     @property
     def has_script(self) -> bool:
-        return self._good is not None or self._pending is not None
+        return self._calls.has_script
 
     def default_server_actions(self) -> ServerActions:
         """The Actions ServerDetails is given: HELOname = smtp.helo_name or the FQDN."""
@@ -155,7 +122,7 @@ class Policy:
         if not self.has_script:
             return [FileActions() for _ in requests]
         results = await asyncio.gather(*(
-            self._call(CHECKFILE, request.queue_id, self._check_message(request))
+            self._calls.call(CHECKFILE, request.queue_id, self._check_message(request))
             for request in requests))
         actions_list = []
         for request, values in zip(requests, results, strict=True):
@@ -171,7 +138,7 @@ class Policy:
         self, queue_id: str, params: ServerParameters, header_lines: Sequence[str]
     ) -> ServerActions:
         defaults = self._defaults
-        if not self.has_script or self._known_missing(SERVERDETAILS):
+        if not self.has_script or self._calls.known_missing(SERVERDETAILS):
             return defaults
         message = (
             "server", self.timeout, params.authsender.encode(), params.originator.encode(),
@@ -181,7 +148,7 @@ class Policy:
                 "utf-8", errors="surrogateescape"),
             self._defaults_to_lua(defaults),
         )
-        values = await self._call(SERVERDETAILS, queue_id, message)
+        values = await self._calls.call(SERVERDETAILS, queue_id, message)
         if values is None:
             return defaults
         # A script answers the same few Actions over and over (per server, per size
@@ -210,8 +177,10 @@ class Policy:
         self.timeout = config.script.timeout
         self.hard_timeout = config.script.timeout + max(MIN_GRACE, config.script.timeout)
         self._defaults = ServerActions(helo_name=config.smtp.helo_name or socket.getfqdn())
+        self._calls.timeout, self._calls.hard_timeout = self.timeout, self.hard_timeout
+        self._calls.memory = config.script.memory
         if memory_changed:
-            self._kill_worker()
+            self._calls.kill_worker()
         self.reload()
 
     def reload(self) -> None:
@@ -235,17 +204,8 @@ class Policy:
         """
         source, error = await asyncio.to_thread(self._read)
         self._take(source, error)
-        pending = self._pending
-        if pending is None:
-            return False  # unchanged, absent or broken: the version in use stays
-        async with self._lock:
-            try:
-                await self._ready_worker()
-                return self._good is pending
-            except (WorkerStuck, WorkerGone) as exc:
-                self._kill_worker()
-                event(SCRIPT_ERROR, None, function=LOAD, error=self._worker_problem(exc))
-                return False
+        # Nothing pending (unchanged, absent or broken): the version in use stays.
+        return await self._calls.load()
 
     def watch(self, watcher: Watcher) -> None:
         """Reload when the script is written or renamed into place (one reload per change).
@@ -277,7 +237,7 @@ class Policy:
         self.stop_watching()
         if self._reloading is not None:
             self._reloading.cancel()
-        self._kill_worker()
+        self._calls.kill_worker()
 
     # -- reading the script ----------------------------------------------------------------
 
@@ -301,13 +261,11 @@ class Policy:
             # Missing: an editor replacing the file by rename leaves it missing for a
             # moment; the version in use stays.
             return
-        current = self._pending or self._good
-        if current is not None and current.source == source:
+        if self._calls.newest_source() == source:
             return
         self._version += 1
-        self._pending = _Script(self.path, source, self._version)
+        self._calls.offer(Script(self.path, source, self._version))
         self._missing_logged = False
-        self._stuck.clear()  # a new version may not hang where the old one did
 
     async def _reload_logged(self) -> bool:
         loaded = await self.load()
@@ -327,154 +285,7 @@ class Policy:
         self._reload_handle = None
         self.reload()
 
-    # -- the worker ----------------------------------------------------------------------
-
-    def _spawn(self) -> Worker:
-        if self._worker is None:
-            self._worker = Worker(self.config.script.memory)
-        return self._worker
-
-    def _kill_worker(self) -> None:
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.kill()
-
-    async def _ready_worker(self) -> Worker:
-        """The worker, started and running the newest version that loads (lock held)."""
-        worker = self._spawn()
-        await worker.start()
-        wanted: list[_Script] = []
-        if worker.loaded_version is None and self._good is not None:
-            wanted.append(self._good)
-        if self._pending is not None:
-            wanted.append(self._pending)
-            self._pending = None
-        for script in wanted:
-            await worker.send(("load", script.source, script.chunkname, self.timeout,
-                               field_names()), self.hard_timeout)
-            reply = await worker.receive(self.hard_timeout)
-            self._loaded(worker, script, reply)
-        return worker
-
-    def _loaded(self, worker: Worker, script: _Script, reply: object) -> None:
-        """Handle the worker's answer to loading `script`."""
-        assert isinstance(reply, tuple)
-        _, error, prints = reply
-        self._log_prints(None, prints)
-        if error is not None:
-            event(SCRIPT_ERROR, None, function=LOAD, error=error, level=logging.ERROR)
-            if worker.loaded_version is None and self._good is script:
-                self._good = None
-            return
-        worker.loaded_version = script.version
-        self._good = script
-
-    async def _call(self, function: str, queue_id: str, message: tuple[object, ...]
-                    ) -> tuple[object, ...] | None:
-        """One call; its values on success, None after logging a script_error.
-
-        Calls made while others are with the worker wait and go together in the next
-        round (see _call_many), so concurrent deliveries asking ServerDetails share
-        round trips instead of queueing one by one behind a lock.
-        """
-        if self._stuck.get(queue_id, 0) >= MAX_STUCK_PER_MESSAGE:
-            event(SCRIPT_ERROR, queue_id, function=function, error=(
-                f"the script hung {MAX_STUCK_PER_MESSAGE} times on this message; it is not"
-                " asked about it again until the script changes; using the defaults"))
-            return None
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[tuple[object, ...] | None] = loop.create_future()
-        self._queued_calls.append(((function, queue_id, message), done))
-        if self._caller is None or self._caller.done():
-            self._caller = loop.create_task(self._send_queued())
-        return await done
-
-    async def _send_queued(self) -> None:
-        while self._queued_calls:
-            batch, self._queued_calls = self._queued_calls, []
-            calls = [call for call, _ in batch]
-            try:
-                results = await self._call_many(calls)
-            except Exception as exc:
-                # Not the script's fault (a bug, a broken pipe we did not foresee):
-                # every caller still gets its defaults, none waits forever.
-                self._kill_worker()
-                for function, queue_id, _ in calls:
-                    event(SCRIPT_ERROR, queue_id, function=function,
-                          error=f"policy worker failed: {exc!r}")
-                results = [None] * len(batch)
-            for (_, done), values in zip(batch, results, strict=True):
-                if not done.done():
-                    done.set_result(values)
-
-    async def _call_many(self, calls: Sequence[Call]) -> list[tuple[object, ...] | None]:
-        """Send calls in chunks, read the replies in order; None where a call failed.
-
-        The worker answers one call at a time, so each reply's deadline runs from the
-        previous reply: a call queued behind others is not charged for their time. A
-        chunk is small enough that its requests (headers capped at 100 KB each) fit the
-        worker's pace; a send that finds no room waits on the loop with a deadline.
-        """
-        results: list[tuple[object, ...] | None] = [None] * len(calls)
-        async with self._lock:
-            answered = 0
-            try:
-                worker = await self._ready_worker()
-                if worker.loaded_version is None:
-                    return results  # no version of the script could be loaded
-                for start in range(0, len(calls), CALL_CHUNK):
-                    chunk = calls[start : start + CALL_CHUNK]
-                    for _, _, message in chunk:
-                        await worker.send(message, self.hard_timeout)
-                    for index in range(start, start + len(chunk)):
-                        reply = await worker.receive(self.hard_timeout)
-                        function, queue_id, _ = calls[index]
-                        results[index] = self._interpret(function, queue_id, worker, reply)
-                        answered = index + 1
-            except (WorkerStuck, WorkerGone) as exc:
-                self._kill_worker()
-                if answered < len(calls) and isinstance(exc, WorkerStuck):
-                    self._count_stuck(calls[answered][1])
-                for function, queue_id, _ in calls[answered:]:
-                    event(SCRIPT_ERROR, queue_id, function=function,
-                          error=self._worker_problem(exc))
-        return results
-
-    def _count_stuck(self, queue_id: str) -> None:
-        """The call for `queue_id` was in progress when the worker had to be killed."""
-        self._stuck[queue_id] = self._stuck.pop(queue_id, 0) + 1
-        while len(self._stuck) > STUCK_MEMORY:
-            self._stuck.popitem(last=False)
-
-    def _interpret(self, function: str, queue_id: str, worker: Worker, reply: object
-                   ) -> tuple[object, ...] | None:
-        """A reply's values on success; None after logging its script_error."""
-        assert isinstance(reply, tuple)
-        _, values, prints = reply
-        self._log_prints(queue_id, prints)
-        if values[0] == b"ok":
-            return tuple(values)
-        status = text_value(values[0])
-        if status == "missing":
-            # VPOP3 scripts often define only CheckFile: say so once per version, not
-            # once per message.
-            key = (worker.loaded_version or 0, function)
-            if key in self._missing_functions:
-                return None
-            self._missing_functions.add(key)
-        event(SCRIPT_ERROR, queue_id, function=function, error=_status_message(
-            function, status, values[1] if len(values) > 1 else None, self.timeout))
-        return None
-
-    def _known_missing(self, function: str) -> bool:
-        """The running script version has no such function: no need to ask the worker.
-
-        Many VPOP3 scripts define only CheckFile; their ServerDetails then costs nothing
-        per message. A new version (reload) is asked again.
-        """
-        good = self._good
-        return (good is not None and self._pending is None
-                and (good.version, function) in self._missing_functions)
+    # -- requests ------------------------------------------------------------------------
 
     def _check_message(self, request: CheckFileRequest) -> tuple[object, ...]:
         return (
@@ -490,30 +301,7 @@ class Policy:
             self._defaults_lua = (defaults, server_actions_to_lua(defaults))
         return self._defaults_lua[1]
 
-    def _worker_problem(self, exc: Exception) -> str:
-        if isinstance(exc, WorkerStuck):
-            return (f"no answer within {self.hard_timeout:g}s (stuck in a C function such"
-                    " as a string pattern); the script worker was killed and will be"
-                    " restarted")
-        return f"the script worker died ({exc}); it will be restarted"
-
-    def _log_prints(self, queue_id: str | None, prints: Sequence[str]) -> None:
-        for line in prints:
-            event("script_log", queue_id, message=line)
-
     @staticmethod
     def _log_faults(function: str, queue_id: str, faults: Sequence[Fault]) -> None:
         for name, problem in faults:
             event(SCRIPT_ERROR, queue_id, function=function, error=f"{name}: {problem}")
-
-
-def _status_message(function: str, status: str, detail: object, timeout: float) -> str:
-    if status == "missing":
-        return f"the script defines no function {function}"
-    if status == "nil":
-        return f"{function} returned nil"
-    if status == "type":
-        return f"{function} returned a {text_value(detail)}, not the Actions table"
-    if status == "timeout":
-        return f"{function} did not finish within {timeout:g}s"
-    return text_value(detail) if detail is not None else f"{function} failed"

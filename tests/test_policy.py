@@ -601,7 +601,7 @@ async def test_a_stuck_worker_with_large_headers_never_freezes_the_loop(
     path.write_text(HANGS_ON_SUBJECT)
     policy = Policy(make_config(path, timeout=0.2))
     assert await policy.load()  # the worker runs the script now
-    worker = policy._worker
+    worker = policy._calls.worker
     assert worker is not None
     # Safety net for the old behaviour: unblock a frozen loop after 20 s so the test
     # fails on its assertions instead of hanging.
@@ -653,12 +653,12 @@ async def test_a_message_that_hangs_the_script_twice_is_not_given_to_it_again(
         for _ in range(2):
             assert await policy.check_file(hang) == FileActions()
         assert len([e for e in events.of("script_error") if "killed" in e["error"]]) == 2
-        worker = policy._worker
+        worker = policy._calls.worker
         started = time.monotonic()
         assert await policy.check_file(hang) == FileActions()
         assert await policy.server_details("Qhang", PARAMS, []) == server()
         assert time.monotonic() - started < policy.hard_timeout  # not asked: no hang
-        assert policy._worker is worker  # and no worker killed for it
+        assert policy._calls.worker is worker  # and no worker killed for it
         refused = [e for e in events.of("script_error") if "hung 2 times" in e["error"]]
         assert [e["id"] for e in refused] == ["Qhang", "Qhang"]
         # Other messages still go to the script, and a new version is asked again.
@@ -863,10 +863,10 @@ async def test_a_missing_server_details_is_not_asked_again(tmp_path: Path,
         first = await policy.server_details("Q1", PARAMS, [])
         assert first == policy.default_server_actions()
         assert len(events.of("script_error")) == 1  # "no function ServerDetails", once
-        policy._kill_worker()
+        policy._calls.kill_worker()
         again = await policy.server_details("Q2", PARAMS, [])
         assert again == first
-        assert policy._worker is None  # answered without starting a worker to ask
+        assert policy._calls.worker is None  # answered without starting a worker to ask
         # A new version of the script is asked again.
         write_in_place(path, "function ServerDetails(p, h, a) a.HELOname = 'x.test' "
                              "return a end\n")
