@@ -870,3 +870,26 @@ async def test_a_missing_server_details_is_not_asked_again(tmp_path: Path,
         assert (await policy.server_details("Q3", PARAMS, [])).helo_name == "x.test"
     finally:
         policy.close()
+
+
+async def test_the_daemon_logs_one_error_per_broken_edit(tmp_path: Path, daemon: Any) -> None:
+    # Issue 10 items 3 and 12 end to end: a real daemon, the script edited once into a
+    # version that does not compile: exactly one script_error (at level error), not
+    # ten a second; the daemon keeps the previous version.
+    from tests.fixtures.daemon import wait_until, write_config
+
+    script = tmp_path / "mxout.lua"
+    script.write_text("function CheckFile(f, a) return a end\n")
+    config = write_config(tmp_path, {"smtp": {"helo_name": "mxsend.test"},
+                                     "log": {"level": "info"}})
+    process = daemon(config)
+    try:
+        wait_until(lambda: "mxsend started" in process.output(), 15,
+                   message="the daemon started")
+        write_in_place(script, "function CheckFile(f, a)\n  return = a\nend\n")
+        [error] = process.wait_event("script_error", function="load")
+        assert error["level"] == "error" and "mxout.lua:2:" in error["error"]
+        assert await stays(lambda: len(process.find("script_error")) == 1, 1.5), \
+            process.output()
+    finally:
+        assert process.stop() == 0, process.output()
