@@ -172,6 +172,10 @@ class Deliverer:
 
     def _transaction(self, message: Message, recipients: Sequence[Recipient],
                      actions: ServerActions) -> Transaction:
+        if actions.unusable:
+            # A pin the script set but that cannot be read: no connection at all rather
+            # than one without the check (contract §4; docs/policy.md).
+            raise TemporaryFailure(actions.unusable, dsn="4.7.5", phase=Phase.CONNECT)
         return_path = choose_return_path(message.envelope.sender, actions)
         if actions.use_batv and return_path:
             if self._batv is None:

@@ -27,10 +27,6 @@ class SpoolError(MxsendError):
     """The spool could not be read or written."""
 
 
-class ScriptError(MxsendError):
-    """The Lua policy script failed to compile or to run."""
-
-
 class Phase(Enum):
     """Where in an SMTP transaction something happened (RFC 5321 §3)."""
 

@@ -44,7 +44,7 @@ from mxsend.policy import Policy
 from mxsend.record import Recorder, recover_claims
 from mxsend.runtime import Runtime
 from mxsend.spool import GroupCommit, Spool
-from mxsend.watch import Watch, watch_folders
+from mxsend.watch import Watcher
 
 log = get_logger()
 T = TypeVar("T")
@@ -79,7 +79,7 @@ class Daemon:
         self.reporting_mta = helo_name(config.smtp.helo_name)
         self._stopping = asyncio.Event()
         self._rescan_requested = True
-        self._watches: list[Watch] = []
+        self._watcher: Watcher | None = None
         self._batv_key: bytes | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._assemble()
@@ -125,7 +125,6 @@ class Daemon:
         await self._beat()
         if not self.once:
             self._start_watching(loop)
-            self.rt.policy.start_watching()
         self.workers.start(config.smtp.max_connections)
         beating = asyncio.create_task(self._heartbeat())
         log.info("mxsend started: spool %s, %d workers", config.spool.path,
@@ -185,8 +184,8 @@ class Daemon:
             old_policy = None
         else:
             rt.policy = Policy(config)
-            if not self.once:
-                rt.policy.start_watching()
+            if self._watcher is not None:
+                rt.policy.watch(self._watcher)
             if old_policy is not None:
                 old_policy.stop_watching()
         rt.config = config
@@ -246,13 +245,16 @@ class Daemon:
             self.rt.wake.set()
 
         root = self.config.spool.path
-        self._watches = [watch_folders(loop, [root / "new"], arrived),
-                         watch_folders(loop, [root / "control"], rescan)]
+        self._watcher = Watcher(loop)
+        self._watcher.add(root / "new", arrived)
+        self._watcher.add(root / "control", rescan, touch=True)
+        if self.rt.policy is not None:
+            self.rt.policy.watch(self._watcher)
 
     def _stop_watching(self) -> None:
-        for watch in self._watches:
-            watch.close()
-        self._watches = []
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
 
     # --- the scan loop -------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from mxsend import batv, metrics
 from mxsend.config import Config
 from mxsend.errors import SpoolError
 from mxsend.log import setup_logging
+from mxsend.luasandbox import read_script
 from mxsend.services import serving
 from mxsend.supervisor import CHILD_ENV, Supervisor, child_position, share_of
 
@@ -33,6 +34,14 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
 
 def run(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.log.format, config.log.level)
+    # A script that does not compile would leave the daemon on defaults, silently
+    # dropping rules such as a partner's forceTLS: refuse to start (exit 2, one line
+    # naming the file and line as Lua does), before any daemon or supervisor starts.
+    # A missing script is allowed: the built-in defaults, logged once (contract §4).
+    _, error = read_script(config.script.path)
+    if error is not None:
+        print(f"mxsend: script does not compile: {error}", file=sys.stderr)
+        return 2
     child = os.environ.get(CHILD_ENV)
     position = (0, 1)
     if child:
