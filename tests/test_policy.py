@@ -376,6 +376,7 @@ async def delivery_to(smtp_receivers: Any) -> Any:
     from mxsend.delivery import Deliverer
     from mxsend.envelope import Envelope, Message, Recipient
     from mxsend.mx import MxHost
+    from tests.fixtures.daemon import TEST_DESTINATIONS
 
     receiver = smtp_receivers.start("127.0.0.2", tls=True)
 
@@ -384,8 +385,9 @@ async def delivery_to(smtp_receivers: Any) -> Any:
             return [MxHost(name="mx1.example.org", preference=10, addresses=("127.0.0.2",))]
 
     async def run(policy: Policy) -> tuple[list[Any], Any]:
-        config = config_from_mapping({"smtp": {"port": smtp_receivers.port,
-                                               "helo_name": "out.example.com"}})
+        config = config_from_mapping({"smtp": {
+            "port": smtp_receivers.port, "helo_name": "out.example.com",
+            "allowed_destinations": list(TEST_DESTINATIONS)}})
         deliverer = Deliverer(config, Static(), batv_key=None)
         msg = Message(Envelope(sender="alice@example.com",
                                recipients=(Recipient("bob@example.org"),)),
