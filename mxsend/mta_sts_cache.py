@@ -49,6 +49,7 @@ MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 §3.3: "a reasonable maximum size (64 K
 FETCH_TIMEOUT = 10.0  # ... and "a reasonable timeout (ten seconds)"
 DEFAULT_RECHECK = 300.0
 DEFAULT_REFRESH_BEFORE = 86400.0
+DEFAULT_MAX_DOMAINS = 10_000  # in memory; the spool keeps every fetched policy anyway
 _SAFE_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+")
 
 # RFC 8460 §4.3 result types for policy problems.
@@ -109,6 +110,7 @@ class MtaStsPolicies:
         refresh_before: float = DEFAULT_REFRESH_BEFORE,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        max_domains: int = DEFAULT_MAX_DOMAINS,
     ) -> None:
         self.directory = spool / "policy" / "mta-sts"
         self._resolver = resolver
@@ -119,6 +121,7 @@ class MtaStsPolicies:
         self._refresh_before = refresh_before
         self._clock = clock
         self._monotonic = monotonic
+        self._max_domains = max_domains
         self._states: dict[str, _State] = {}
         self._inflight: dict[str, asyncio.Future[PolicyLookup]] = {}
 
@@ -150,6 +153,10 @@ class MtaStsPolicies:
         state = self._states.get(domain)
         cached = state.cached if state is not None else self._load(domain)
         result, cached = await self._resolve(domain, cached)
+        self._states.pop(domain, None)
+        while len(self._states) >= self._max_domains:
+            # The least recently refreshed goes; its policy is still on disk.
+            del self._states[next(iter(self._states))]
         self._states[domain] = _State(cached, self._monotonic(), result)
         return result
 

@@ -13,6 +13,7 @@ which is `FAILED` here.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from dataclasses import dataclass
 from enum import Enum
@@ -77,10 +78,10 @@ class TlsResolver:
 
     async def addresses(self, host: str) -> tuple[Lookup, ...]:
         """A, then AAAA when `dns.ipv6` (the order in which they are tried)."""
-        lookups = [await self._ask(host, dns.rdatatype.A)]
+        kinds = [dns.rdatatype.A]
         if self._config.ipv6:
-            lookups.append(await self._ask(host, dns.rdatatype.AAAA))
-        return tuple(lookups)
+            kinds.append(dns.rdatatype.AAAA)
+        return tuple(await asyncio.gather(*(self._ask(host, kind) for kind in kinds)))
 
     async def _ask(self, name: str, rdtype: dns.rdatatype.RdataType) -> Lookup:
         kind = dns.rdatatype.to_text(rdtype)

@@ -325,3 +325,47 @@ def test_unbound_is_stopped_by_pid(tmp_path: Path) -> None:
         process = resolver.process
         assert process is not None and process.poll() is None
     assert process.poll() is not None
+
+
+async def _presented_chain(port: int, host: str) -> list[bytes]:
+    _, writer = await asyncio.open_connection(
+        host, port, ssl=_unverified_context(), server_hostname="mx.secure.test"
+    )
+    try:
+        return peer_chain(writer.get_extra_info("ssl_object"))
+    finally:
+        writer.close()
+
+
+async def test_end_to_end_tlsa_from_validated_dns_authenticates_the_real_server(
+    tmp_path: Path, https_servers: HttpsServers,  # noqa: F811
+) -> None:
+    intermediate = https_servers.ca.create_child_ca()
+    genuine = https_servers.start("127.0.0.2", names=("mx.secure.test",), ca=intermediate)
+    impostor = https_servers.start("127.0.0.3", names=("mx.secure.test",))  # another CA
+    genuine_chain = await _presented_chain(genuine.port, "127.0.0.2")
+    ee = _ee(genuine_chain[0])
+    ta = _ta(_der(intermediate.cert_pem.bytes()))
+    zones = build_test_zones()
+    zones.add_records("secure.test.", f"""
+@ 300 IN MX 10 mx
+@ 300 IN MX 20 mx2
+mx 300 IN A 127.0.0.2
+_25._tcp.mx 300 IN TLSA 3 1 1 {ee.data.hex()}
+mx2 300 IN A 127.0.0.3
+_25._tcp.mx2 300 IN TLSA 2 0 1 {ta.data.hex()}
+""")
+    with validating_resolver(zones, tmp_path) as resolver:
+        dane = _lookup(resolver)
+        assert await dane.domain_secure("secure.test") is None
+        mx = await dane.host_policy("secure.test", "mx.secure.test")
+        mx2 = await dane.host_policy("secure.test", "mx2.secure.test")
+    assert mx.state is mx2.state is DaneState.REQUIRED
+    assert verify_chain(mx.records, genuine_chain, mx.names, NOW).ok
+    # DANE-TA for mx2: the genuine chain is anchored, but it names mx, not mx2.
+    assert not verify_chain(mx2.records, genuine_chain, mx2.names, NOW).ok
+    assert verify_chain(mx2.records, genuine_chain, ("mx.secure.test",), NOW).ok
+    # An impostor on the address (wrong certificate): neither record accepts it.
+    impostor_chain = await _presented_chain(impostor.port, "127.0.0.3")
+    assert not verify_chain(mx.records, impostor_chain, mx.names, NOW).ok
+    assert not verify_chain(mx2.records, impostor_chain, ("mx.secure.test",), NOW).ok

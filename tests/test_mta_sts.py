@@ -3,6 +3,7 @@ whose host name is resolved through the real test DNS server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -383,3 +384,25 @@ def test_tls_config_reads_its_keys() -> None:
 def test_tls_config_errors_name_the_key(table: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=f"^{key}:"):
         config_from_mapping({"tls": table})
+
+
+async def test_concurrent_lookups_share_one_fetch(
+    tmp_path: Path, dns_server: DnsTestServer, policy_server: HttpsServer
+) -> None:
+    sts = policies(tmp_path, dns_server, policy_server)
+    results = await asyncio.gather(*(sts.lookup(DOMAIN) for _ in range(5)))
+    assert all(r.policy is not None for r in results)
+    assert len(policy_server.requests) == 1
+    assert dns_server.query_count(f"_mta-sts.{DOMAIN}", "TXT") == 1
+
+
+async def test_memory_is_bounded_and_the_spool_still_answers(
+    tmp_path: Path, dns_server: DnsTestServer, policy_server: HttpsServer
+) -> None:
+    sts = policies(tmp_path, dns_server, policy_server, max_domains=2, recheck=300.0)
+    await sts.lookup(DOMAIN)
+    await sts.lookup("a.test")
+    await sts.lookup("b.test")  # evicts example.test from memory
+    policy_server.stop()
+    result = await sts.lookup(DOMAIN)  # read back from the spool; same id: no fetch
+    assert result.policy is not None and result.source == "cache"
