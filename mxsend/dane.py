@@ -25,13 +25,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import ssl
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from mxsend.tlsdns import Status, TlsResolver
+from mxsend.tlsdns import Lookup, Status, TlsResolver
 
 USAGE_DANE_TA = 2
 USAGE_DANE_EE = 3
@@ -46,6 +47,7 @@ _DIGEST_SIZES = {MATCH_SHA256: 32, MATCH_SHA512: 64}
 TLSA_INVALID = "tlsa-invalid"
 DNSSEC_INVALID = "dnssec-invalid"
 DANE_REQUIRED = "dane-required"
+_MAX_CACHE = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,11 +219,41 @@ class DanePolicy:
 
 
 class DaneLookup:
-    """TLSA lookups behind a validating resolver (RFC 7672 §2.2)."""
+    """TLSA lookups behind a validating resolver (RFC 7672 §2.2), cached briefly.
 
-    def __init__(self, resolver: TlsResolver, port: int = 25) -> None:
+    The resolver on loopback caches too; ours saves its round trips on every message
+    (MX, A, AAAA and TLSA per host). Answers are kept for their smallest TTL, at most
+    `max_ttl`; failures (bogus) for `failure_ttl`.
+    """
+
+    def __init__(
+        self, resolver: TlsResolver, port: int = 25, *, max_ttl: float = 300.0,
+        failure_ttl: float = 30.0, clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._resolver = resolver
         self._port = port
+        self._max_ttl = max_ttl
+        self._failure_ttl = failure_ttl
+        self._clock = clock
+        self._cache: dict[tuple[str, str], tuple[float, DanePolicy | None]] = {}
+
+    def _get(self, key: tuple[str, str]) -> tuple[bool, DanePolicy | None]:
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > self._clock():
+            return True, hit[1]
+        return False, None
+
+    def _put(self, key: tuple[str, str], policy: DanePolicy | None, lookups: Sequence[Lookup],
+             ) -> DanePolicy | None:
+        if policy is not None and policy.state is DaneState.TEMPFAIL:
+            ttl = self._failure_ttl
+        else:
+            ttl = min([self._max_ttl, *(lookup.ttl for lookup in lookups if lookup.exists)])
+        if ttl > 0:
+            if len(self._cache) >= _MAX_CACHE:
+                self._cache.clear()  # rare; the resolver still has everything
+            self._cache[key] = (self._clock() + ttl, policy)
+        return policy
 
     async def domain_secure(self, domain: str) -> DanePolicy | None:
         """None when the domain's MX answer is DNSSEC-validated (DANE may apply).
@@ -230,35 +262,57 @@ class DaneLookup:
         MX RRset (RFC 7672 §2.2.1), TEMPFAIL when the MX lookup fails validation.
         A secure NODATA (implicit MX, RFC 5321 §5.1) counts as secure.
         """
+        key = ("mx", domain.lower().rstrip("."))
+        found, cached = self._get(key)
+        if found:
+            return cached
         mx = await self._resolver.mx(domain)
         if mx.status is Status.FAILED:
-            return DanePolicy(DaneState.TEMPFAIL, reason=mx.detail, result_type=DNSSEC_INVALID)
-        if not mx.secure:
-            return DanePolicy(DaneState.NOT_APPLICABLE, reason=f"MX of {domain} is insecure")
-        return None
+            policy: DanePolicy | None = DanePolicy(
+                DaneState.TEMPFAIL, reason=mx.detail, result_type=DNSSEC_INVALID
+            )
+        elif not mx.secure:
+            policy = DanePolicy(DaneState.NOT_APPLICABLE, reason=f"MX of {domain} is insecure")
+        else:
+            policy = None
+        return self._put(key, policy, [mx])
 
     async def host_policy(self, domain: str, host: str) -> DanePolicy:
         """The DANE policy of one MX host of `domain` whose MX answer was secure."""
         host = host.lower().rstrip(".")
-        addresses = await self._resolver.addresses(host)
+        key = (domain.lower().rstrip("."), host)
+        found, cached = self._get(key)
+        if found and cached is not None:
+            return cached
+        policy, lookups = await self._host_policy(domain, host)
+        self._put(key, policy, lookups)
+        return policy
+
+    async def _host_policy(self, domain: str, host: str) -> tuple[DanePolicy, list[Lookup]]:
+        addresses = list(await self._resolver.addresses(host))
         if any(lookup.status is Status.FAILED for lookup in addresses):
             detail = "; ".join(lookup.detail for lookup in addresses if lookup.detail)
-            return DanePolicy(DaneState.TEMPFAIL, reason=detail, result_type=DNSSEC_INVALID)
+            return DanePolicy(DaneState.TEMPFAIL, reason=detail,
+                              result_type=DNSSEC_INVALID), addresses
         found = [lookup for lookup in addresses if lookup.exists]
         if not found or not all(lookup.secure for lookup in found):
             # RFC 7672 §2.2.2: TLSA records are looked up only for secure addresses.
-            return DanePolicy(DaneState.NOT_APPLICABLE, reason=f"addresses of {host} insecure")
+            return DanePolicy(DaneState.NOT_APPLICABLE,
+                              reason=f"addresses of {host} insecure"), addresses
         name = f"_{self._port}._tcp.{host}"
         tlsa = await self._resolver.tlsa(name)
+        lookups = [*addresses, tlsa]
         if tlsa.status is Status.FAILED:
-            return DanePolicy(DaneState.TEMPFAIL, reason=tlsa.detail, result_type=DNSSEC_INVALID)
+            return DanePolicy(DaneState.TEMPFAIL, reason=tlsa.detail,
+                              result_type=DNSSEC_INVALID), lookups
         if not tlsa.secure:
-            return DanePolicy(DaneState.NOT_APPLICABLE, reason=f"{name} is insecure")
+            return DanePolicy(DaneState.NOT_APPLICABLE, reason=f"{name} is insecure"), lookups
         if tlsa.status is not Status.OK:
-            return DanePolicy(DaneState.NOT_APPLICABLE, reason=f"no TLSA at {name}")
+            return DanePolicy(DaneState.NOT_APPLICABLE, reason=f"no TLSA at {name}"), lookups
         records = usable_records([TlsaRecord(*fields) for fields in tlsa.tlsa])
         if not records:
             return DanePolicy(DaneState.OPPORTUNISTIC, reason=f"no usable TLSA at {name}",
-                              result_type=TLSA_INVALID)
+                              result_type=TLSA_INVALID), lookups
         names = tuple(dict.fromkeys((host, domain.lower().rstrip("."))))
-        return DanePolicy(DaneState.REQUIRED, records, names, f"{len(records)} TLSA at {name}")
+        return DanePolicy(DaneState.REQUIRED, records, names,
+                          f"{len(records)} TLSA at {name}"), lookups

@@ -29,6 +29,7 @@ from mxsend.dane import (
     verify_chain,
 )
 from mxsend.tlsdns import TlsResolver
+from tests.fixtures.dns_server import DnsTestServer
 from tests.fixtures.https_server import HttpsServer, HttpsServers, https_servers  # noqa: F401
 from tests.fixtures.unbound import Unbound, build_test_zones, validating_resolver
 
@@ -369,3 +370,35 @@ _25._tcp.mx2 300 IN TLSA 2 0 1 {ta.data.hex()}
     impostor_chain = await _presented_chain(impostor.port, "127.0.0.3")
     assert not verify_chain(mx.records, impostor_chain, mx.names, NOW).ok
     assert not verify_chain(mx2.records, impostor_chain, ("mx.secure.test",), NOW).ok
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_lookups_are_cached_for_their_ttl(dns_server: DnsTestServer) -> None:
+    dns_server.add_mx("plain.test", 10, "mx.plain.test", ttl=120)
+    dns_server.set_servfail("broken.test")
+    clock = Clock()
+    dane = DaneLookup(TlsResolver(dns_server.dns_config(ipv6=False)), clock=clock,
+                      failure_ttl=30.0)
+    for _ in range(3):
+        insecure = await dane.domain_secure("plain.test")
+        assert insecure is not None and insecure.state is DaneState.NOT_APPLICABLE
+        broken = await dane.domain_secure("broken.test")
+        assert broken is not None and broken.state is DaneState.TEMPFAIL
+    assert dns_server.query_count("plain.test", "MX") == 1
+    assert dns_server.query_count("broken.test", "MX") >= 1
+    before = dns_server.query_count("broken.test", "MX")
+    clock.now += 31  # the failure is asked again, the answer is still fresh
+    await dane.domain_secure("broken.test")
+    await dane.domain_secure("plain.test")
+    assert dns_server.query_count("broken.test", "MX") > before
+    assert dns_server.query_count("plain.test", "MX") == 1
+    clock.now += 100
+    await dane.domain_secure("plain.test")
+    assert dns_server.query_count("plain.test", "MX") == 2
