@@ -309,3 +309,36 @@ async def test_failed_post_is_retried_without_requeueing_mailto(
     assert second.problems == ()
     assert len(queued) == 1 and len(server.requests) == 2
     assert list(store.batches()) == []
+
+
+def test_tlsrpt_send_command_queues_mailto_reports_in_the_spool(
+    tmp_path: Path, dns_server: DnsTestServer
+) -> None:
+    from mxsend.commands import tlsrpt as command
+    from mxsend.config import config_from_mapping
+    from mxsend.envelope import parse_bsmtp
+
+    dns_server.add("_smtp._tls.example.test", "TXT", '"v=TLSRPTv1; rua=mailto:rua@example.test"')
+    config = config_from_mapping({
+        "spool": {"path": str(tmp_path)},
+        "dns": {"nameservers": [dns_server.nameserver], "ipv6": False},
+        "tls": {"tlsrpt": True, "report_from": "tlsrpt@mxsend.example"},
+    })
+    TlsRptStore(tmp_path).record(sts())
+    assert command.run(None, config) == 0  # type: ignore[arg-type]
+    [queued] = list((tmp_path / "new").iterdir())
+    message = parse_bsmtp(queued.read_bytes())
+    assert message.envelope.sender == "tlsrpt@mxsend.example"
+    assert [r.address for r in message.envelope.recipients] == ["rua@example.test"]
+    assert b"application/tlsrpt+gzip" in message.data
+    assert list(TlsRptStore(tmp_path).batches()) == []
+
+
+def test_tlsrpt_send_command_refuses_when_tlsrpt_is_off(tmp_path: Path) -> None:
+    from mxsend.commands import tlsrpt as command
+    from mxsend.config import config_from_mapping
+    from mxsend.errors import ConfigError
+
+    config = config_from_mapping({"spool": {"path": str(tmp_path)}})
+    with pytest.raises(ConfigError, match=r"^tls\.tlsrpt:"):
+        command.run(None, config)  # type: ignore[arg-type]
