@@ -174,6 +174,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """The receiving domain's TLS policy (contract §8)."""
+
+    mta_sts: bool = True  # RFC 8461
+    dane: bool = False  # RFC 7672; dns.nameservers must be a local validating resolver
+    tlsrpt: bool = False  # RFC 8460 aggregate reports
+    report_from: str = ""  # envelope sender and From: of TLS-RPT reports
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     script: ScriptConfig = field(default_factory=ScriptConfig)
@@ -185,6 +195,7 @@ class Config:
     dkim: DkimConfig = field(default_factory=DkimConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     source: Path | None = None  # the file this came from; None for built-in defaults
 
 
@@ -499,7 +510,7 @@ def config_from_mapping(
 ) -> Config:
     """Validate an already-parsed TOML document."""
     known = {"spool", "script", "dns", "smtp", "queue", "batv", "log", "dkim", "listen",
-             "metrics"}
+             "metrics", "tls"}
     for name in data:
         if name not in known:
             raise ConfigError(f"{name}: unknown section")
@@ -587,9 +598,20 @@ def config_from_mapping(
     metrics = MetricsConfig(listen=s.get("listen", defaults.metrics.listen, _listen_address))
     s.finish()
 
+    s = section("tls")
+    tls = TlsConfig(
+        mta_sts=s.get("mta_sts", defaults.tls.mta_sts, _bool),
+        dane=s.get("dane", defaults.tls.dane, _bool),
+        tlsrpt=s.get("tlsrpt", defaults.tls.tlsrpt, _bool),
+        report_from=s.get("report_from", defaults.tls.report_from, _report_from),
+    )
+    s.finish()
+    if tls.tlsrpt and not tls.report_from:
+        raise ConfigError("tls.report_from: required when tls.tlsrpt is true")
+
     return Config(
         spool=spool, script=script, dns=dns, smtp=smtp, queue=queue, batv=batv, log=log,
-        dkim=dkim, listen=listen, metrics=metrics, source=source,
+        dkim=dkim, listen=listen, metrics=metrics, tls=tls, source=source,
     )
 
 
@@ -609,6 +631,14 @@ def _listen_section(s: _Section, defaults: ListenConfig, base: Path | None) -> L
         missing = "listen.tls_key" if listen.tls_key is None else "listen.tls_cert"
         raise ConfigError(f"{missing}: tls_cert and tls_key go together (both or neither)")
     return listen
+
+
+def _report_from(value: object, key: str) -> str:
+    """An address for TLS-RPT reports: `local@domain`, no brackets, no spaces."""
+    text = _str(value, key)
+    if text and not re.fullmatch(r"[^\s@<>]+@[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", text):
+        raise ConfigError(f"{key}: expected an address such as tlsrpt@example.com, got {text!r}")
+    return text
 
 
 def config_path(explicit: str | None, environ: Mapping[str, str] = os.environ) -> Path | None:
