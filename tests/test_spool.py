@@ -124,6 +124,8 @@ def test_dot_files_in_new_are_ignored(spool: Spool) -> None:
         (b"hello\n", "expected MAIL FROM"),
         (b"MAIL FROM:<a@b.test>\nDATA\nx\n.\n", "no RCPT"),
         (b"MAIL FROM:<a@b.test>\nRCPT TO:<c@d.test>\nDATA\nx\n", "single '.'"),
+        # Cut right after a dot: complete only with the final line end.
+        (b"MAIL FROM:<a@b.test>\nRCPT TO:<c@d.test>\nDATA\nx\n.", "and a line end"),
         (b"MAIL FROM:<a@b.test> FOO=1\nRCPT TO:<c@d.test>\nDATA\nx\n.\n", "unknown MAIL"),
     ],
 )
