@@ -48,6 +48,14 @@ MAX_ID_LENGTH = 128
 TMP_MAX_AGE = 36 * 3600.0
 
 DIRS = ("tmp", "new", "incoming", "bad", "msg", "queue", "active", "owners", "sent", "control")
+# Contract §10: folders 0750 and files 0640, readable by the spool's group, by no one
+# else. With spool.group the folders are also setgid, so that what anyone creates in
+# them belongs to that group, and the writers' folders are group-writable: a writer of
+# another user hands mail over by creating it in tmp/ and renaming it into new/.
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+WRITER_DIRS = ("tmp", "new")
+GROUP_WRITER_DIR_MODE = 0o770
 
 # Sortable alphabet (ASCII order) without I, L, O, U (Crockford's base32).
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -270,8 +278,10 @@ class Spool:
         max_message_size: int = 50 * 1024**2,
         owner: str | None = None,
         durable: Durability | None = None,
+        group: int | None = None,
     ) -> None:
         self.root = Path(root)
+        self.group = group  # spool.group as a gid; None: the daemon's own group
         self._durable = durable or FSYNC
         self.keep_sent = keep_sent
         self.max_message_size = max_message_size
@@ -320,12 +330,45 @@ class Spool:
     # -- set-up and liveness
 
     def create_dirs(self) -> None:
+        """Make the spool's folders, or put right the modes and group of ours that exist."""
         try:
+            os.makedirs(self.root, mode=DIR_MODE, exist_ok=True)
+            self._settle(self.root, DIR_MODE)
             for name in DIRS:
-                os.makedirs(self.root / name, exist_ok=True)
+                path = self.root / name
+                os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+                group_writes = self.group is not None and name in WRITER_DIRS
+                self._settle(path, GROUP_WRITER_DIR_MODE if group_writes else DIR_MODE)
             self._durable.directory(self.root)
         except OSError as exc:
             raise SpoolError(f"cannot create spool directories in {self.root}: {exc}") from exc
+
+    def create_writer_dirs(self) -> None:
+        """Make tmp/ and new/ if missing, for a writer (`mxsend enqueue`) that comes
+        before the daemon; what exists is left as the daemon set it."""
+        for name in WRITER_DIRS:
+            path = self.root / name
+            if not os.path.isdir(path):
+                os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+
+    def _settle(self, path: Path, mode: int) -> None:
+        """Give a folder `mode` (and spool.group, setgid) where it differs.
+
+        A folder of another user is left as it is, unless spool.group is set and the
+        folder is not in it: then the setting cannot hold and the start fails.
+        """
+        info = os.stat(path)
+        if self.group is not None:
+            mode |= stat.S_ISGID
+            if info.st_gid != self.group:
+                try:
+                    os.chown(path, -1, self.group)
+                except PermissionError:
+                    raise SpoolError(f"spool.group: cannot give {path} to group {self.group}"
+                                     " (mxsend's user must own it and be in that group)"
+                                     ) from None
+        if stat.S_IMODE(info.st_mode) != mode and info.st_uid == os.geteuid():
+            os.chmod(path, mode)
 
     def heartbeat(self) -> None:
         """Refresh owners/<owner>; others treat our claims as live while it is fresh."""
@@ -366,7 +409,7 @@ class Spool:
         # recoverer could see the directory without a live owner and take it.
         if not self._registered:
             self.heartbeat()
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(directory, mode=DIR_MODE, exist_ok=True)
 
     def _rename_into_own(self, source: str, directory: str, name: str, fresh: bool) -> bool:
         """rename(source, directory/name) into our incoming/ or active/ directory; False
@@ -670,7 +713,8 @@ class Spool:
             # written, and nothing reads this name until it is complete and synced.
             fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
         else:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                         FILE_MODE)
         try:
             _write_fd(fd, data, mtime)
             yield _Sync(fd=fd)
@@ -1023,11 +1067,11 @@ class Spool:
         """Touch control/rescan: the daemon watches it and rescans the queue at once."""
         path = self.root / "control" / "rescan"
         try:
-            os.makedirs(path.parent, exist_ok=True)
+            os.makedirs(path.parent, mode=DIR_MODE, exist_ok=True)
             try:
                 os.utime(path)
             except FileNotFoundError:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
         except OSError as exc:
             raise SpoolError(f"cannot write {path}: {exc}") from exc
 
@@ -1165,7 +1209,7 @@ def _drive(steps: Steps[T], durable: Durability) -> T:
 def _write_file_steps(path: str | Path, data: bytes, mtime: float | None = None
                       ) -> Steps[None]:
     """Create `path` exclusively, write, set mtime, make it durable (before any rename)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         _write_fd(fd, data, mtime)
         yield _Sync(fd=fd)

@@ -200,7 +200,7 @@ def test_terminator_knows_whether_a_dot_line_was_skipped(block: bytes) -> None:
 @example(b".")
 @example(b"x\n.\r")
 def test_terminator_needs_a_line_end_after_the_dot(data: bytes) -> None:
-    end, after, _ = _find_terminator(data, 0)
+    _, after, _ = _find_terminator(data, 0)
     lines = re.split(rb"(?<=\n)", data)  # pieces ending in LF, then the rest
     expected = -1
     position = 0
