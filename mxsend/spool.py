@@ -56,6 +56,9 @@ DIR_MODE = 0o750
 FILE_MODE = 0o640
 WRITER_DIRS = ("tmp", "new")
 GROUP_WRITER_DIR_MODE = 0o770
+# A writer of another user than the daemon's: Linux's fs.protected_hardlinks lets the
+# daemon link a file into msg/ only if it may read and write it.
+OTHER_WRITER_FILE_MODE = 0o660
 
 # Sortable alphabet (ASCII order) without I, L, O, U (Crockford's base32).
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -926,7 +929,7 @@ class Spool:
             id = name or new_queue_id()
             temp = tmp / f"{id}.{self.owner}"
             try:
-                yield from _write_file_steps(temp, raw)
+                yield from _write_file_steps(temp, raw, mode=self._writer_file_mode())
                 try:
                     # link, not rename: never replace a file another writer handed over.
                     os.link(temp, new / id, follow_symlinks=False)
@@ -944,6 +947,14 @@ class Spool:
                     os.unlink(temp)
                 raise SpoolError(f"cannot write to {self.root}: {exc}") from exc
         raise SpoolError("could not find a free queue id")
+
+    def _writer_file_mode(self) -> int:
+        """0640 when we are the user who owns new/ (the daemon's), else 0660."""
+        try:
+            owner = os.stat(self._new).st_uid
+        except OSError:
+            return FILE_MODE  # the link into new/ will say what is wrong
+        return FILE_MODE if owner == os.geteuid() else OTHER_WRITER_FILE_MODE
 
     # -- batches (the daemon)
 
@@ -1206,10 +1217,10 @@ def _drive(steps: Steps[T], durable: Durability) -> T:
         return result
 
 
-def _write_file_steps(path: str | Path, data: bytes, mtime: float | None = None
-                      ) -> Steps[None]:
+def _write_file_steps(path: str | Path, data: bytes, mtime: float | None = None,
+                      mode: int = FILE_MODE) -> Steps[None]:
     """Create `path` exclusively, write, set mtime, make it durable (before any rename)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         _write_fd(fd, data, mtime)
         yield _Sync(fd=fd)

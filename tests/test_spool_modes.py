@@ -121,6 +121,18 @@ def test_spool_group_owns_folders_and_files_through_setgid(tmp_path: Path,
                for f in [*made, spool.root / "sent" / "m1", spool.root / "bad" / "junk"])
 
 
+def test_a_writer_of_another_user_makes_files_the_daemon_can_link(
+        tmp_path: Path, open_umask: None) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give new/ to another user")
+    spool = Spool(tmp_path / "spool", owner="writer")
+    spool.create_dirs()
+    message = Message(Envelope("", (Recipient("a@src.test"),)), b"x\r\n")
+    assert mode(spool.root / "new" / spool.enqueue(message)) == 0o640
+    os.chown(spool.root / "new", OTHER_GROUP, -1)  # new/ is now the daemon's, not ours
+    assert mode(spool.root / "new" / spool.enqueue(message)) == 0o660
+
+
 def test_spool_group_in_the_config() -> None:
     assert config_from_mapping({}).spool.group is None
     assert config_from_mapping({"spool": {"group": ""}}).spool.group is None
