@@ -24,8 +24,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import mxsend.spool as spool_module
+from mxsend import acceptance, durable, recovery, spares, spool_layout
+from mxsend import spool as spool_module
 from mxsend.spool import Accepted, RecipientStatus, Spool
+
+# Every module that makes the spool's file-system calls, each through its `os` attribute.
+SPOOL_MODULES = (spool_module, durable, recovery, spares, acceptance, spool_layout)
 
 COUNTED = ("open", "write", "fsync", "rename", "link", "unlink", "utime", "makedirs",
            "mkdir", "rmdir")
@@ -73,7 +77,8 @@ def crash(root: Path) -> None:
                            if os.environ.get("MXSEND_CRASH_AT") else None)
     global _counting
     _counting = counting
-    spool_module.os = counting  # type: ignore[attr-defined]
+    for module in SPOOL_MODULES:
+        module.os = counting  # type: ignore[attr-defined]
     spool = Spool(root, owner="driver", keep_sent=os.environ.get("KEEP_SENT") == "1")
     now = 1_000_000.0
     step("create")
@@ -134,7 +139,9 @@ def race(root: Path) -> None:
             if isinstance(result, Accepted):
                 print(f"accepted {name}", flush=True)
                 busy = True
-        for id in spool.due(time.time() + 1):
+        for next_try, id in spool.queued():
+            if next_try > time.time() + 1:
+                break
             claim = spool.claim(id)
             if claim is None:
                 continue

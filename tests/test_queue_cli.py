@@ -8,6 +8,7 @@ import email.policy
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,8 @@ from mxsend.envelope import parse_bsmtp
 from mxsend.spool import Accepted, RecipientStatus, Spool
 from tests.fixtures.daemon import REPO, write_config
 
-MXSEND = REPO / ".venv" / "bin" / "mxsend"
+# The real CLI, from this checkout (cwd=REPO puts it first on sys.path).
+MXSEND = [sys.executable, "-m", "mxsend"]
 HOUR = 3600.0
 
 PLAIN = (
@@ -50,7 +52,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 def mxsend(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(MXSEND), "-c", str(env.config), "queue", *args],
+        [*MXSEND, "-c", str(env.config), "queue", *args],
         capture_output=True, text=True, timeout=60, cwd=REPO,
     )
 
@@ -171,8 +173,8 @@ def test_unknown_id_is_one_line_and_exit_1(env: Env, action: str) -> None:
 
 def test_missing_spool_is_reported(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"spool": {"path": str(tmp_path / "nowhere")}})
-    result = subprocess.run([str(MXSEND), "-c", str(config), "queue", "list"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*MXSEND, "-c", str(config), "queue", "list"],
+                            capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 1
     assert "spool.path" in result.stderr and result.stderr.count("\n") == 1
 
@@ -191,7 +193,7 @@ def test_flush_one_makes_it_due_and_asks_for_a_rescan(env: Env) -> None:
     assert before - 1 <= state_of(env, id).next_try <= time.time()
     assert state_of(env, id).attempts == 4  # a flush is not an attempt
     assert state_of(env, other).next_try == later
-    assert id in env.spool.due(time.time())
+    assert id in [i for t, i in env.spool.queued() if t <= time.time()]
     assert rescan.exists() and rescan.stat().st_mtime >= before - 1
     assert os.listdir(env.root / "owners") == ["filler"]  # the CLI left no heartbeat
 
@@ -203,7 +205,7 @@ def test_flush_all_skips_what_is_in_flight(env: Env) -> None:
     assert busy is not None
     result = mxsend(env, "flush")
     assert (result.returncode, result.stdout) == (0, "2 messages due now (1 in flight already)\n")
-    assert set(env.spool.due(time.time())) == {ids[0], ids[2]}
+    assert set([i for t, i in env.spool.queued() if t <= time.time()]) == {ids[0], ids[2]}
     env.spool.release(busy, env.spool.read(busy))
     assert state_of(env, ids[1]).next_try == later
 

@@ -19,7 +19,8 @@ import pytest
 from mxsend.config import config_from_mapping
 from mxsend.envelope import Envelope, Message, Recipient
 from mxsend.errors import ConfigError
-from mxsend.spool import DIRS, Accepted, RecipientStatus, Spool
+from mxsend.spool import Accepted, RecipientStatus, Spool
+from mxsend.spool_layout import DIRS
 from tests.fixtures.daemon import DaemonProcess, wait_until, write_config
 from tests.fixtures.dns_server import DnsTestServer
 
