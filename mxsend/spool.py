@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -346,6 +346,33 @@ class Spool:
             raise _lost(claim.id) from None
         except OSError as exc:
             raise SpoolError(f"{claim.id}: cannot write state: {exc}") from exc
+
+    # -- holds (the queue CLI)
+
+    def hold(self, id: str) -> MessageState | None:
+        """Move queue/ID to hold/ID, where no scan finds it: never attempted until
+        unhold(). Its state, or None if it is not in queue/ (in flight, held or gone).
+
+        The claim, then the state with `held` (so that recovery of a claim cut short
+        puts it back on hold), then the rename into hold/: docs/spool.md, "Hold".
+        """
+        claim = self.claim(id)
+        if claim is None:
+            return None
+        return self._release_as(claim, held=True)
+
+    def unhold(self, id: str) -> MessageState | None:
+        """Move hold/ID back to queue/ID, due at its next_try (at once if that has
+        passed). Its state, or None if it is not on hold."""
+        claim = self.claim_held(id)
+        if claim is None:
+            return None
+        return self._release_as(claim, held=False)
+
+    def _release_as(self, claim: Claim, *, held: bool) -> MessageState:
+        state = replace(self.read(claim), held=held)
+        self.release(claim, state)
+        return state
 
     # -- writers
 

@@ -596,3 +596,35 @@ def test_spares_lost_with_a_taken_directory_are_not_missed(spool: Spool) -> None
     # The next state is written into a new file instead, and the message is queued.
     assert accepted(spool, "m2").state.id == "m2"
     assert spool._spares.names == [] and spool.find("m2") is not None
+
+
+# --- holds -----------------------------------------------------------------------------
+
+
+def test_hold_moves_a_message_where_no_scan_finds_it(spool: Spool) -> None:
+    state = accepted(spool, "m").state
+    accepted(spool, "n")
+    held = spool.hold("m")
+    assert held is not None and held.held and held.next_try == state.next_try
+    assert [id for _, id in spool.queued()] == ["n"]
+    assert spool.find("m") == (held, "hold")
+    assert spool.hold("m") is None and spool.claim("m") is None  # neither queued nor claimable
+    released = spool.unhold("m")
+    assert released is not None and not released.held
+    assert spool.unhold("m") is None
+    assert sorted(id for _, id in spool.queued()) == ["m", "n"]
+    assert os.stat(spool.root / "queue" / "m").st_mtime == state.next_try  # as planned
+
+
+def test_a_held_message_claimed_by_a_dead_process_goes_back_on_hold(tmp_path: Path) -> None:
+    dead, alive = Spool(tmp_path, owner="dead"), Spool(tmp_path, owner="alive")
+    dead.create_dirs()
+    accepted(dead, "m")
+    assert dead.hold("m") is not None
+    # A `queue bounce` that died after its claim: the held state is in active/dead/.
+    claim = dead.claim_held("m")
+    assert claim is not None
+    (tmp_path / "owners" / "dead").unlink()
+    assert alive.recover(stale_after=60, now=NOW) == ["m"]
+    assert alive.find("m") is not None and alive.find("m")[1] == "hold"
+    assert alive.queued() == []
