@@ -35,12 +35,12 @@ from mxsend.durable import (
 )
 from mxsend.errors import SpoolError
 from mxsend.queue_state import MessageState, state_from_json
+from mxsend.spool_layout import DIR_MODE
 
 # Maildir's rule for abandoned writer files: untouched for 36 hours means dead.
 TMP_MAX_AGE = 36 * 3600.0
 OWNER_UNSAFE = re.compile(r"[^A-Za-z0-9.\-]")
 TAKEN = "~"  # active/<owner>~<token>: a directory taken over from a dead owner
-DIR_MODE = 0o750  # contract §10, as spool_layout.DIR_MODE
 
 
 def default_owner() -> str:

@@ -252,7 +252,7 @@ def test_in_flight_messages_are_not_touched(env: Env) -> None:
     id = queued(env)
     claim = env.spool.claim(id)  # the daemon is delivering it
     assert claim is not None
-    for action in ("flush", "delete", "bounce"):
+    for action in ("flush", "delete", "bounce", "hold"):
         result = mxsend(env, action, id)
         assert result.returncode == 1
         assert result.stderr == (
