@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 
 from mxsend.acceptance import Accepted, Folders, Quarantined, accept_held_steps
 from mxsend.durable import (
-    FILE_MODE,
     FSYNC,
     Durability,
     GroupCommit,
@@ -59,12 +58,11 @@ from mxsend.recovery import (
 )
 from mxsend.spares import Spares
 from mxsend.spool_layout import (
-    DIR_MODE,
     create_dirs,
-    create_writer_dirs,
     enqueue_steps,
     id_problem,
     new_queue_id,
+    request_rescan,
 )
 
 T = TypeVar("T")
@@ -144,11 +142,6 @@ class Spool:
             self._durable.directory(self.root)
         except OSError as exc:
             raise SpoolError(f"cannot create spool directories in {self.root}: {exc}") from exc
-
-    def create_writer_dirs(self) -> None:
-        """Make tmp/ and new/ if missing, for a writer (`mxsend enqueue`) that comes
-        before the daemon; what exists is left as the daemon set it."""
-        create_writer_dirs(self.root)
 
     def heartbeat(self) -> None:
         """Refresh owners/<owner>; others treat our claims as live while it is fresh."""
@@ -412,15 +405,7 @@ class Spool:
 
     def request_rescan(self) -> None:
         """Touch control/rescan: the daemon watches it and rescans the queue at once."""
-        path = self.root / "control" / "rescan"
-        try:
-            os.makedirs(path.parent, mode=DIR_MODE, exist_ok=True)
-            try:
-                os.utime(path)
-            except FileNotFoundError:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
-        except OSError as exc:
-            raise SpoolError(f"cannot write {path}: {exc}") from exc
+        request_rescan(self.root)
 
 
 def _find(root: Path, id: str) -> tuple[MessageState, str] | None:

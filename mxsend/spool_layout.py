@@ -118,6 +118,19 @@ def writer_file_mode(new: str | Path) -> int:
     return FILE_MODE if owner == os.geteuid() else OTHER_WRITER_FILE_MODE
 
 
+def request_rescan(root: Path) -> None:
+    """Touch control/rescan: the daemon watches it and rescans the queue at once."""
+    path = root / "control" / "rescan"
+    try:
+        os.makedirs(path.parent, mode=DIR_MODE, exist_ok=True)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+    except OSError as exc:
+        raise SpoolError(f"cannot write {path}: {exc}") from exc
+
+
 # --- the writers' protocol ----------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from mxsend.config import config_from_mapping
 from mxsend.envelope import Envelope, Message, Recipient
 from mxsend.errors import ConfigError
 from mxsend.spool import Accepted, RecipientStatus, Spool
-from mxsend.spool_layout import DIRS
+from mxsend.spool_layout import DIRS, create_writer_dirs
 from tests.fixtures.daemon import DaemonProcess, wait_until, write_config
 from tests.fixtures.dns_server import DnsTestServer
 
@@ -132,6 +132,17 @@ def test_a_writer_of_another_user_makes_files_the_daemon_can_link(
     assert mode(spool.root / "new" / spool.enqueue(message)) == 0o640
     os.chown(spool.root / "new", OTHER_GROUP, -1)  # new/ is now the daemon's, not ours
     assert mode(spool.root / "new" / spool.enqueue(message)) == 0o660
+
+
+def test_a_writer_before_the_daemon_makes_only_its_folders(tmp_path: Path,
+                                                         open_umask: None) -> None:
+    root = tmp_path / "spool"
+    create_writer_dirs(root)
+    assert sorted(os.listdir(root)) == ["new", "tmp"]
+    assert mode(root / "tmp") == mode(root / "new") == 0o750
+    os.chmod(root / "new", 0o2770)  # as the daemon set it for spool.group
+    create_writer_dirs(root)
+    assert mode(root / "new") == 0o2770
 
 
 def test_spool_group_in_the_config() -> None:
