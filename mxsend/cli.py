@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from mxsend import __version__
+from mxsend.commands.queue_args import add_queue_actions
 from mxsend.config import Config, config_path, load_config
 from mxsend.errors import ConfigError
 
@@ -73,19 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     queue = command("queue", "inspect and change the queue")
     queue_sub = queue.add_subparsers(dest="queue_command", metavar="ACTION", parser_class=_Parser)
     queue_sub.required = True
-    q_list = queue_sub.add_parser("list", help="list queued messages")
-    q_list.add_argument("--json", action="store_true", help="one JSON document")
-    q_show = queue_sub.add_parser("show", help="show one message's state")
-    q_show.add_argument("id", metavar="ID")
-    q_show.add_argument("--json", action="store_true", help="one JSON document")
-    q_flush = queue_sub.add_parser("flush", help="make one or every message due now")
-    q_flush.add_argument("id", metavar="ID", nargs="?")
-    q_delete = queue_sub.add_parser("delete", help="remove a message without a bounce")
-    q_delete.add_argument("id", metavar="ID")
-    q_bounce = queue_sub.add_parser("bounce", help="give up on a message and bounce it")
-    q_bounce.add_argument("id", metavar="ID")
-    for p in (q_list, q_show, q_flush, q_delete, q_bounce):
-        _add_config_flag(p, top=False)
+    add_queue_actions(queue_sub, lambda p: _add_config_flag(p, top=False))
 
     check = command("check-script", "compile the Lua script and show its decisions")
     check.add_argument("script", metavar="SCRIPT", nargs="?", help="default: script.path")

@@ -70,6 +70,9 @@ class SpoolConfig:
     path: Path = Path("/var/spool/mxsend")
     max_message_size: int = 50 * 1024**2
     keep_sent: bool = False
+    # The group the spool's folders and files belong to, as a gid; None: the daemon's
+    # own group (docs/spool.md, "Permissions").
+    group: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +235,27 @@ def _bool(value: object, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     return value
+
+
+def _group(value: object, key: str) -> int | None:
+    """A group name or number -> gid; "" -> None (the daemon's own group)."""
+    import grp  # only here: `mxsend enqueue` loads config on every call
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    else:
+        text = _str(value, key)
+    if not text:
+        return None
+    if text.isdigit():
+        # A number needs no entry in /etc/group (a container's numeric gid).
+        if int(text) >= 2**32 - 1:
+            raise ConfigError(f"{key}: group id {text} out of range")
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ConfigError(f"{key}: no such group {text!r}") from None
 
 
 def _str(value: object, key: str) -> str:
@@ -526,6 +550,7 @@ def config_from_mapping(
             "max_message_size", defaults.spool.max_message_size, _positive_size
         ),
         keep_sent=s.get("keep_sent", defaults.spool.keep_sent, _bool),
+        group=s.get("group", defaults.spool.group, _group),
     )
     s.finish()
 

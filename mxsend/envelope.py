@@ -442,11 +442,14 @@ def _next_line(raw: bytes, start: int) -> tuple[bytes, int]:
 
 def _find_terminator(raw: bytes, start: int) -> tuple[int, int, bool]:
     """(end of the message data, position after the `.` line, whether a line of the data
-    after its first starts with a dot); (-1, -1, True) if there is no `.` line."""
+    after its first starts with a dot); (-1, -1, True) if there is no `.` line.
+
+    The `.` line must end with a line end (contract §1): a file that stops right after
+    a `.` may have been cut after a dot-stuffed line ("..x" cut to "."), so it is
+    incomplete, not finished. A writer following the tmp/new protocol always ends it.
+    """
     if raw.startswith(b".\n", start) or raw.startswith(b".\r\n", start):
         return start, raw.find(b"\n", start) + 1, False
-    if raw[start:] == b".":
-        return start, len(raw), False
     position = start
     while True:
         found = raw.find(b"\n.", position)
@@ -454,8 +457,6 @@ def _find_terminator(raw: bytes, start: int) -> tuple[int, int, bool]:
             return -1, -1, True
         after = found + 2
         # Every "\n." before `found` was skipped, so there was one iff we moved on.
-        if after == len(raw):
-            return found + 1, after, position != start
         if raw.startswith(b"\n", after):
             return found + 1, after + 1, position != start
         if raw.startswith(b"\r\n", after):
@@ -501,7 +502,8 @@ def parse_bsmtp(raw: bytes) -> Message:
         raise EnvelopeError("no RCPT command")
     data_end, after, stuffed = _find_terminator(raw, position)
     if data_end < 0:
-        raise EnvelopeError("message does not end with a line holding a single '.'")
+        raise EnvelopeError(
+            "message does not end with a line holding a single '.' and a line end")
     trailer = raw[after:].strip().upper()
     if trailer not in (b"", b"QUIT"):
         raise EnvelopeError("unexpected text after the final '.'")

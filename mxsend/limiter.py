@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mxsend.durable import make_dirs, write_atomic
 from mxsend.shaping import Rate, Shape, gcra, throttled_limit
 
 SUSPENDED_DIR = "suspended"
@@ -65,25 +66,12 @@ def _read_suspension(path: Path) -> Suspension | None:
 
 
 def write_suspension(spool: Path, suspension: Suspension) -> None:
-    """Write-fsync-rename-fsync, so a suspension survives a crash like the queue does."""
+    """Durably, like every other spool write: a suspension survives a crash."""
     directory = spool / SUSPENDED_DIR
-    directory.mkdir(mode=0o750, exist_ok=True)
-    name = suspension_file_name(suspension.destination)
-    temporary = directory / f".{name}.{os.getpid()}.tmp"
+    make_dirs(directory)
     data = json.dumps({"destination": suspension.destination, "until": suspension.until,
                        "reply": suspension.reply[:512]}).encode()
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, directory / name)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(directory / suspension_file_name(suspension.destination), data)
 
 
 def remove_suspension(spool: Path, destination: str) -> bool:

@@ -439,8 +439,7 @@ class Listener:
         self.sessions: set[RelaySession] = set()
         self.server: asyncio.Server | None = None
         self._durable = durable
-        self._spool = Spool(config.spool.path, max_message_size=self.max_message_size,
-                            durable=durable)
+        self._spool = Spool.configured(config.spool, durable=durable)
         self._executor = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="listener")
         self._writes: set[asyncio.Future[str]] = set()
 

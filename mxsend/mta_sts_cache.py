@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mxsend import https
-from mxsend.durable import write_atomic
+from mxsend.durable import make_dirs, write_atomic
 from mxsend.mta_sts import (
     POLICY_HOST_PREFIX,
     POLICY_PATH,
@@ -234,6 +234,7 @@ class MtaStsPolicies:
             "expires": cached.expires,
             "policy": cached.policy.text,
         }
+        make_dirs(self.directory)
         write_atomic(self._path(domain), json.dumps(record, indent=1).encode() + b"\n")
 
     def _load(self, domain: str) -> CachedPolicy | None:

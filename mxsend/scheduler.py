@@ -331,8 +331,7 @@ class Daemon:
 
 
 def _spool(config: Config, **kwargs: Any) -> Spool:
-    return Spool(config.spool.path, keep_sent=config.spool.keep_sent,
-                 max_message_size=config.spool.max_message_size, **kwargs)
+    return Spool.configured(config.spool, **kwargs)
 
 
 def read_batv_key(config: Config) -> bytes | None:

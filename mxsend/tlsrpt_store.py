@@ -31,7 +31,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mxsend import https
-from mxsend.durable import append_durable, fsync_dir, write_atomic
+from mxsend.durable import append_durable, fsync_dir, make_dirs, write_atomic
 from mxsend.tlsdns import TlsResolver
 from mxsend.tlsrpt import (
     MEDIA_TYPE,
@@ -106,6 +106,7 @@ class TlsRptStore:
             fsync_dir(open_root)
             fsync_dir(target.parent)
             if day_dir.name == today:
+                make_dirs(self.root / "cut")
                 write_atomic(self.root / "cut" / today, f"{int(end)}\n".encode())
         return list(self.batches())
 

@@ -2,6 +2,7 @@
 
     python tests/spool_crash_driver.py crash SPOOL   # the scripted life of two messages
     python tests/spool_crash_driver.py race SPOOL    # accept and claim everything it can
+    python tests/spool_crash_driver.py hold SPOOL    # m1 held, released, held again
 
 crash mode: every file-system call the spool makes (open, write, fsync, rename, link,
 unlink, utime, mkdir, rmdir) is counted; with MXSEND_CRASH_AT=N the process SIGKILLs
@@ -24,8 +25,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import mxsend.spool as spool_module
+from mxsend import acceptance, durable, recovery, spares, spool_layout
+from mxsend import spool as spool_module
 from mxsend.spool import Accepted, RecipientStatus, Spool
+
+# Every module that makes the spool's file-system calls, each through its `os` attribute.
+SPOOL_MODULES = (spool_module, durable, recovery, spares, acceptance, spool_layout)
 
 COUNTED = ("open", "write", "fsync", "rename", "link", "unlink", "utime", "makedirs",
            "mkdir", "rmdir")
@@ -73,7 +78,8 @@ def crash(root: Path) -> None:
                            if os.environ.get("MXSEND_CRASH_AT") else None)
     global _counting
     _counting = counting
-    spool_module.os = counting  # type: ignore[attr-defined]
+    for module in SPOOL_MODULES:
+        module.os = counting  # type: ignore[attr-defined]
     spool = Spool(root, owner="driver", keep_sent=os.environ.get("KEEP_SENT") == "1")
     now = 1_000_000.0
     step("create")
@@ -117,6 +123,32 @@ def crash(root: Path) -> None:
     print(f"ops {counting.calls}", flush=True)
 
 
+def hold(root: Path) -> None:
+    """As crash(), for the operator's hold and release moves (tests/test_spool_crash_hold.py)."""
+    counting = _CountingOs(int(os.environ["MXSEND_CRASH_AT"])
+                           if os.environ.get("MXSEND_CRASH_AT") else None)
+    global _counting
+    _counting = counting
+    for module in SPOOL_MODULES:
+        module.os = counting  # type: ignore[attr-defined]
+    spool = Spool(root, owner="driver")
+    step("create")
+    spool.create_dirs()
+    spool.heartbeat()
+    step("enqueue m1")
+    spool.enqueue_bytes(MESSAGES["m1"], name="m1")
+    step("accept m1")
+    spool.accept("m1", 1_000_000.0)
+    step("hold m1")
+    assert spool.hold("m1") is not None
+    step("release m1")
+    assert spool.unhold("m1") is not None
+    step("hold m1 again")
+    assert spool.hold("m1") is not None
+    step("done")
+    print(f"ops {counting.calls}", flush=True)
+
+
 def race(root: Path) -> None:
     spool = Spool(root)
     spool.create_dirs()
@@ -134,7 +166,9 @@ def race(root: Path) -> None:
             if isinstance(result, Accepted):
                 print(f"accepted {name}", flush=True)
                 busy = True
-        for id in spool.due(time.time() + 1):
+        for next_try, id in spool.queued():
+            if next_try > time.time() + 1:
+                break
             claim = spool.claim(id)
             if claim is None:
                 continue
@@ -149,4 +183,4 @@ def race(root: Path) -> None:
 
 if __name__ == "__main__":
     mode, root = sys.argv[1], Path(sys.argv[2])
-    {"crash": crash, "race": race}[mode](root)
+    {"crash": crash, "race": race, "hold": hold}[mode](root)

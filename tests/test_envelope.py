@@ -64,7 +64,6 @@ def test_the_contract_example() -> None:
         b"EHLO me.test\r\n" + SIMPLE,
         SIMPLE + b"QUIT\n",
         SIMPLE + b"quit\r\n",
-        SIMPLE[:-1],  # no line end after the final "."
         SIMPLE.replace(b"MAIL FROM:", b"mail from:").replace(b"RCPT TO:", b"Rcpt To:"),
         SIMPLE.replace(b"DATA", b"data"),
         SIMPLE.replace(b"MAIL FROM:<", b"MAIL FROM: <"),
@@ -87,6 +86,13 @@ def test_accepted_variants_all_mean_the_same(raw: bytes) -> None:
         (b"MAIL FROM:<a@src.test>\nRCPT TO:<b@dst.test>\n", "no DATA"),
         (b"MAIL FROM:<a@src.test>\nRCPT TO:<b@dst.test>\nDATA\nx\n", "single '.'"),
         (b"MAIL FROM:<a@src.test>\nRCPT TO:<b@dst.test>\nDATA\nx\n.\nmore\n", "after the final"),
+        # The final "." without its line end: the file may be cut (contract §1).
+        (SIMPLE[:-1], "single '.' and a line end"),
+        (SIMPLE.replace(b"\n", b"\r\n")[:-2], "single '.' and a line end"),
+        (SIMPLE.replace(b"\n", b"\r\n")[:-1], "single '.' and a line end"),
+        (b"MAIL FROM:<a@src.test>\nRCPT TO:<b@dst.test>\nDATA\n.", "line end"),
+        # Cut right after the first dot of a dot-stuffed line "..tail".
+        (b"MAIL FROM:<a@src.test>\nRCPT TO:<b@dst.test>\nDATA\nx\n.", "line end"),
         (b"MAIL FROM:<a@src.test>\nMAIL FROM:<b@src.test>\nRCPT TO:<b@dst.test>\nDATA\n.\n",
          "second MAIL"),
         (b"HELO x\nDATA\n.\n", "no MAIL"),

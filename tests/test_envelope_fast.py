@@ -192,3 +192,23 @@ def test_terminator_knows_whether_a_dot_line_was_skipped(block: bytes) -> None:
     assert end >= 0 and after > end
     assert _unstuff(raw[:end], stuffed) == unstuff(raw[:end])
     assert stuffed == (b"\n." in raw[:end])
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b".", b"a", b"\r\n", b"..", b"\n.", b"\n.\n"]),
+                max_size=20).map(b"".join))
+@example(b"x\n.")
+@example(b".")
+@example(b"x\n.\r")
+def test_terminator_needs_a_line_end_after_the_dot(data: bytes) -> None:
+    _, after, _ = _find_terminator(data, 0)
+    lines = re.split(rb"(?<=\n)", data)  # pieces ending in LF, then the rest
+    expected = -1
+    position = 0
+    for line in lines:
+        position += len(line)
+        if line in (b".\n", b".\r\n"):
+            expected = position
+            break
+    assert after == expected
+    if data.endswith(b"\n."):
+        assert after < len(data)  # a cut "." never ends the message

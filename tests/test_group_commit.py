@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-import mxsend.spool as spool_module
+import mxsend.durable as spool_module
 from mxsend.errors import SpoolError
 from mxsend.spool import Accepted, GroupCommit, RecipientStatus, Spool
 
@@ -172,7 +172,7 @@ def test_run_rolling_lets_late_operations_join_at_the_next_barrier(
     def steps(name: str, barriers: int) -> Generator[Any, None, str]:
         for number in range(barriers):
             rounds.append(f"{name}{number}")
-            yield spool_module._Sync(directory=root)
+            yield spool_module.Sync(directory=root)
         return name
 
     arrivals = [[(steps("a", 4), "a")], [], [(steps("b", 1), "b")]]
@@ -206,7 +206,7 @@ def test_run_rolling_gives_every_operation_its_own_failure(
     spool = Spool(root, owner="gc", durable=commit)
 
     def steps() -> Generator[Any, None, None]:
-        yield spool_module._Sync(directory=root)
+        yield spool_module.Sync(directory=root)
 
     batches = [[(steps(), 1), (steps(), 2)]]
     finished: list[tuple[int, object]] = []

@@ -55,6 +55,11 @@ def accepted(spool: Spool, name: str, raw: bytes = GOOD, now: float = NOW) -> Ac
     return result
 
 
+def due(spool: Spool, now: float) -> list[str]:
+    """Ids in queue/ whose next_try has come, earliest first."""
+    return [id for next_try, id in spool.queued() if next_try <= now]
+
+
 def files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
@@ -96,7 +101,7 @@ def test_enqueue_then_accept(spool: Spool) -> None:
     assert result.state.created == NOW and result.state.next_try == NOW
     assert spool.message_path(id).read_bytes() == GOOD  # unchanged bytes
     assert spool.incoming() == []
-    assert spool.due(NOW) == [id]
+    assert due(spool, NOW) == [id]
     assert spool.load_message(id) == parse_bsmtp(GOOD)
     assert files(spool.root) == [f"msg/{id}", "owners/one", f"queue/{id}"]
 
@@ -124,6 +129,8 @@ def test_dot_files_in_new_are_ignored(spool: Spool) -> None:
         (b"hello\n", "expected MAIL FROM"),
         (b"MAIL FROM:<a@b.test>\nDATA\nx\n.\n", "no RCPT"),
         (b"MAIL FROM:<a@b.test>\nRCPT TO:<c@d.test>\nDATA\nx\n", "single '.'"),
+        # Cut right after a dot: complete only with the final line end.
+        (b"MAIL FROM:<a@b.test>\nRCPT TO:<c@d.test>\nDATA\nx\n.", "and a line end"),
         (b"MAIL FROM:<a@b.test> FOO=1\nRCPT TO:<c@d.test>\nDATA\nx\n.\n", "unknown MAIL"),
     ],
 )
@@ -146,7 +153,7 @@ def test_good_files_beside_bad_ones_are_unaffected(spool: Spool) -> None:
         "good0", "good1", "good2"]
     assert sorted(n for n, r in results.items() if isinstance(r, Quarantined)) == [
         "bad0", "bad1", "bad2"]
-    assert sorted(spool.due(NOW)) == ["good0", "good1", "good2"]
+    assert sorted(due(spool, NOW)) == ["good0", "good1", "good2"]
 
 
 def test_too_big_is_quarantined_without_reading(tmp_path: Path) -> None:
@@ -186,7 +193,7 @@ def test_symlinks_and_directories_are_quarantined(spool: Spool, tmp_path: Path) 
         assert isinstance(result, Quarantined)
         assert result.reason == "not a regular file"
     assert os.path.islink(spool.root / "bad" / "link")
-    assert spool.due(NOW) == []
+    assert due(spool, NOW) == []
 
 
 def test_a_name_still_queued_is_quarantined_as_in_use(spool: Spool) -> None:
@@ -213,17 +220,16 @@ def test_bad_names_do_not_overwrite_each_other(spool: Spool) -> None:
 # --- scheduling and claims ------------------------------------------------------------
 
 
-def test_due_and_next_due_follow_next_try(spool: Spool) -> None:
-    assert spool.next_due() is None
+def test_queued_follows_next_try(spool: Spool) -> None:
+    assert spool.queued() == []
     a = accepted(spool, "a").state
     accepted(spool, "b", now=NOW + 5)
     claim = spool.claim("a")
     assert claim is not None
     spool.release(claim, replace(a, next_try=NOW + 100))
-    assert spool.due(NOW + 4) == []
-    assert spool.due(NOW + 5) == ["b"]
-    assert spool.due(NOW + 100) == ["b", "a"]
-    assert spool.next_due() == NOW + 5
+    assert spool.queued() == [(NOW + 5, "b"), (NOW + 100, "a")]
+    assert due(spool, NOW + 4) == []
+    assert due(spool, NOW + 5) == ["b"]
 
 
 def test_claim_update_release_round_trip(spool: Spool) -> None:
@@ -231,7 +237,7 @@ def test_claim_update_release_round_trip(spool: Spool) -> None:
     claim = spool.claim("m")
     assert claim is not None and claim.owner == "one"
     assert spool.claim("m") is None  # already ours: not in queue/
-    assert spool.due(NOW) == []
+    assert due(spool, NOW) == []
     assert spool.find("m") == (state, "active")
     sent = replace(state.recipients[0], status=RecipientStatus.SENT, response="250 2.0.0 ok",
                    dsn="2.0.0", relay="mx.dst.test[127.0.0.2]:25", remote_mta="mx.dst.test",
@@ -301,7 +307,7 @@ def test_two_owners_claim_each_message_once(tmp_path: Path) -> None:
                 won[s.owner].append(name)
     assert sorted(won["one"] + won["two"]) == [f"m{i:02}" for i in range(20)]
     claimed = []
-    for id in one.due(NOW):
+    for id in due(one, NOW):
         for s in (two, one):
             claim = s.claim(id)
             if claim is not None:
@@ -354,10 +360,10 @@ def test_claims_of_a_dead_owner_come_back(tmp_path: Path) -> None:
     alive.heartbeat()
     beat = os.stat(tmp_path / "owners" / "dead").st_mtime
     assert alive.recover(stale_after=30, now=beat + 10) == []  # still fresh
-    assert alive.due(NOW + 60) == []
+    assert due(alive, NOW + 60) == []
     assert alive.recover(stale_after=30, now=beat + 31) == ["m"]
     assert alive.find("m") == (half, "queue")
-    assert alive.due(NOW + 60) == ["m"]  # next_try survives as the mtime
+    assert due(alive, NOW + 60) == ["m"]  # next_try survives as the mtime
     assert not (tmp_path / "owners" / "dead").exists()
     # The presumed-dead process, if it wakes up, cannot write over the new owner's claim.
     with pytest.raises(SpoolError, match="claim lost"):
@@ -387,7 +393,7 @@ def test_claims_of_a_dead_pid_on_this_host_come_back_at_once(tmp_path: Path) -> 
     # Same heartbeat age, but the process it names has exited: recovered at once.
     heartbeat.write_text(process_identity(_dead_pid()))
     assert alive.recover(stale_after=3600, now=time.time()) == ["m"]
-    assert alive.due(NOW) == ["m"]
+    assert due(alive, NOW) == ["m"]
 
 
 def test_an_unrecognised_heartbeat_falls_back_to_its_age(tmp_path: Path) -> None:
@@ -408,7 +414,7 @@ def test_retire_makes_leftovers_recoverable_at_once(tmp_path: Path) -> None:
     assert one.claim("m") is not None
     one.retire()
     assert two.recover(stale_after=3600, now=time.time()) == ["m"]
-    assert two.due(NOW) == ["m"]
+    assert due(two, NOW) == ["m"]
 
 
 def test_recover_finishes_a_completion_that_died(tmp_path: Path) -> None:
@@ -562,9 +568,9 @@ def test_a_dead_owners_spares_go_with_its_claims(tmp_path: Path) -> None:
 
 
 def test_spares_are_bounded(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mxsend.spool as spool_module
+    import mxsend.spares as spares_module
 
-    monkeypatch.setattr(spool_module, "SPARE_MAX", 1)
+    monkeypatch.setattr(spares_module, "SPARE_MAX", 1)
     for name in ("m1", "m2"):
         state = accepted(spool, name).state
         claim = spool.claim(name)
@@ -585,8 +591,40 @@ def test_spares_lost_with_a_taken_directory_are_not_missed(spool: Spool) -> None
     claim = spool.claim("m1")
     assert claim is not None
     spool.update(claim, replace(state, attempts=1))  # one spare now
-    assert spool._spares
+    assert spool._spares.names
     claim.path.parent.rename(spool.root / "active" / "one~taken")
     # The next state is written into a new file instead, and the message is queued.
     assert accepted(spool, "m2").state.id == "m2"
-    assert spool._spares == [] and spool.find("m2") is not None
+    assert spool._spares.names == [] and spool.find("m2") is not None
+
+
+# --- holds -----------------------------------------------------------------------------
+
+
+def test_hold_moves_a_message_where_no_scan_finds_it(spool: Spool) -> None:
+    state = accepted(spool, "m").state
+    accepted(spool, "n")
+    held = spool.hold("m")
+    assert held is not None and held.held and held.next_try == state.next_try
+    assert [id for _, id in spool.queued()] == ["n"]
+    assert spool.find("m") == (held, "hold")
+    assert spool.hold("m") is None and spool.claim("m") is None  # neither queued nor claimable
+    released = spool.unhold("m")
+    assert released is not None and not released.held
+    assert spool.unhold("m") is None
+    assert sorted(id for _, id in spool.queued()) == ["m", "n"]
+    assert os.stat(spool.root / "queue" / "m").st_mtime == state.next_try  # as planned
+
+
+def test_a_held_message_claimed_by_a_dead_process_goes_back_on_hold(tmp_path: Path) -> None:
+    dead, alive = Spool(tmp_path, owner="dead"), Spool(tmp_path, owner="alive")
+    dead.create_dirs()
+    accepted(dead, "m")
+    assert dead.hold("m") is not None
+    # A `queue bounce` that died after its claim: the held state is in active/dead/.
+    claim = dead.claim_held("m")
+    assert claim is not None
+    (tmp_path / "owners" / "dead").unlink()
+    assert alive.recover(stale_after=60, now=NOW) == ["m"]
+    assert alive.find("m") is not None and alive.find("m")[1] == "hold"
+    assert alive.queued() == []

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-import mxsend.spool as spool_module
 from mxsend.envelope import parse_bsmtp
 from mxsend.errors import EnvelopeError
 from mxsend.spool import Accepted, Claim, Quarantined, RecipientStatus, Spool, state_to_json
+from tests.spool_crash_driver import SPOOL_MODULES
 
 GOOD = b"MAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nDATA\r\nSubject: hi\r\n\r\nx\r\n.\r\n"
 NOW = 1_800_000_000.0
@@ -53,7 +53,8 @@ class _Counting:
 
 def _counting(monkeypatch: pytest.MonkeyPatch, *names: str) -> _Counting:
     counting = _Counting(names)
-    monkeypatch.setattr(spool_module, "os", counting)
+    for module in SPOOL_MODULES:
+        monkeypatch.setattr(module, "os", counting)
     return counting
 
 

@@ -1,12 +1,15 @@
-"""`mxsend queue list | show ID | flush [ID] | delete ID | bounce ID` (contract §2).
+"""`mxsend queue ACTION` (contract §2, §10): inspect and change the queue.
 
 Safe while daemons run on the same spool: a message is changed only after claiming it
 with the same atomic rename the daemon uses, so the two never work on one message at
-once. A message in flight cannot be claimed; the command says so and exits 1, and the
-operator tries again when the attempt is over. Reading (`list`, `show`) claims nothing.
+once. A message in flight cannot be claimed; the command says so, and the operator
+tries again when the attempt is over. Reading (`list`, `show`, `cat`, `stats`) claims
+nothing. `flush`, `delete`, `bounce`, `hold` and `release` take several ids, `ALL`, or
+`-` (ids on standard input), as Postfix's postsuper does.
 
-Exit codes: 0 done, 1 nothing done (unknown id, in flight, spool trouble), each with one
-line on stderr. Usage and config errors (2) are cli.py's.
+Exit codes: 0 done, 1 something named could not be done (unknown id, in flight, spool
+trouble), each with one line on stderr. Usage and config errors (2) are cli.py's. A
+closed standard output (`| head`) ends the output quietly; the work goes on.
 """
 
 from __future__ import annotations
@@ -14,26 +17,32 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
-from datetime import datetime
-from typing import Any
+from collections.abc import Callable
 
 from mxsend import bounce
-from mxsend.config import Config
-from mxsend.envelope import Message, Recipient
-from mxsend.errors import MxsendError
-from mxsend.log import event, setup_logging
-from mxsend.spool import (
-    Claim,
-    MessageState,
-    RecipientState,
-    RecipientStatus,
-    Spool,
-    id_problem,
+from mxsend.commands.queue_args import ALL, STDIN
+from mxsend.commands.queue_format import (
+    envelope_document,
+    format_span,
+    list_rows,
+    message_document,
+    one_line,
+    selection,
+    shape,
+    shape_lines,
+    show_lines,
+    table,
 )
+from mxsend.config import Config, parse_duration
+from mxsend.envelope import Message, Recipient
+from mxsend.errors import ConfigError, MxsendError
+from mxsend.log import event, setup_logging
+from mxsend.queue_state import MessageState, RecipientState, RecipientStatus
+from mxsend.spool import Claim, Spool, id_problem
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -47,148 +56,42 @@ class _Refused(Exception):
     """One line for stderr, and exit 1."""
 
 
-# --- pure formatting -----------------------------------------------------------------------
+class Output:
+    """Standard output that a closed pipe (`| head`) silences instead of breaking."""
 
+    def __init__(self) -> None:
+        self.closed = False
 
-def format_span(seconds: float) -> str:
-    """A compact duration for a table: 45s, 5m, 2h13m, 3d4h."""
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, _ = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours}h" if hours else f"{days}d"
+    def line(self, text: str = "") -> None:
+        if not self.closed:
+            try:
+                sys.stdout.write(text + "\n")
+            except BrokenPipeError:
+                self._silence()
 
+    def data(self, raw: bytes) -> None:
+        if not self.closed:
+            try:
+                sys.stdout.flush()
+                sys.stdout.buffer.write(raw)
+            except BrokenPipeError:
+                self._silence()
 
-def format_next_try(state: MessageState, where: str, now: float) -> str:
-    if where == "active":
-        return "in flight"
-    if state.next_try <= now:
-        return "due"
-    return f"in {format_span(state.next_try - now)}"
+    def finish(self) -> None:
+        if not self.closed:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self._silence()
 
-
-def format_time(timestamp: float | None) -> str:
-    """Local time, as the operator's other tools (journalctl, ls) show it."""
-    if not timestamp:
-        return "-"
-    return datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def table(rows: Sequence[Sequence[str]]) -> list[str]:
-    """Aligned columns separated by two spaces; the last column is not padded."""
-    if not rows:
-        return []
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return [
-        "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)),
-                   row[-1]]).rstrip()
-        for row in rows
-    ]
-
-
-def list_rows(entries: Sequence[tuple[MessageState, str]], now: float) -> list[list[str]]:
-    rows = [["ID", "AGE", "SENDER", "ATTEMPTS", "NEXT TRY", "PENDING", "LAST ERROR"]]
-    for state, where in entries:
-        pending = [r.address for r in state.pending()]
-        rows.append([
-            state.id,
-            format_span(now - state.created),
-            f"<{state.sender}>",
-            str(state.attempts),
-            format_next_try(state, where, now),
-            ",".join(pending) or "-",
-            _one_line(state.last_error) or "-",
-        ])
-    return rows
-
-
-def state_document(state: MessageState, where: str, now: float) -> dict[str, Any]:
-    """The JSON form of a message's state; times are seconds since the epoch."""
-    return {
-        "id": state.id,
-        "state": "in-flight" if where == "active" else "queued",
-        "created": state.created,
-        "age": round(now - state.created, 3),
-        "sender": state.sender,
-        "size": state.size,
-        "attempts": state.attempts,
-        "last_try": state.last_try,
-        "next_try": state.next_try,
-        "last_error": state.last_error,
-        "pending": [r.address for r in state.pending()],
-        "recipients": [
-            {
-                "address": r.address,
-                "status": r.status.value,
-                "dsn": r.dsn,
-                "response": r.response,
-                "relay": r.relay,
-                "remote_mta": r.remote_mta,
-                "last_attempt": r.last_attempt or None,
-                "delay_notified": r.delay_notified,
-            }
-            for r in state.recipients
-        ],
-    }
-
-
-def envelope_document(message: Message) -> dict[str, Any]:
-    env = message.envelope
-    return {
-        "ret": env.ret,
-        "envid": env.envid,
-        "auth": env.auth,
-        "body": env.body,
-        "smtputf8": env.smtputf8,
-        "notify": {r.address: list(r.notify) if r.notify else None for r in env.recipients},
-        "orcpt": {r.address: r.orcpt for r in env.recipients if r.orcpt},
-    }
-
-
-def show_lines(state: MessageState, where: str, now: float, message: Message | None) -> list[str]:
-    status = "in flight (being delivered now)" if where == "active" else "queued"
-    rows = [
-        ["id:", state.id],
-        ["state:", status],
-        ["created:", f"{format_time(state.created)} ({format_span(now - state.created)} ago)"],
-        ["sender:", f"<{state.sender}>"],
-        ["size:", f"{state.size} bytes"],
-        ["attempts:", str(state.attempts)],
-        ["last try:", format_time(state.last_try)],
-        ["next try:", f"{format_time(state.next_try)} ({format_next_try(state, where, now)})"],
-        ["last error:", _one_line(state.last_error) or "-"],
-    ]
-    if message is not None:
-        env = message.envelope
-        params = [f"RET={env.ret}" if env.ret else "", f"ENVID={env.envid}" if env.envid else "",
-                  "SMTPUTF8" if env.smtputf8 else "", f"BODY={env.body}" if env.body else ""]
-        rows.append(["envelope:", " ".join(p for p in params if p) or "-"])
-    lines = table(rows)
-    lines.append("recipients:")
-    notify = {r.address: r for r in message.envelope.recipients} if message else {}
-    recipient_rows = []
-    for rcpt in state.recipients:
-        original = notify.get(rcpt.address)
-        recipient_rows.append([
-            "  " + rcpt.address,
-            rcpt.status.value,
-            rcpt.dsn or "-",
-            rcpt.relay or "-",
-            "NOTIFY=" + ",".join(original.notify) if original and original.notify else "-",
-            _one_line(rcpt.response) or "-",
-        ])
-    lines += table(recipient_rows)
-    return lines
+    def _silence(self) -> None:
+        self.closed = True
+        # What is still buffered would be written again at exit, to the closed pipe, and
+        # Python would print that error: stdout becomes /dev/null instead (as the Python
+        # docs' note on SIGPIPE does).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 # --- bouncing ------------------------------------------------------------------------------
@@ -215,7 +118,7 @@ def operator_bounce(
         if original is not None and bounce.wants_report(original, bounce.DsnAction.FAILED):
             reason = OPERATOR_REASON
             if rcpt.response:
-                reason += f"; the last attempt got: {_one_line(rcpt.response)}"
+                reason += f"; the last attempt got: {one_line(rcpt.response)}"
             reported.append(bounce.DsnRecipient(
                 address=rcpt.address,
                 orcpt=original.orcpt,
@@ -237,17 +140,13 @@ def _envelope_recipients(state: MessageState, message: Message) -> list[Recipien
     return [by_address.get(r.address) for r in state.recipients]
 
 
-# --- commands ------------------------------------------------------------------------------
+# --- finding and claiming ------------------------------------------------------------------
 
 
 def _spool(config: Config) -> Spool:
     if not config.spool.path.is_dir():
         raise _Refused(f"spool.path: {config.spool.path} is not a directory")
-    return Spool(
-        config.spool.path,
-        keep_sent=config.spool.keep_sent,
-        max_message_size=config.spool.max_message_size,
-    )
+    return Spool.configured(config.spool)
 
 
 def _not_found(spool: Spool, id: str) -> _Refused:
@@ -256,43 +155,100 @@ def _not_found(spool: Spool, id: str) -> _Refused:
     return _Refused(f"no message {id} in the queue")
 
 
+def _in_flight(id: str) -> _Refused:
+    return _Refused(f"{id} is being delivered right now; try again when the attempt ends")
+
+
 def _claim(spool: Spool, id: str) -> Claim:
-    found = spool.find(id)
-    if found is None:
+    """Claim a queued or held message; _Refused says why not."""
+    if spool.find(id) is None:
         raise _not_found(spool, id)
-    claim = spool.claim(id)
+    claim = spool.claim(id) or spool.claim_held(id)
     if claim is None:
         if spool.find(id) is None:
             raise _Refused(f"{id} left the queue (delivered or removed) just now")
-        raise _Refused(f"{id} is being delivered right now; try again when the attempt ends")
+        raise _in_flight(id)
     return claim
 
 
-def _list(spool: Spool, args: argparse.Namespace, config: Config, now: float) -> int:
-    entries = sorted(spool.entries(), key=lambda e: (e[0].created, e[0].id))
+def _named(ids: list[str]) -> list[str] | None:
+    """The ids named: from the command line, standard input for `-`; None for ALL."""
+    words: list[str] = []
+    for word in ids:
+        words += sys.stdin.read().split() if word == STDIN else [word]
+    if ALL in words:
+        return None
+    return list(dict.fromkeys(words))  # each once, in the order given
+
+
+def _each(spool: Spool, args: argparse.Namespace, out: Output,
+          act: Callable[[str], str], folders: tuple[str, ...], noun: str) -> int:
+    """Apply `act` to each message named (ALL: each in `folders`); one line each.
+
+    A message of ALL that is in flight is skipped and counted; a named one that cannot
+    be done is one line on stderr, and the exit code 1 once all are tried.
+    """
+    named = _named(args.ids)
+    if named is not None:
+        failed = 0
+        for id in named:
+            try:
+                out.line(act(id))
+            except (_Refused, MxsendError) as exc:
+                print(f"mxsend: {exc}", file=sys.stderr)
+                failed += 1
+        return EXIT_FAILED if failed else EXIT_OK
+    done = busy = 0
+    for state, where in list(spool.entries()):
+        if where not in folders:
+            busy += where == "active"
+            continue
+        try:
+            out.line(act(state.id))
+            done += 1
+        except _Refused:
+            busy += 1  # claimed by a daemon (or gone) meanwhile
+    note = f" ({busy} in flight, not touched)" if busy else ""
+    out.line(f"-- {done} message{'s' * (done != 1)} {noun}{note}")
+    return EXIT_OK
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def _list(spool: Spool, args: argparse.Namespace, config: Config, now: float,
+          out: Output) -> int:
+    older = parse_duration(args.older_than, "--older-than") if args.older_than else None
+    chosen = selection(args.domain, args.sender, older)
+    entries = sorted((e for e in spool.entries() if chosen.takes(e[0], now)),
+                     key=lambda e: (e[0].created, e[0].id))
     # Files not yet accepted have no state to show, but an operator whose daemon is down
     # must not be told the queue is empty while new/ fills up.
     incoming = spool.incoming()
     if args.json:
-        doc = {"messages": [state_document(s, w, now) for s, w in entries],
+        doc = {"messages": [message_document(s, w, now) for s, w in entries],
                "incoming": incoming}
-        print(json.dumps(doc, ensure_ascii=False, indent=2))
+        out.line(json.dumps(doc, ensure_ascii=False, indent=2))
         return EXIT_OK
-    if entries:
-        for line in table(list_rows(entries, now)):
-            print(line)
-        pending = sum(len(s.pending()) for s, _ in entries)
-        print(f"-- {len(entries)} message{'s' * (len(entries) != 1)}, "
-              f"{pending} recipient{'s' * (pending != 1)} pending")
+    rows = list_rows(entries, now, chosen)
+    if len(rows) > 1:
+        for line in table(rows):
+            out.line(line)
+            if out.closed:
+                return EXIT_OK
+        pending = len(rows) - 1
+        out.line(f"-- {len(entries)} message{'s' * (len(entries) != 1)}, "
+                 f"{pending} recipient{'s' * (pending != 1)} pending")
     elif not incoming:
-        print("The queue is empty.")
+        out.line("The queue is empty.")
     if incoming:
-        print(f"-- {len(incoming)} file{'s' * (len(incoming) != 1)} in new/ "
-              "waiting for a daemon to accept them")
+        out.line(f"-- {len(incoming)} file{'s' * (len(incoming) != 1)} in new/ "
+                 "waiting for a daemon to accept them")
     return EXIT_OK
 
 
-def _show(spool: Spool, args: argparse.Namespace, config: Config, now: float) -> int:
+def _show(spool: Spool, args: argparse.Namespace, config: Config, now: float,
+          out: Output) -> int:
     found = spool.find(args.id)
     if found is None:
         raise _not_found(spool, args.id)
@@ -302,59 +258,118 @@ def _show(spool: Spool, args: argparse.Namespace, config: Config, now: float) ->
     except MxsendError:
         message = None  # gone meanwhile or unreadable: the state is still worth showing
     if args.json:
-        doc = state_document(state, where, now)
+        doc = message_document(state, where, now)
         doc["envelope"] = envelope_document(message) if message else None
-        print(json.dumps(doc, ensure_ascii=False, indent=2))
+        out.line(json.dumps(doc, ensure_ascii=False, indent=2))
     else:
         for line in show_lines(state, where, now, message):
-            print(line)
+            out.line(line)
     return EXIT_OK
 
 
-def _flush(spool: Spool, args: argparse.Namespace, config: Config, now: float) -> int:
-    if args.id is not None:
-        claim = _claim(spool, args.id)
-        _make_due(spool, claim, now)
-        spool.request_rescan()
-        print(f"{args.id}: due now")
-        return EXIT_OK
-    flushed = busy = 0
-    for state, where in list(spool.entries()):
-        if where == "queue" and state.next_try <= now:
-            continue  # due already; claiming it would only get in the daemon's way
-        taken = spool.claim(state.id) if where == "queue" else None
-        if taken is None:
-            busy += where == "active"  # or gone meanwhile: nothing to flush
-            continue
-        _make_due(spool, taken, now)
-        flushed += 1
+def _cat(spool: Spool, args: argparse.Namespace, config: Config, now: float,
+         out: Output) -> int:
+    if spool.find(args.id) is None:
+        raise _not_found(spool, args.id)
+    try:
+        message = spool.load_message(args.id)
+    except MxsendError as exc:
+        raise _Refused(f"{args.id}: cannot read the message: {exc}") from None
+    out.data(message.data)  # after DATA, CRLF line ends, not dot-stuffed
+    return EXIT_OK
+
+
+def _stats(spool: Spool, args: argparse.Namespace, config: Config, now: float,
+           out: Output) -> int:
+    domains = shape(spool.entries(), now)
+    if args.json:
+        out.line(json.dumps({"domains": domains}, ensure_ascii=False, indent=2))
+    else:
+        for line in shape_lines(domains):
+            out.line(line)
+    return EXIT_OK
+
+
+# --- changing ------------------------------------------------------------------------------
+
+
+def _flush(spool: Spool, args: argparse.Namespace, config: Config, now: float,
+           out: Output) -> int:
+    named = _named(args.ids)
+    if named is None or not args.ids:
+        return _flush_all(spool, now, out)
+    failed = 0
+    for id in named:
+        try:
+            found = spool.find(id)
+            if found is not None and found[1] == "hold":
+                raise _Refused(f"{id} is on hold; `mxsend queue release {id}` first")
+            claim = _claim(spool, id)
+            made = _make_due(spool, claim, now)
+            out.line(f"{id}: due now" if made else f"{id}: due already")
+        except (_Refused, MxsendError) as exc:
+            print(f"mxsend: {exc}", file=sys.stderr)
+            failed += 1
     spool.request_rescan()
-    note = f" ({busy} in flight already)" if busy else ""
-    print(f"{flushed} message{'s' * (flushed != 1)} due now{note}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _flush_all(spool: Spool, now: float, out: Output) -> int:
+    made = due = busy = held = 0
+    for state, where in list(spool.entries()):
+        if where == "hold":
+            held += 1
+        elif where == "active":
+            busy += 1
+        elif state.next_try <= now:
+            due += 1  # claiming it would only get in the daemon's way
+        else:
+            claim = spool.claim(state.id)
+            if claim is None:
+                busy += 1  # taken by a daemon meanwhile
+            elif _make_due(spool, claim, now):
+                made += 1
+            else:
+                due += 1
+    spool.request_rescan()
+    others = [f"{due} due already" if due else "", f"{busy} in flight" if busy else "",
+              f"{held} on hold" if held else ""]
+    note = ", ".join(o for o in others if o)
+    out.line(f"{made} message{'s' * (made != 1)} made due now" + (f" ({note})" if note else ""))
     return EXIT_OK
 
 
-def _make_due(spool: Spool, claim: Claim, now: float) -> None:
+def _make_due(spool: Spool, claim: Claim, now: float) -> bool:
+    """Release the message due now; whether that changed its next try."""
     state = spool.read(claim)
     # A flush is not an attempt: attempts and the schedule position stay as they were.
     spool.release(claim, dataclasses.replace(state, next_try=min(state.next_try, now)))
+    return state.next_try > now
 
 
-def _delete(spool: Spool, args: argparse.Namespace, config: Config, now: float) -> int:
-    claim = _claim(spool, args.id)
-    spool.delete(claim)
-    print(f"{args.id}: deleted")
-    return EXIT_OK
+def _delete(spool: Spool, args: argparse.Namespace, config: Config, now: float,
+            out: Output) -> int:
+    def delete(id: str) -> str:
+        spool.delete(_claim(spool, id))
+        return f"{id}: deleted"
+
+    return _each(spool, args, out, delete, ("queue", "hold"), "deleted")
 
 
-def _bounce(spool: Spool, args: argparse.Namespace, config: Config, now: float) -> int:
-    claim = _claim(spool, args.id)
+def _bounce(spool: Spool, args: argparse.Namespace, config: Config, now: float,
+            out: Output) -> int:
+    return _each(spool, args, out, lambda id: _bounce_one(spool, id, config, now),
+                 ("queue", "hold"), "bounced")
+
+
+def _bounce_one(spool: Spool, id: str, config: Config, now: float) -> str:
+    claim = _claim(spool, id)
     state = spool.read(claim)
     try:
         message = spool.load_message(claim.id)
     except MxsendError as exc:
         spool.release(claim, state)
-        raise _Refused(f"{args.id}: cannot read the message to bounce it: {exc}") from None
+        raise _Refused(f"{id}: cannot read the message to bounce it: {exc}") from None
     final, reported = operator_bounce(state, message, now)
     reporting_mta = config.smtp.helo_name or socket.getfqdn()
     dsn = bounce.build_dsn(
@@ -380,32 +395,69 @@ def _bounce(spool: Spool, args: argparse.Namespace, config: Config, now: float) 
     spool.complete(claim, final)
     report = f"report {bounce_id} queued" if bounce_id else "no report (" + (
         "null sender" if not state.sender else "NOTIFY asked for none") + ")"
-    print(f"{args.id}: {len(newly)} recipient{'s' * (len(newly) != 1)} bounced; {report}")
-    return EXIT_OK
+    return f"{id}: {len(newly)} recipient{'s' * (len(newly) != 1)} bounced; {report}"
 
 
-_ACTIONS: dict[str, Callable[[Spool, argparse.Namespace, Config, float], int]] = {
+def _hold(spool: Spool, args: argparse.Namespace, config: Config, now: float,
+          out: Output) -> int:
+    def hold(id: str) -> str:
+        found = spool.find(id)
+        if found is None:
+            raise _not_found(spool, id)
+        if found[1] == "hold":
+            return f"{id}: on hold already"
+        if spool.hold(id) is None:
+            if spool.find(id) is None:
+                raise _Refused(f"{id} left the queue (delivered or removed) just now")
+            raise _in_flight(id)
+        return f"{id}: on hold"
+
+    return _each(spool, args, out, hold, ("queue",), "put on hold")
+
+
+def _release(spool: Spool, args: argparse.Namespace, config: Config, now: float,
+             out: Output) -> int:
+    def release(id: str) -> str:
+        state = spool.unhold(id)
+        if state is None:
+            if spool.find(id) is None:
+                raise _not_found(spool, id)
+            raise _Refused(f"{id} is not on hold")
+        spool.request_rescan()
+        wait = state.next_try - now
+        when = "due now" if wait <= 0 else f"next try in {format_span(wait)}"
+        return f"{id}: released, {when}"
+
+    return _each(spool, args, out, release, ("hold",), "released")
+
+
+_ACTIONS: dict[str, Callable[[Spool, argparse.Namespace, Config, float, Output], int]] = {
     "list": _list,
     "show": _show,
+    "cat": _cat,
+    "stats": _stats,
     "flush": _flush,
     "delete": _delete,
     "bounce": _bounce,
+    "hold": _hold,
+    "release": _release,
 }
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.log.format, config.log.level)
+    out = Output()
     spool: Spool | None = None
     try:
         spool = _spool(config)
-        return _ACTIONS[args.queue_command](spool, args, config, time.time())
-    except _Refused as exc:
-        print(f"mxsend: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except MxsendError as exc:
+        return _ACTIONS[args.queue_command](spool, args, config, time.time(), out)
+    except ConfigError:
+        raise  # bad usage: cli.py's one line and exit 2
+    except (_Refused, MxsendError) as exc:
         print(f"mxsend: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
+        out.finish()
         if spool is not None:
             # Our heartbeat and empty private folders go; nothing is held after a command.
             spool.retire()

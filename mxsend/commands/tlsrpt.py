@@ -22,7 +22,7 @@ from mxsend.tlsrpt_store import Enqueue, Sent, TlsRptSender, TlsRptStore
 
 def spool_enqueue(config: Config) -> Enqueue:
     """Queue a report message in the spool by the writers' protocol (tmp/, new/)."""
-    spool = Spool(config.spool.path, max_message_size=config.spool.max_message_size)
+    spool = Spool.configured(config.spool)
 
     def enqueue(sender: str, recipient: str, data: bytes) -> None:
         for directory in ("tmp", "new"):

@@ -365,7 +365,8 @@ def park_deferred(spool: Path, msgs: list[Msg], hold_s: float = 7 * 86400) -> fl
     The spool's fsyncs are switched off while filling (this is fixture data; one
     os.sync() at the end makes it durable) so 100,000 messages take seconds, not minutes.
     """
-    import mxsend.spool as spool_mod  # the project's venv, imported only here
+    import mxsend.durable as durable_mod  # the project's venv, imported only here
+    import mxsend.spool as spool_mod
 
     for sub in ("tmp", "new"):
         (spool / sub).mkdir(parents=True, exist_ok=True)
@@ -375,7 +376,7 @@ def park_deferred(spool: Path, msgs: list[Msg], hold_s: float = 7 * 86400) -> fl
     # mxsend.spool makes every OS call through the `os` module, so patching os.fsync
     # (for this process, while filling) reaches all of them.
     with mock.patch("os.fsync", lambda fd: None), \
-            mock.patch.object(spool_mod, "_fsync_dir", lambda path: None):
+            mock.patch.object(durable_mod, "fsync_dir", lambda path: None):
         now = time.time()
         for i, msg in enumerate(msgs):
             name = f"D{i:08d}"
