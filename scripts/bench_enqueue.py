@@ -12,13 +12,16 @@ way cron and PHP do, one process per message, into a throw-away spool, and repor
 - which of the daemon's heavy modules the command loaded (there should be none).
 
 Wall time depends on the machine and its load: compare figures from one run of this
-script, not across machines.
+script, not across machines. The children run with bytecode caching on (without
+PYTHONDONTWRITEBYTECODE), as an installed mxsend does: pip compiles its .pyc files at
+install time, and without them each run would measure the compiler instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,11 +31,12 @@ from pathlib import Path
 
 HEAVY = ("lupa", "aiosmtplib", "dns", "cryptography", "uvloop", "watchdog", "asyncio", "ssl")
 MESSAGE = b"From: bench@example.test\nSubject: bench\n\nbody\n"
+ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "MXSEND_CONFIG")}
 
 
 def _timed(argv: list[str], stdin: bytes) -> float:
     start = time.perf_counter()
-    subprocess.run(argv, input=stdin, check=True, capture_output=True)
+    subprocess.run(argv, input=stdin, check=True, capture_output=True, env=ENV)
     return time.perf_counter() - start
 
 
@@ -46,7 +50,8 @@ def _summary(samples: list[float]) -> dict[str, float]:
 
 def _importtime(argv: list[str]) -> tuple[float, list[tuple[str, float]]]:
     """Total import time (ms) of top-level imports and the ten costliest of them."""
-    result = subprocess.run(argv, input=MESSAGE, check=True, capture_output=True)
+    result = subprocess.run(argv, input=MESSAGE, check=True, capture_output=True,
+                            env=ENV)
     top: list[tuple[str, float]] = []
     for line in result.stderr.decode().splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
@@ -68,7 +73,7 @@ def _heavy_modules(python: str, config: Path) -> list[str]:
         "sys.exit(code)\n"
     )
     result = subprocess.run([python, "-c", code, str(config)], input=MESSAGE, check=True,
-                            capture_output=True)
+                            capture_output=True, env=ENV)
     return result.stdout.decode().split()
 
 

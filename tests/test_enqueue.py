@@ -332,19 +332,34 @@ def test_default_sender_without_helo_name_is_the_fqdn(sendmail: Path, config: Pa
     assert only(config).envelope.sender == f"{login}@{socket.getfqdn()}"
 
 
-def test_files_are_0640_and_folders_0750_whatever_the_umask(tmp_path: Path) -> None:
+@pytest.mark.parametrize("umask", [0o002, 0o077])
+def test_files_are_0640_and_folders_0750_whatever_the_umask(tmp_path: Path, umask: int
+                                                            ) -> None:
     config = tmp_path / "mxsend.toml"
     config.write_text('[spool]\npath = "spool"\n')
     env = {k: v for k, v in os.environ.items() if k != "MXSEND_CONFIG"}
     result = subprocess.run([str(MXSEND), "enqueue", "-c", str(config), "-f", "a@b.test",
                              "c@d.test"], input=b"x\n", capture_output=True, timeout=30,
-                            env=env, umask=0o002, check=False)
+                            env=env, umask=umask, check=False)
     assert result.returncode == 0, result.stderr
     spool = tmp_path / "spool"
     for folder in (spool, spool / "tmp", spool / "new"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o750, folder
     (path,) = (spool / "new").iterdir()
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give new/ to another user")
+def test_a_writer_of_another_user_writes_0660(config: Path) -> None:
+    # fs.protected_hardlinks: the daemon (new/'s owner) may link our file into its queue
+    # only if it may read and write it.
+    spool = config.parent / "spool"
+    (spool / "tmp").mkdir(parents=True)
+    (spool / "new").mkdir()
+    os.chown(spool / "new", 65534, -1)
+    assert enqueue(config, "-f", "a@b.test", "c@d.test").returncode == 0
+    (path,) = spool_files(config)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o660
 
 
 def test_explicit_sender_and_recipient_logins_are_qualified(helo_config: Path) -> None:

@@ -58,9 +58,12 @@ EX_IOERR = 74
 EX_TEMPFAIL = 75
 
 # Contract §10, Files: the spool's folders 0750, its files 0640, shared with the
-# daemon through the group.
+# daemon through the group. A writer of another user than new/'s owner (the daemon)
+# writes 0660: with Linux's fs.protected_hardlinks the daemon may link a file of another
+# user into its queue only if it may read and write it (the spool's rule too).
 DIR_MODE = 0o750
 FILE_MODE = 0o640
+OTHER_WRITER_FILE_MODE = 0o660
 # sendmail -oX and -eX options that mean nothing here: error reporting (-oeX, -eX) and
 # delivery mode (-odX). Other -oX options are ignored too, as Postfix's sendmail does.
 _ERROR_MODES = frozenset("emnpqw")
@@ -330,10 +333,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_new(path: Path, raw: bytes) -> None:
+def writer_file_mode(new_owner: int, euid: int) -> int:
+    """0640 when we are the user who owns new/ (the daemon's), else 0660."""
+    return FILE_MODE if new_owner == euid else OTHER_WRITER_FILE_MODE
+
+
+def _write_new(path: Path, raw: bytes, mode: int) -> None:
     """Create `path` (never an existing file), write all of `raw`, fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
+        os.fchmod(fd, mode)  # exactly `mode`, whatever the caller's umask (cron's, PHP's)
         view = memoryview(raw)
         while view:
             view = view[os.write(fd, view):]
@@ -349,14 +358,17 @@ def hand_over(root: Path, raw: bytes) -> str:
     not a rename, so that a file another writer handed over is never replaced.
     """
     tmp, new = root / "tmp", root / "new"
-    for directory in (tmp, new):
-        # Normally the daemon made them; mkdir's mode is cut by the umask, so 0750 at most.
-        directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    for directory in (root, tmp, new):
+        # Normally the daemon made them, and what exists is left as the daemon set it.
+        if not directory.is_dir():
+            directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            os.chmod(directory, DIR_MODE)  # not less, whatever the umask
+    mode = writer_file_mode(new.stat().st_uid, os.geteuid())
     for _ in range(8):
         queue_id = new_queue_id(time.time(), os.urandom(7))
         temp = tmp / f"{queue_id}.{os.getpid()}"
         try:
-            _write_new(temp, raw)
+            _write_new(temp, raw, mode)
             os.link(temp, new / queue_id, follow_symlinks=False)
         except FileExistsError:
             continue  # an id taken in the same microsecond: draw another
@@ -391,9 +403,6 @@ def enqueue(args: argparse.Namespace, config: Config, stdin: BinaryIO) -> str:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    # Files 0640, folders 0750 whatever the caller's umask allows more (contract §10),
-    # keeping anything stricter the caller asked for.
-    os.umask(os.umask(0o027) | 0o027)
     try:
         enqueue(args, config, sys.stdin.buffer)
     except EnqueueError as exc:
