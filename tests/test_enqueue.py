@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ import pytest
 from mxsend import envelope
 from mxsend.envelope import Message, parse_bsmtp
 from mxsend.spool import Accepted, Spool, id_problem
+from tests.fixtures.daemon import DaemonProcess, write_config
+from tests.fixtures.dns_server import DnsTestServer
+from tests.fixtures.smtp_receiver import ReceiverGroup
 
 MXSEND = Path(sys.executable).with_name("mxsend")
 
@@ -420,3 +424,32 @@ def test_envelope_character_classes_are_the_rfc_sets(name: str, old: str) -> Non
     differ = [c for c in range(0x110000)
               if bool(new.fullmatch(chr(c))) != bool(reference.fullmatch(chr(c)))]
     assert differ == []
+
+
+# --- docs/integration.md, "An application": the recipe end to end ------------------------
+
+
+@pytest.mark.slow
+def test_application_recipe_end_to_end(tmp_path: Path, sendmail: Path,
+                                       dns_server: DnsTestServer,
+                                       smtp_receivers: ReceiverGroup,
+                                       daemon: Callable[..., DaemonProcess]) -> None:
+    # An application (PHP's mail(), here its exact call) hands a message to the
+    # `sendmail` symlink; the daemon delivers it to the recipient's MX, a real SMTP
+    # server found through a real DNS server, as docs/integration.md describes.
+    dns_server.add_mx("example.test", 10, "mx.example.test")
+    dns_server.add_a("mx.example.test", "127.0.0.2")
+    mx = smtp_receivers.start("127.0.0.2")
+    config = write_config(tmp_path, {
+        "dns": {"nameservers": [dns_server.nameserver], "timeout": "2s", "ipv6": False},
+        "smtp": {"port": smtp_receivers.port, "helo_name": "app.origin.test"},
+    })
+    stdin = b"To: user@example.test\nSubject: order 42\nFrom: shop@origin.test\n\nThanks.\n"
+    result = run_sendmail(sendmail, config, "-t", "-i", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    process = daemon(config, "--once")
+    assert process.wait(60) == 0, process.output()
+    (message,) = mx.wait_for(1)
+    assert message.rcpts == ["user@example.test"]
+    assert message.mail_from == f"{pwd.getpwuid(os.getuid()).pw_name}@app.origin.test"
+    assert message.data == stdin.replace(b"\n", b"\r\n")
