@@ -251,6 +251,8 @@ def test_compose_example_gives_mxsend_time_to_stop() -> None:
     assert services["mta"]["volumes"] == services["mxsend"]["volumes"] == [
         "spool:/var/spool/mxsend"]
     assert services["mta"]["group_add"] == ["10025"]
+    shared = tomllib.loads(compose["configs"]["mxsend-shared-spool"]["content"])
+    assert shared["spool"]["group"] == services["mta"]["group_add"][0]
     assert "volumes" not in services["mta-relay"]
     listener = compose["configs"]["mxsend-listener"]["content"]
     assert tomllib.loads(listener)["listen"]["address"] == "0.0.0.0:10025"
