@@ -1,13 +1,17 @@
-"""What the Lua policy decides, as immutable values (contract §4).
+"""What the Lua policy decides, as immutable values (contract §4), and VPOP3's names.
 
 policy.py produces these from the script's Actions tables; the scheduler reads
 FileActions and smtp.py reads ServerActions. Keeping them here lets both sides depend on
 plain values instead of on each other.
+
+The tables at the end are the one source of the names a script writes (`SkipSend`,
+`tryTLS`, ...): luavalues.py reads the Actions back by them, the policy worker is given
+them at start (sandbox.lua repeats none), and the CLI shows them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,10 @@ class ServerActions:
     default_return_address: str = ""
     null_return_address: str = ""
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # Non-empty: the script asked for a protection that could not be read (a pin with a
+    # CR in it, say); the attempt to this server fails temporarily before connecting,
+    # never unpinned or in plaintext (docs/policy.md, "Fields that cannot be read").
+    unusable: str = ""
 
     @property
     def requires_tls(self) -> bool:
@@ -64,6 +72,7 @@ class ServerActions:
             or self.verify_cert
             or self.check_cert_name
             or self.check_cert_thumbprint
+            or self.unusable
         )
 
 
@@ -78,3 +87,29 @@ class ServerParameters:
     length: int  # message size in bytes
     connid: int  # a number identifying this delivery connection (also `connnid`)
     connection: str  # "host[ip]:port" of the connection
+
+
+# Attribute -> VPOP3's name, in the order the values cross to and from the Lua worker.
+FILE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("skip_send", "SkipSend"),
+    ("force_last_try", "ForceLastTry"),
+    ("priority", "Priority"),
+    ("reason", "Reason"),
+)
+SERVER_FIELDS: tuple[tuple[str, str], ...] = (
+    ("try_esmtp", "tryESMTP"),
+    ("try_tls", "tryTLS"),
+    ("helo_name", "HELOname"),
+    ("use_batv", "useBATV"),
+    ("allow_dsn", "allowDSN"),
+    ("force_tls", "forceTLS"),
+    ("verify_cert", "verifyCert"),
+    ("check_cert_name", "checkCertName"),
+    ("check_cert_thumbprint", "checkCertThumbprint"),
+    ("return_address_modifier", "returnAddressModifier"),
+    ("default_return_address", "defaultReturnAddress"),
+    ("null_return_address", "nullReturnAddress"),
+)
+# The `timeouts` sub-table: VPOP3 uses the attribute names themselves.
+TIMEOUT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Timeouts))
+LUA_NAME: dict[str, str] = dict(FILE_FIELDS + SERVER_FIELDS)

@@ -133,6 +133,21 @@ _PHASE_LABEL = {
 }
 
 
+# The `kind` of a `bounce` log event (contract §10 Logs).
+REPORT_KIND = {
+    DsnAction.FAILED: "failure",
+    DsnAction.DELAYED: "delay",
+    DsnAction.RELAYED: "relayed",
+    DsnAction.DELIVERED: "success",
+    DsnAction.EXPANDED: "success",
+}
+
+
+def command_of(phase: Phase | None) -> str | None:
+    """The SMTP command a reply in `phase` answered, as reports and logs name it."""
+    return _PHASE_LABEL.get(phase) if phase is not None else None
+
+
 def _clean(text: str, *, ascii_only: bool) -> str:
     """One line of header text: control characters (CR, LF, TAB...) become spaces."""
     text = _CONTROL.sub(" ", text).strip()

@@ -125,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
         p = batv_sub.add_parser(name, help=help_text)
         p.add_argument("address", metavar="ADDRESS")
         _add_config_flag(p, top=False)
+
+    dkim = command("dkim", "DKIM keys: make one, print the TXT record to publish")
+    dkim_sub = dkim.add_subparsers(dest="dkim_command", metavar="ACTION", parser_class=_Parser)
+    dkim_sub.required = True
+    keygen = dkim_sub.add_parser("keygen", help="write a new key and print its TXT record data")
+    keygen.add_argument("domain", metavar="DOMAIN")
+    keygen.add_argument("selector", metavar="SELECTOR")
+    keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa")
+    keygen.add_argument("--bits", type=int, default=None, help="RSA only (default 2048)")
+    keygen.add_argument("--out", metavar="FILE", help="default DOMAIN.SELECTOR.pem")
+    record = dkim_sub.add_parser("record", help="print the TXT record data for a key file")
+    record.add_argument("key_file", metavar="KEY_FILE")
+    for p in (keygen, record):
+        _add_config_flag(p, top=False)
     return parser
 
 
@@ -136,6 +150,7 @@ _COMMAND_MODULES = {
     "resolve": "mxsend.commands.resolve",
     "batv": "mxsend.commands.batv",
     "health": "mxsend.commands.health",
+    "dkim": "mxsend.commands.dkim",
 }
 
 

@@ -27,6 +27,8 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?B?)\s*$", re.IGNORECASE)
 
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 def parse_duration(value: object, key: str) -> float:
     """`30`, `30s`, `5m`, `2h`, `5d` -> seconds. Booleans are not numbers here."""
@@ -92,6 +94,8 @@ class SmtpConfig:
     ca_file: Path | None = None
     max_connections: int = 100
     max_connections_per_domain: int = 10
+    # Contract §10: loopback, private and similar networks an operator lets mail go to.
+    allowed_destinations: tuple[IpNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +114,63 @@ class BatvConfig:
     key_file: Path | None = None
 
 
+# Contract §7: signed when present; `from` is listed once more than it occurs
+# ("oversigned", RFC 6376 §8.15) so that a From: added later breaks the signature.
+DKIM_DEFAULT_HEADERS = (
+    "from", "to", "cc", "subject", "date", "message-id", "reply-to", "in-reply-to",
+    "references", "mime-version", "content-type", "content-transfer-encoding",
+    "list-unsubscribe", "list-unsubscribe-post",
+)
+DKIM_CANONICALIZATIONS = ("relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple")
+_DNS_LABEL_RE = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+_HEADER_NAME_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")  # RFC 5322 §3.6.8 ftext
+
+
+@dataclass(frozen=True, slots=True)
+class DkimKey:
+    """One `[[dkim.key]]` table (contract §7); the key file is read by `dkim_keys`."""
+
+    domain: str
+    selector: str
+    key_file: Path
+    headers: tuple[str, ...] = DKIM_DEFAULT_HEADERS
+    canonicalization: str = "relaxed/relaxed"
+
+
+@dataclass(frozen=True, slots=True)
+class DkimConfig:
+    keys: tuple[DkimKey, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     format: str = "text"
     level: str = "info"
+
+
+# RFC 5321 §4.5.3.2.7: a server waits at least 5 minutes for the next command.
+LISTEN_IDLE_TIMEOUT = 300.0
+LOOPBACK_NETWORKS: tuple[IpNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    """The SMTP listener (contract §10); `address` "" is off."""
+
+    address: str = ""
+    networks: tuple[IpNetwork, ...] = LOOPBACK_NETWORKS
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    idle_timeout: float = LISTEN_IDLE_TIMEOUT
+    max_connections: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus endpoint (contract §10); `listen` "" is off."""
+
+    listen: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +182,9 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     batv: BatvConfig = field(default_factory=BatvConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = None  # the file this came from; None for built-in defaults
 
 
@@ -266,9 +326,37 @@ def split_host_port(text: str, default_port: int) -> tuple[str, int]:
     return host, port
 
 
+def _networks(value: object, key: str) -> tuple[IpNetwork, ...]:
+    """A list of CIDR strings ("127.0.0.0/8", "::1/128"; a bare address is a /32 or /128)."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of networks (CIDR), got {value!r}")
+    networks: list[IpNetwork] = []
+    for item in value:
+        text = _str(item, key)
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{key}: {text!r} is not a network (CIDR)") from None
+    return tuple(networks)
+
+
 def _is_port(text: str) -> bool:
     # isascii: str.isdigit() also takes "٣", which int() reads as 3.
     return text.isascii() and text.isdigit() and len(text) <= 5
+
+
+def _listen_address(value: object, key: str) -> str:
+    """"" (off) or `ip:port` / `[ipv6]:port`: a port is required, there is no default."""
+    text = _str(value, key)
+    if not text:
+        return text
+    if not (text.startswith("[") and "]:" in text) and text.count(":") != 1:
+        raise ConfigError(f"{key}: expected ip:port or [ipv6]:port, got {text!r}")
+    try:
+        split_host_port(text, 0)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return text
 
 
 def _source_address(value: object, key: str) -> str:
@@ -322,6 +410,72 @@ def _path_converter(base: Path | None, *, empty_is_none: bool) -> Callable[[obje
     return convert
 
 
+def _dns_name(value: object, key: str) -> str:
+    """A domain or selector: dot-separated DNS labels, lowercased, A-labels for IDNs."""
+    text = _str(value, key).strip().rstrip(".").lower()
+    try:
+        text = text.encode("idna").decode("ascii") if not text.isascii() else text
+    except UnicodeError:
+        raise ConfigError(f"{key}: not a valid domain name: {value!r}") from None
+    labels = text.split(".")
+    if not text or len(text) > 253 or not all(_DNS_LABEL_RE.match(label) for label in labels):
+        raise ConfigError(f"{key}: not a valid domain name: {value!r}")
+    return text
+
+
+def _dkim_headers(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected a non-empty list of header names, got {value!r}")
+    names: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or not _HEADER_NAME_RE.match(item):
+            raise ConfigError(f"{key}: not a header field name: {item!r}")
+        if item.lower() not in names:
+            names.append(item.lower())
+    if "from" not in names:  # RFC 6376 §5.4: "The From header field MUST be signed"
+        raise ConfigError(f"{key}: must include from (RFC 6376 §5.4)")
+    return tuple(names)
+
+
+def _canonicalization(value: object, key: str) -> str:
+    text = _str(value, key).strip().lower()
+    if text in ("relaxed", "simple"):  # RFC 6376 §3.5 c=: a lone value is the header's
+        text += "/simple"
+    if text not in DKIM_CANONICALIZATIONS:
+        raise ConfigError(
+            f"{key}: expected one of {', '.join(DKIM_CANONICALIZATIONS)}, got {value!r}"
+        )
+    return text
+
+
+def _dkim(table: object, base: Path | None) -> DkimConfig:
+    s = _Section("dkim", table, base)
+    s.seen.add("key")
+    entries = s.table.get("key", [])
+    s.finish()
+    if not isinstance(entries, list):
+        raise ConfigError("dkim.key: expected [[dkim.key]] tables")
+    keys: list[DkimKey] = []
+    for index, entry in enumerate(entries):
+        k = _Section(f"dkim.key[{index}]", entry, base)
+        for required in ("domain", "selector", "key_file"):
+            if required not in k.table:
+                raise ConfigError(f"{k.key(required)}: required")
+        key = DkimKey(
+            domain=k.get("domain", "", _dns_name),
+            selector=k.get("selector", "", _dns_name),
+            key_file=k.get("key_file", Path(), _path_converter(base, empty_is_none=False)),
+            headers=k.get("headers", DKIM_DEFAULT_HEADERS, _dkim_headers),
+            canonicalization=k.get("canonicalization", "relaxed/relaxed", _canonicalization),
+        )
+        k.finish()
+        if any((key.domain, key.selector) == (o.domain, o.selector) for o in keys):
+            raise ConfigError(f"{k.key('selector')}: {key.selector} is configured twice "
+                              f"for {key.domain}")
+        keys.append(key)
+    return DkimConfig(keys=tuple(keys))
+
+
 def load_config(path: Path | None) -> Config:
     """Load and validate a config file; None gives the built-in defaults."""
     if path is None:
@@ -344,7 +498,8 @@ def config_from_mapping(
     data: Mapping[str, Any], *, base: Path | None = None, source: Path | None = None
 ) -> Config:
     """Validate an already-parsed TOML document."""
-    known = {"spool", "script", "dns", "smtp", "queue", "batv", "log"}
+    known = {"spool", "script", "dns", "smtp", "queue", "batv", "log", "dkim", "listen",
+             "metrics"}
     for name in data:
         if name not in known:
             raise ConfigError(f"{name}: unknown section")
@@ -393,6 +548,9 @@ def config_from_mapping(
             defaults.smtp.max_connections_per_domain,
             _int_range(1, 100_000),
         ),
+        allowed_destinations=s.get(
+            "allowed_destinations", defaults.smtp.allowed_destinations, _networks
+        ),
     )
     s.finish()
 
@@ -422,10 +580,35 @@ def config_from_mapping(
     )
     s.finish()
 
+    dkim = _dkim(data.get("dkim", {}), base)
+
+    listen = _listen_section(section("listen"), defaults.listen, base)
+    s = section("metrics")
+    metrics = MetricsConfig(listen=s.get("listen", defaults.metrics.listen, _listen_address))
+    s.finish()
+
     return Config(
         spool=spool, script=script, dns=dns, smtp=smtp, queue=queue, batv=batv, log=log,
-        source=source,
+        dkim=dkim, listen=listen, metrics=metrics, source=source,
     )
+
+
+def _listen_section(s: _Section, defaults: ListenConfig, base: Path | None) -> ListenConfig:
+    path = _path_converter(base, empty_is_none=True)
+    listen = ListenConfig(
+        address=s.get("address", defaults.address, _listen_address),
+        networks=s.get("networks", defaults.networks, _networks),
+        tls_cert=s.get("tls_cert", defaults.tls_cert, path),
+        tls_key=s.get("tls_key", defaults.tls_key, path),
+        idle_timeout=s.get("idle_timeout", defaults.idle_timeout, _positive_duration),
+        max_connections=s.get("max_connections", defaults.max_connections,
+                              _int_range(1, 100_000)),
+    )
+    s.finish()
+    if (listen.tls_cert is None) != (listen.tls_key is None):
+        missing = "listen.tls_key" if listen.tls_key is None else "listen.tls_cert"
+        raise ConfigError(f"{missing}: tls_cert and tls_key go together (both or neither)")
+    return listen
 
 
 def config_path(explicit: str | None, environ: Mapping[str, str] = os.environ) -> Path | None:

@@ -109,6 +109,7 @@ class Envelope:
     body: str | None = None  # "7BIT" or "8BITMIME" (RFC 6152)
     smtputf8: bool = False  # RFC 6531
     size: int | None = None  # advisory (RFC 1870)
+    requiretls: bool = False  # RFC 8689 §4: TLS required on every hop
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,6 +361,10 @@ def _mail_params(params: dict[str, str | None], lineno: int) -> dict[str, object
             if value is not None:
                 raise EnvelopeError(f"line {lineno}: SMTPUTF8 takes no value")
             out["smtputf8"] = True
+        elif keyword == "REQUIRETLS":
+            if value is not None:
+                raise EnvelopeError(f"line {lineno}: REQUIRETLS takes no value")
+            out["requiretls"] = True
         elif keyword == "SIZE":
             size = _need_value(keyword, value, lineno)
             # isascii: str.isdigit() also takes "²" and "٣", which int() refuses or reads.
@@ -395,6 +400,38 @@ def _rcpt(path: str, params: dict[str, str | None], lineno: int, utf8: bool) -> 
         else:
             raise EnvelopeError(f"line {lineno}: unknown RCPT parameter {keyword}")
     return Recipient(address=address, notify=notify, orcpt=orcpt)
+
+
+# --- single SMTP commands (the listener's) ---------------------------------------------
+
+
+def parse_mail_command(line: bytes) -> tuple[str, dict[str, object]]:
+    """`MAIL FROM:<a@b> K=V` as a client sends it -> (bare sender, parameters by the
+    spool file's rules: keys ret, envid, auth, body, smtputf8, size, requiretls)."""
+    verb, path, params = _split_command(line, 1)
+    if verb != "MAIL":
+        raise EnvelopeError("expected MAIL FROM")
+    mail = _mail_params(_unique(params, 1), 1)
+    return parse_path(path, allow_null=True, utf8=bool(mail.get("smtputf8"))), mail
+
+
+def parse_rcpt_command(line: bytes, *, utf8: bool) -> Recipient:
+    """`RCPT TO:<a@b> NOTIFY=.. ORCPT=..` as a client sends it -> Recipient."""
+    verb, path, params = _split_command(line, 1)
+    if verb != "RCPT":
+        raise EnvelopeError("expected RCPT TO")
+    return _rcpt(path, _unique(params, 1), 1, utf8)
+
+
+def envelope_of(sender: str, mail: dict[str, object],
+                recipients: tuple[Recipient, ...]) -> Envelope:
+    """The Envelope of a sender, parse_mail_command's parameters and recipients."""
+    return Envelope(
+        sender=sender, recipients=recipients, ret=_opt_str(mail.get("ret")),
+        envid=_opt_str(mail.get("envid")), auth=_opt_str(mail.get("auth")),
+        body=_opt_str(mail.get("body")), smtputf8=bool(mail.get("smtputf8")),
+        size=_opt_int(mail.get("size")), requiretls=bool(mail.get("requiretls")),
+    )
 
 
 # --- whole files ----------------------------------------------------------------------
@@ -484,6 +521,7 @@ def parse_bsmtp(raw: bytes) -> Message:
         body=_opt_str(mail.get("body")),
         smtputf8=bool(mail.get("smtputf8")),
         size=_opt_int(mail.get("size")),
+        requiretls=bool(mail.get("requiretls")),
     )
     return Message(envelope=envelope, data=data)
 
@@ -565,6 +603,8 @@ def mail_parameters(envelope: Envelope) -> list[str]:
         params.append("SMTPUTF8")
     if envelope.size is not None:
         params.append(f"SIZE={envelope.size}")
+    if envelope.requiretls:
+        params.append("REQUIRETLS")
     return params
 
 

@@ -27,10 +27,6 @@ class SpoolError(MxsendError):
     """The spool could not be read or written."""
 
 
-class ScriptError(MxsendError):
-    """The Lua policy script failed to compile or to run."""
-
-
 class Phase(Enum):
     """Where in an SMTP transaction something happened (RFC 5321 §3)."""
 
@@ -43,7 +39,6 @@ class Phase(Enum):
     RCPT = "rcpt"
     DATA = "data"
     DATAEND = "dataend"
-    QUEUE = "queue"
 
 
 class DeliveryError(MxsendError):
@@ -72,6 +67,10 @@ class TemporaryFailure(DeliveryError):
     """Try again later (4xx, a timeout, a lost connection, SERVFAIL)."""
 
     permanent = False
+
+
+class DestinationRefused(TemporaryFailure):
+    """Not connected: the address is loopback, private or similar and not allowed (§10)."""
 
 
 class PermanentFailure(DeliveryError):

@@ -21,8 +21,9 @@ _logger = logging.getLogger(LOGGER_NAME)
 EVENTS: Mapping[str, tuple[str, ...]] = {
     "queued": ("sender", "recipients", "size"),
     "skipped": ("reason",),
-    "delivery": ("recipient", "status", "relay", "tls", "dsn", "response", "attempt"),
-    "bounce": ("bounce_id", "recipients"),
+    "delivery": ("recipient", "status", "relay", "tls", "dsn", "response", "attempt",
+                 "command"),
+    "bounce": ("bounce_id", "recipients", "kind"),
     "quarantined": ("reason",),
     "script_error": ("function", "error"),
     "script_log": ("message",),

@@ -13,10 +13,13 @@ big-endian length, then a `marshal` payload of plain tuples (no pickle: nothing 
 daemon receives can run code).
 
 Requests and replies:
-    ("load", source: bytes, chunkname: str, timeout: float)
+    ("load", source: bytes, chunkname: str, timeout: float, names)
         -> ("loaded", error: str | None, prints: list[str])
+        names: the VPOP3 field names (CheckFile's, ServerDetails', the timeouts'), as
+        three tuples of bytes; they come from mxsend/actions.py, the one place they
+        are written.
     ("check", timeout, filename, size, ctime, retries, lasttry, return_path,
-              recipients, header_block)          (strings as bytes)
+              recipients, header_block, defaults: tuple)          (strings as bytes)
         -> ("result", values: tuple, prints: list[str])
     ("server", timeout, authsender, originator, server, domain, length, connid,
                connection, header_lines, defaults: tuple)
@@ -74,7 +77,33 @@ def compile_check(source: bytes, chunkname: str) -> str | None:
     )
     compiler = runtime.eval("function(s, n) local f, e = load(s, n, 't', {}) return e end")
     error = compiler(source, chunkname.encode())
-    return None if error is None else _text(error)
+    return None if error is None else _full_path(_text(error), chunkname)
+
+
+def _full_path(error: str, chunkname: str) -> str:
+    """Lua shortens a long chunk name to "...tail"; put the whole path back."""
+    path = chunkname[1:]
+    if error.startswith("..."):
+        tail, sep, rest = error[3:].partition(":")
+        if sep and path.endswith(tail):
+            return f"{path}:{rest}"
+    return error
+
+
+def read_script(path: Path) -> tuple[bytes | None, str | None]:
+    """(source, None) if the script compiles; (None, error) if not; (None, None) if absent.
+
+    The error is one line as Lua writes it (`/etc/mxsend/mxout.lua:4: ...`). Nothing of
+    the script runs. `mxsend run` uses this to refuse to start on a broken script.
+    """
+    try:
+        source = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"{path}: {exc.strerror}"
+    error = compile_check(source, f"@{path}")
+    return (None, error) if error is not None else (source, None)
 
 
 def _text(value: object) -> str:
@@ -100,11 +129,13 @@ class LuaHost:
     def loaded(self) -> bool:
         return self._host is not None
 
-    def load(self, source: bytes, chunkname: str, timeout: float) -> str | None:
+    def load(self, source: bytes, chunkname: str, timeout: float,
+             names: tuple[tuple[bytes, ...], ...]) -> str | None:
         """Run the script's top level in a fresh state; keep the old one on failure."""
         try:
             runtime = new_runtime(self.memory)
             host = runtime.execute(SANDBOX_LUA.read_bytes())
+            host[b"set_fields"](*(b",".join(group) for group in names))
             ok, *error = _values(host[b"load"](source, chunkname.encode(), timeout))
             prints = self._prints_of(host)
         except lua52.LuaError as exc:
@@ -152,6 +183,12 @@ class LuaHost:
 # --- the worker process --------------------------------------------------------------
 
 
+def frame(message: tuple[Any, ...]) -> bytes:
+    """One message as it goes on the socket: length, then marshal payload."""
+    payload = marshal.dumps(message)
+    return _HEADER.pack(len(payload)) + payload
+
+
 class Channel:
     """Length-prefixed marshal frames over a non-blocking socket."""
 
@@ -184,8 +221,8 @@ class Channel:
         return True
 
     def send(self, message: tuple[Any, ...]) -> None:
-        payload = marshal.dumps(message)
-        data = memoryview(_HEADER.pack(len(payload)) + payload)
+        """Blocking send: the worker's side, where waiting for the daemon is right."""
+        data = memoryview(frame(message))
         while data:
             try:
                 sent = self.sock.send(data)
@@ -242,11 +279,12 @@ def serve(channel: Channel, memory: int) -> None:
         assert isinstance(request, tuple)
         kind = request[0]
         if kind == "load":
-            _, source, chunkname, timeout = request
-            error = host.load(source, chunkname, timeout)
+            _, source, chunkname, timeout, names = request
+            error = host.load(source, chunkname, timeout, names)
             channel.send(("loaded", error, host.take_prints()))
         elif kind == "check":
-            values, prints = host.check_file(*request[1:])
+            *args, defaults = request[1:]
+            values, prints = host.check_file(*args, *defaults)
             channel.send(("result", values, prints))
         elif kind == "server":
             *args, defaults = request[1:]

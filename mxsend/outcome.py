@@ -11,59 +11,18 @@ Rules (RFC 5321 §4.2.1, §3.3):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 from mxsend.errors import DeliveryError, Phase
-
-# RFC 5321 §4.5.3.1.5 allows 512 octets per reply line; servers exceed it, so keep a
-# generous cap on what we carry around (logs, DSNs), not on what we accept.
-MAX_RESPONSE_TEXT = 1000
-# RFC 3463 §2: class "." subject "." detail; the class must match the reply's first digit.
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+from mxsend.reply import Reply, default_dsn, truncate
 
 
 class DeliveryStatus(StrEnum):
     SENT = "sent"
     DEFERRED = "deferred"
     BOUNCED = "bounced"
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """One SMTP reply; multi-line text joined with newlines, enhanced code split off."""
-
-    code: int
-    message: str
-    enhanced: str | None
-
-    @property
-    def positive(self) -> bool:
-        return 200 <= self.code < 300
-
-    @property
-    def transient(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def permanent(self) -> bool:
-        return 500 <= self.code < 600
-
-    @property
-    def dsn(self) -> str:
-        return self.enhanced or default_dsn(self.code)
-
-    def __str__(self) -> str:
-        """`550 5.1.1 no such user`, on one line."""
-        text = " ".join(self.message.split())
-        parts = [str(self.code)]
-        if self.enhanced:
-            parts.append(self.enhanced)
-        if text:
-            parts.append(text)
-        return truncate(" ".join(parts))
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,43 +50,6 @@ class RecipientOutcome:
     dsn_relayed: bool = False  # NOTIFY=SUCCESS asked but server lacked DSN (RFC 3461 §4.1)
     # 8-bit data sent to a server that did not offer 8BITMIME (contract §5: send, log).
     eight_bit_unadvertised: bool = False
-
-
-def truncate(text: str, limit: int = MAX_RESPONSE_TEXT) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def parse_reply(code: int, text: str) -> Reply:
-    """Split an RFC 3463 enhanced status code off the reply text when it matches the code."""
-    if "\n" not in text:
-        # One line, nearly every reply: the same result without the list work.
-        first = text.strip()
-        match = _ENHANCED.match(first)
-        if match and str(code)[:1] == match.group(1):
-            return Reply(code=code, message=truncate(first[match.end():].strip()),
-                         enhanced=f"{match.group(1)}.{int(match.group(2))}."
-                                  f"{int(match.group(3))}")
-        return Reply(code=code, message=truncate(first), enhanced=None)
-    lines = text.split("\n")
-    first = lines[0].strip()
-    match = _ENHANCED.match(first)
-    enhanced: str | None = None
-    if match and str(code)[:1] == match.group(1):
-        enhanced = f"{match.group(1)}.{int(match.group(2))}.{int(match.group(3))}"
-        # RFC 2034 §3: every line of a multi-line reply repeats the code; drop each.
-        lines = [_ENHANCED.sub("", line.strip(), count=1) for line in lines]
-    message = "\n".join(line.strip() for line in lines).strip()
-    return Reply(code=code, message=truncate(message), enhanced=enhanced)
-
-
-def default_dsn(code: int | None) -> str:
-    """An enhanced code for a reply that gave none (RFC 3463 §3.1: x.0.0, other)."""
-    if code is None:
-        return "4.0.0"
-    if code == 421:
-        return "4.4.2"  # RFC 3463 §3.5: service not available / connection dropped
-    cls = code // 100
-    return f"{cls}.0.0" if cls in (2, 4, 5) else "4.0.0"
 
 
 def status_of(code: int) -> DeliveryStatus:
@@ -235,9 +157,28 @@ def _unfinished(address: str, error: DeliveryError | None, where: Where) -> Reci
 
 
 def should_try_next_host(outcomes: Sequence[RecipientOutcome]) -> bool:
-    """A host that answered 4xx for the whole transaction: the next MX may do better.
+    """A host that answered 4xx for the whole transaction, or 5xx to its greeting: the
+    next MX may do better.
 
-    Anything sent or bounced is final for this attempt (RFC 5321 §5.1: the MX list is
-    for hosts that cannot be reached or decline temporarily).
+    Anything else sent or bounced is final for this attempt (RFC 5321 §5.1: the MX list
+    is for hosts that cannot be reached or decline temporarily). A 5xx greeting says
+    "not this server", not "not this recipient" (RFC 5321 §3.1; Postfix's
+    smtp_skip_5xx_greeting), so it moves on too.
     """
-    return all(o.status is DeliveryStatus.DEFERRED for o in outcomes)
+    return (all(o.status is DeliveryStatus.DEFERRED for o in outcomes)
+            or _greeting_refused(outcomes))
+
+
+def after_every_host(tried: Sequence[Sequence[RecipientOutcome]]) -> list[RecipientOutcome]:
+    """The outcomes of a domain whose every host was tried, each moving on to the next.
+
+    Bounced only if every host refused at its greeting; otherwise the last host that
+    deferred speaks, since a temporary failure anywhere means a later attempt may work.
+    """
+    deferred = [outcomes for outcomes in tried if not _greeting_refused(outcomes)]
+    return list(deferred[-1] if deferred else tried[-1])
+
+
+def _greeting_refused(outcomes: Sequence[RecipientOutcome]) -> bool:
+    return bool(outcomes) and all(
+        o.status is DeliveryStatus.BOUNCED and o.phase is Phase.GREETING for o in outcomes)

@@ -431,35 +431,42 @@ local function call(fname, seconds, ...)
   return "ok", result
 end
 
-local CHECKFILE_FIELDS = {"SkipSend", "ForceLastTry", "Priority", "Reason"}
+-- The VPOP3 field names, given by the daemon (mxsend/actions.py is their one source)
+-- before the script loads: CheckFile's, ServerDetails', and the timeouts'.
+local CHECKFILE_FIELDS, SERVER_FIELDS, TIMEOUT_FIELDS = {}, {}, {}
 
--- CheckFile: the number of pending print lines, the status, then (type, value) for
--- each field of CHECKFILE_FIELDS.
+local function split_names(joined)
+  local out = {}
+  for name in s_gmatch(joined, "[^,]+") do out[#out + 1] = name end
+  return out
+end
+
+function host.set_fields(checkfile, server, timeouts)
+  CHECKFILE_FIELDS = split_names(checkfile)
+  SERVER_FIELDS = split_names(server)
+  TIMEOUT_FIELDS = split_names(timeouts)
+end
+
+-- CheckFile: the Actions in arrive as values in the order of CHECKFILE_FIELDS; the
+-- result leaves as the number of pending print lines, the status, then (type, value)
+-- for each field of CHECKFILE_FIELDS.
 function host.check_file(seconds, filename, size, ctime, retries, lasttry, return_path,
-                         recipients, header_block)
+                         recipients, header_block, ...)
   local data, lines = parse_header(header_block)
-  local actions = {SkipSend = false, ForceLastTry = false, Priority = 50, Reason = ""}
+  local values = {...}
+  local actions = {}
+  for i = 1, #CHECKFILE_FIELDS do actions[CHECKFILE_FIELDS[i]] = values[i] end
   local status, result = call("CheckFile", seconds, filename, actions, size, ctime,
     retries, lasttry, return_path, split_list(recipients), data, lines)
   if status ~= "ok" then return nprints, status, result end
-  local f = CHECKFILE_FIELDS
-  local k1, v1 = primitive(result[f[1]])
-  local k2, v2 = primitive(result[f[2]])
-  local k3, v3 = primitive(result[f[3]])
-  local k4, v4 = primitive(result[f[4]])
-  return nprints, "ok", nil, k1, v1, k2, v2, k3, v3, k4, v4
+  local out, n = {}, 0
+  for i = 1, #CHECKFILE_FIELDS do
+    local kind, v = primitive(result[CHECKFILE_FIELDS[i]])
+    out[n + 1], out[n + 2] = kind, v
+    n = n + 2
+  end
+  return nprints, "ok", nil, table.unpack(out, 1, n)
 end
-
-local SERVER_FIELDS = {
-  "tryESMTP", "tryTLS", "HELOname", "useBATV", "allowDSN", "forceTLS", "verifyCert",
-  "checkCertName", "checkCertThumbprint", "returnAddressModifier",
-  "defaultReturnAddress", "nullReturnAddress",
-}
-local TIMEOUT_FIELDS = {
-  "connect", "greeting", "ehlo", "starttls", "mail", "rcpt", "data", "datablock", "dataend",
-}
-host.SERVER_FIELDS = t_concat(SERVER_FIELDS, ",")
-host.TIMEOUT_FIELDS = t_concat(TIMEOUT_FIELDS, ",")
 
 -- ServerDetails: the Actions in arrive as two flat lists of values in the order of
 -- SERVER_FIELDS then TIMEOUT_FIELDS; the result leaves as one flat list of

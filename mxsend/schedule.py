@@ -46,10 +46,6 @@ class RetryDecision:
     give_up: GiveUp | None
     next_try: float | None
 
-    @property
-    def final(self) -> bool:
-        return self.give_up is not None
-
 
 def retry_interval(retry: Sequence[float], attempts: int) -> float:
     """The wait after `attempts` attempts: retry[attempts-1], the last one repeating."""
@@ -103,11 +99,6 @@ def after_temporary_failure(
         return RetryDecision(give_up=GiveUp.EXPIRED, next_try=None)
     when = min(next_try(retry, attempts, now), expires_at(created, max_age))
     return RetryDecision(give_up=None, next_try=when)
-
-
-def due(next_attempt: float, now: float) -> bool:
-    """Is a message whose next try is `next_attempt` due at `now`? (0 means at once.)"""
-    return next_attempt <= now
 
 
 def give_up_status(reason: GiveUp, last_status: str | None) -> str:

@@ -1,84 +1,63 @@
-"""One SMTP connection and its transactions, over aiosmtplib (RFC 5321, 3207, 1870,
-3461, 6152, 6531).
+"""One SMTP session and its transactions (RFC 5321, 3207, 2920, 1870, 3461, 6152, 6531).
 
-This is the only module that sees aiosmtplib's and ssl's exceptions: `_translate` maps
-them, and OSError, to TemporaryFailure/PermanentFailure carrying code, DSN code, phase
-and host. Everything that decides is a value or a pure function; this module does the
-I/O in the order RFC 5321 §3.3 and §4.5.3.2 prescribe, with the script's per-phase
-timeouts.
+The session is ours from the greeting to QUIT: one `wire.Wire` protocol per connection,
+one reply parser (`reply.take_reply`), STARTTLS as a transport swap under the same
+protocol. aiosmtplib serves where it is good and cannot get in the way: its ESMTP
+extension parser reads EHLO replies. (Its SMTP class reads one reply per command, so
+it cannot pipeline; handing its transport over after the handshake left two parsers on
+one connection. docs/architecture.md, "One SMTP path".)
+
+Every transaction takes one path: MAIL, each RCPT, DATA as one group, written at once
+when the server offers PIPELINING (RFC 2920 §3.1) or one command per reply when it does
+not, and the replies read in order either way.
+
+This is the only module that sees ssl's exceptions and the wire's OSErrors: `_translate`
+maps them to TemporaryFailure/PermanentFailure carrying code, DSN code, phase and host.
+What decides is in smtp_rules.py (pure); this module does the I/O in the order RFC
+5321 §3.3 and §4.5.3.2 prescribe, with the script's per-phase timeouts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
-from typing import cast
 
-import aiosmtplib
-from aiosmtplib.errors import (
-    SMTPConnectError,
-    SMTPConnectTimeoutError,
-    SMTPException,
-    SMTPResponseException,
-    SMTPServerDisconnected,
-    SMTPTimeoutError,
-)
+from aiosmtplib.esmtp import parse_esmtp_extensions
 
 from mxsend.actions import ServerActions
-from mxsend.envelope import Envelope, Recipient, dot_stuff, validate_mailbox, xtext_encode
-from mxsend.errors import DeliveryError, EnvelopeError, PermanentFailure, Phase, TemporaryFailure
-from mxsend.outcome import Reply, parse_reply
+from mxsend.destination import Destination, refusal
+from mxsend.envelope import dot_stuff
+from mxsend.errors import (
+    DeliveryError,
+    DestinationRefused,
+    PermanentFailure,
+    Phase,
+    TemporaryFailure,
+)
+from mxsend.reply import Reply, parse_reply
+from mxsend.smtp_rules import (
+    ClientSettings,
+    Transaction,
+    advertised_size,
+    check_wire_text,
+    choose_helo,
+    has_8bit,
+    mail_params,
+    needs_smtputf8,
+    rcpt_params,
+)
 from mxsend.tls import CertificateCheckFailed, check_certificate, client_context
+from mxsend.wire import Wire
 
-# RFC 5321 §4.5.3.1.5 says 512 octets per reply line. A hostile server gets more room
-# than that but not unbounded memory: a line may be 8 KiB, the unread replies 32 KiB
-# (aiosmtplib's bounds for the handshake, which it reads), and we keep 4 KiB of text.
-MAX_REPLY_TEXT = 4096
-MAX_REPLY_LINE = 8192
-MAX_REPLY_BUFFER = 32768
 # Data is written in blocks so that the §4.5.3.2.5 data-block timeout means something:
 # each block must drain into the socket within `datablock` seconds.
 DATA_BLOCK = 256 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Destination:
-    """One address of one MX host."""
-
-    name: str  # the MX host name (or the address literal)
-    ip: str
-    port: int
-
-    @property
-    def relay(self) -> str:
-        return f"{self.name}[{self.ip}]:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class ClientSettings:
-    """What the config says about every connection."""
-
-    helo_name: str  # the default when the script leaves HELOname empty
-    source_address: str = ""
-    ca_file: Path | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Transaction:
-    """What one MAIL..DATA sends; `return_path` is final (modifier and BATV applied)."""
-
-    envelope: Envelope
-    return_path: str
-    recipients: tuple[Recipient, ...]
-    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,120 +75,7 @@ class HandshakeFailed(TemporaryFailure):
     """The TLS handshake after STARTTLS failed; plaintext may be retried (contract §4)."""
 
 
-# --- pure decisions ---------------------------------------------------------------------
-
-
-def has_8bit(data: bytes) -> bool:
-    return not data.isascii()
-
-
-def needs_smtputf8(envelope: Envelope, return_path: str, recipients: Sequence[Recipient]) -> bool:
-    """RFC 6531 §3.4: needed when asked for or any address is not ASCII."""
-    return envelope.smtputf8 or not return_path.isascii() or not all(
-        r.address.isascii() for r in recipients
-    )
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_CONTROL_OR_SPACE = re.compile(r"[\x00-\x1f\x7f\s]")
-
-
-def check_wire_text(value: str, what: str, *, spaces: bool = True) -> str:
-    """Nothing with CR, LF or other controls reaches a command line (style §10)."""
-    if (_CONTROL if spaces else _CONTROL_OR_SPACE).search(value):
-        raise TemporaryFailure(
-            f"{what} contains a control character: {value!r}", dsn="4.3.5", phase=Phase.MAIL,
-        )
-    return value
-
-
-def choose_helo(actions: ServerActions, settings: ClientSettings) -> str:
-    name = actions.helo_name.strip() or settings.helo_name
-    check_wire_text(name, "HELOname", spaces=False)
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise TemporaryFailure(
-                f"HELOname is not a valid host name: {name!r}", dsn="4.3.5", phase=Phase.EHLO
-            ) from None
-    return name
-
-
-def choose_return_path(sender: str, actions: ServerActions) -> str:
-    """returnAddressModifier: 0 as queued, 1 defaultReturnAddress, 2 nullReturnAddress."""
-    if actions.return_address_modifier == 1:
-        chosen = actions.default_return_address.strip()
-    elif actions.return_address_modifier == 2:
-        chosen = actions.null_return_address.strip()
-    else:
-        return sender
-    if chosen.startswith("<") and chosen.endswith(">"):
-        chosen = chosen[1:-1]
-    if chosen:
-        check_wire_text(chosen, "return address")
-        try:
-            validate_mailbox(chosen, utf8=True)
-        except EnvelopeError as exc:
-            raise TemporaryFailure(
-                f"return address from the script is not valid: {exc}", dsn="4.3.5",
-                phase=Phase.MAIL,
-            ) from None
-    return chosen
-
-
-def mail_params(
-    tx: Transaction, extensions: dict[str, str], *, allow_dsn: bool, smtputf8: bool
-) -> list[str]:
-    """MAIL FROM parameters for what this server offers."""
-    params: list[str] = []
-    env = tx.envelope
-    if "size" in extensions:
-        params.append(f"SIZE={len(tx.data)}")  # RFC 1870 §6
-    if "8bitmime" in extensions:
-        if env.body:
-            params.append(f"BODY={env.body}")
-        elif has_8bit(tx.data):
-            params.append("BODY=8BITMIME")  # RFC 6152 §3
-    if smtputf8:
-        params.append("SMTPUTF8")
-    if allow_dsn and "dsn" in extensions:
-        if env.ret:
-            params.append(f"RET={env.ret}")
-        if env.envid:
-            params.append(f"ENVID={env.envid}")
-    # AUTH= (RFC 4954 §5) is never sent: we do not authenticate to MX hosts, and an
-    # unauthenticated client has no identity to vouch for.
-    return params
-
-
-def rcpt_params(recipient: Recipient, extensions: dict[str, str], *, allow_dsn: bool) -> list[str]:
-    params: list[str] = []
-    if allow_dsn and "dsn" in extensions:
-        if recipient.notify:
-            params.append("NOTIFY=" + ",".join(recipient.notify))
-        if recipient.orcpt:
-            params.append(f"ORCPT={recipient.orcpt}")
-        elif recipient.notify is not None:
-            # RFC 3461 §4.2: ORCPT is the address as the client received it.
-            params.append("ORCPT=rfc822;" + xtext_encode(recipient.address))
-    return params
-
-
-def advertised_size(extensions: dict[str, str]) -> int | None:
-    """RFC 1870 §4: `SIZE n`; 0 or no number means no fixed limit."""
-    value = extensions.get("size")
-    if value is None:
-        return None
-    text = value.strip().split(" ")[0]
-    return int(text) if text.isdigit() and int(text) > 0 else None
-
-
 # --- translating foreign exceptions (the one place) ------------------------------------
-
-
-def _reply(exc: SMTPResponseException) -> Reply:
-    return parse_reply(exc.code, exc.message[:MAX_REPLY_TEXT])
 
 
 def failure_from_reply(reply: Reply, phase: Phase, host: str) -> DeliveryError:
@@ -219,28 +85,21 @@ def failure_from_reply(reply: Reply, phase: Phase, host: str) -> DeliveryError:
 
 
 def _translate(exc: BaseException, phase: Phase, host: str) -> DeliveryError:
-    """aiosmtplib, ssl and OSError exceptions -> our failures. Everything ends here."""
+    """ssl, OSError and the wire's built-in exceptions -> our failures."""
     if isinstance(exc, DeliveryError):
         return exc
-    if isinstance(exc, SMTPResponseException) and exc.code > 0:
-        return failure_from_reply(_reply(exc), phase, host)
-    if isinstance(exc, SMTPConnectTimeoutError) or (
-        isinstance(exc, TimeoutError | SMTPTimeoutError) and phase is Phase.CONNECT
-    ):
-        return TemporaryFailure(f"timed out ({phase.value})", dsn="4.4.1", phase=phase, host=host)
-    if isinstance(exc, TimeoutError | SMTPTimeoutError):
-        return TemporaryFailure(f"timed out ({phase.value})", dsn="4.4.2", phase=phase, host=host)
+    if isinstance(exc, TimeoutError):
+        dsn = "4.4.1" if phase is Phase.CONNECT else "4.4.2"
+        return TemporaryFailure(f"timed out ({phase.value})", dsn=dsn, phase=phase, host=host)
     if isinstance(exc, ssl.SSLError | ssl.CertificateError):
         return TemporaryFailure(
             f"TLS failure: {exc}", dsn="4.7.5", phase=Phase.STARTTLS, host=host
         )
-    if isinstance(exc, SMTPConnectError) or (
-        isinstance(exc, OSError) and phase is Phase.CONNECT
-    ):
+    if isinstance(exc, OSError) and phase is Phase.CONNECT:
         return TemporaryFailure(
             f"cannot connect: {_cause(exc)}", dsn="4.4.1", phase=phase, host=host
         )
-    if isinstance(exc, SMTPServerDisconnected | ConnectionError | EOFError):
+    if isinstance(exc, ConnectionError | EOFError):
         return TemporaryFailure(
             f"connection lost ({phase.value})", dsn="4.4.2", phase=phase, host=host
         )
@@ -248,7 +107,7 @@ def _translate(exc: BaseException, phase: Phase, host: str) -> DeliveryError:
         return TemporaryFailure(
             f"network error: {_cause(exc)}", dsn="4.4.2", phase=phase, host=host
         )
-    if isinstance(exc, SMTPException | ValueError):
+    if isinstance(exc, ValueError):
         return TemporaryFailure(
             f"protocol error ({phase.value}): {exc}", dsn="4.5.0", phase=phase, host=host
         )
@@ -272,155 +131,8 @@ def _phase(phase: Phase, host: str) -> Iterator[None]:
         raise
     except asyncio.CancelledError:
         raise
-    except (SMTPException, OSError, ssl.SSLError, ValueError, EOFError, TimeoutError) as exc:
+    except (OSError, ssl.SSLError, ValueError, EOFError, TimeoutError) as exc:
         raise _translate(exc, phase, host) from exc
-
-
-# --- the session after the handshake ---------------------------------------------------
-
-
-class _Wire(asyncio.Protocol):
-    """The transport's protocol once the handshake is over: commands out, replies in order.
-
-    aiosmtplib reads one reply per command written and drops what arrives unasked, so it
-    cannot pipeline (RFC 2920). After the greeting, EHLO and STARTTLS, which it does
-    well, the session's transport is handed to this protocol: replies are parsed as
-    they arrive and queued, and a reader takes them in the order the commands went
-    out. Failures surface as the built-in exceptions `_translate` already maps:
-    ConnectionResetError (lost), TimeoutError, ValueError (a malformed reply).
-    """
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._loop = asyncio.get_running_loop()
-        self._buffer = bytearray()
-        self._replies: deque[tuple[int, str]] = deque()
-        self._expected = 0  # replies owed for commands written and not yet answered
-        self._waiter: asyncio.Future[None] | None = None
-        self._error: Exception | None = None
-        self._drained: asyncio.Future[None] | None = None  # set while writing is paused
-        transport.set_protocol(self)
-
-    @property
-    def alive(self) -> bool:
-        return self._error is None and not self._transport.is_closing()
-
-    def write(self, data: bytes, replies: int) -> None:
-        """Send `data`, which asks for `replies` replies."""
-        if not self.alive:
-            raise self._error or ConnectionResetError("connection lost")
-        self._expected += replies
-        self._transport.write(data)
-
-    async def read(self, seconds: float) -> tuple[int, str]:
-        """The next reply, in the order the commands were written."""
-        if not self._replies and self._error is None:
-            waiter = self._loop.create_future()
-            self._waiter = waiter
-            timer = self._loop.call_later(seconds, _expire, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
-        if self._replies:
-            return self._replies.popleft()
-        raise self._error or ConnectionResetError("connection lost")
-
-    async def drain(self, seconds: float) -> None:
-        """Wait while the transport is above its high-water mark (a big message)."""
-        if self._drained is not None:
-            await asyncio.wait_for(asyncio.shield(self._drained), seconds)
-
-    def close(self) -> None:
-        self._fail(ConnectionResetError("connection closed"))
-        self._transport.close()
-
-    # asyncio.Protocol
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        while True:
-            try:
-                reply = _take_reply(buffer)
-            except ValueError as exc:
-                self._fail(exc)
-                self._transport.abort()
-                return
-            if reply is None:
-                break
-            if self._expected == 0:
-                # Unasked (say, a 421 before an idle timeout, RFC 5321 §4.2.1): the
-                # server is leaving; the session is not reused.
-                self._fail(ConnectionResetError(f"unsolicited reply: {reply[0]} {reply[1]}"))
-                self._transport.close()
-                return
-            self._expected -= 1
-            self._replies.append(reply)
-        if len(buffer) > MAX_REPLY_BUFFER:
-            self._fail(ValueError("reply too long"))
-            self._transport.abort()
-            return
-        if self._replies and self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def eof_received(self) -> bool:
-        self._fail(ConnectionResetError("connection closed by the server"))
-        return False  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(ConnectionResetError(f"connection lost: {exc}") if exc
-                   else ConnectionResetError("connection lost"))
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-
-    def pause_writing(self) -> None:
-        if self._drained is None or self._drained.done():
-            self._drained = self._loop.create_future()
-
-    def resume_writing(self) -> None:
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-        self._drained = None
-
-    def _fail(self, error: Exception) -> None:
-        if self._error is None:
-            self._error = error
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError("timed out waiting for a reply"))
-
-
-def _take_reply(buffer: bytearray) -> tuple[int, str] | None:
-    """Take one complete reply off the front of `buffer` (RFC 5321 §4.2.1); None if
-    it has not all arrived. Multi-line text is joined with newlines, as aiosmtplib does."""
-    start = 0
-    code = b""
-    lines: list[bytes] = []
-    while True:
-        end = buffer.find(b"\n", start)
-        if end < 0:
-            if len(buffer) - start > MAX_REPLY_LINE:
-                raise ValueError("reply line too long")
-            return None
-        if end - start >= MAX_REPLY_LINE:
-            raise ValueError("reply line too long")
-        line = bytes(buffer[start:end + 1])
-        code = line[:3]
-        if not code.isdigit():
-            text = line.decode("utf-8", "replace").strip()
-            raise ValueError(f"malformed reply line: {text!r}")
-        lines.append(line[4:].strip(b" \t\r\n"))
-        start = end + 1
-        if line[3:4] != b"-":
-            break
-    del buffer[:start]
-    return int(code), b"\n".join(lines).decode("utf-8", "surrogateescape")
 
 
 # --- the connection ----------------------------------------------------------------------
@@ -429,24 +141,11 @@ def _take_reply(buffer: bytearray) -> tuple[int, str] | None:
 class SmtpConnection:
     """One open SMTP session, after greeting, EHLO and (maybe) STARTTLS."""
 
-    def __init__(
-        self,
-        client: aiosmtplib.SMTP,
-        destination: Destination,
-        actions: ServerActions,
-        *,
-        tls_version: str | None,
-        connid: int,
-    ) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses: no isinstance here.
-        transport = cast(asyncio.Transport | None, client.transport)
-        if transport is None or transport.is_closing():
-            raise TemporaryFailure("connection lost (ehlo)", dsn="4.4.2", phase=Phase.EHLO,
-                                   host=destination.name)
-        self.extensions: dict[str, str] = dict(client.esmtp_extensions)
-        # From here on the session is ours (see _Wire); aiosmtplib's part is done.
-        self._wire = _Wire(transport)
-        self.pipelining = "pipelining" in self.extensions
+    def __init__(self, wire: Wire, destination: Destination, actions: ServerActions, *,
+                 extensions: dict[str, str], tls_version: str | None, connid: int) -> None:
+        self._wire = wire
+        self.extensions = extensions
+        self.pipelining = "pipelining" in extensions
         self.destination = destination
         self.actions = actions
         self.tls_version = tls_version
@@ -470,34 +169,52 @@ class SmtpConnection:
     ) -> SmtpConnection:
         """Connect, read the greeting, EHLO/HELO and STARTTLS as the actions say.
 
-        Raises DeliveryError; HandshakeFailed when a plaintext retry is allowed.
+        Raises DeliveryError; DestinationRefused before connecting to an address that
+        contract §10 keeps out; HandshakeFailed when a plaintext retry is allowed.
         """
         host = destination.name
         timeouts = actions.timeouts
         helo = choose_helo(actions, settings)
+        refused = refusal(destination.ip, settings.allowed_destinations)
+        if refused is not None:
+            # RFC 3463 §3.8: X.7.0, other security status: a policy, not the network.
+            raise DestinationRefused(refused, dsn="4.7.0", phase=Phase.CONNECT, host=host)
         with _phase(Phase.CONNECT, host):
             sock = await _connect_socket(destination, settings.source_address, timeouts.connect)
-        client = aiosmtplib.SMTP(local_hostname=helo, timeout=timeouts.greeting)
+            try:
+                wire = await Wire.connect(sock)
+            except BaseException:
+                sock.close()
+                raise
         try:
-            with _phase(Phase.GREETING, host):
-                await client.connect(sock=sock, start_tls=False, timeout=timeouts.greeting)
-            await _hello(client, actions, helo, host)
+            greeting = await _read(wire, Phase.GREETING, timeouts.greeting, host)
+            if greeting.code != 220:
+                raise failure_from_reply(greeting, Phase.GREETING, host)
+            extensions = await _hello(wire, actions, helo, host)
             tls_version: str | None = None
             if allow_tls and (actions.try_tls or actions.requires_tls):
-                tls_version = await _starttls(client, destination, actions, settings, helo)
+                tls_version, extensions = await _starttls(
+                    wire, extensions, destination, actions, settings, helo)
             elif actions.requires_tls:
                 raise TemporaryFailure(
                     "TLS required but not attempted", dsn="4.7.4", phase=Phase.STARTTLS,
                     host=host,
                 )
-            return cls(client, destination, actions, tls_version=tls_version, connid=connid)
         except BaseException:
-            client.close()
-            sock.close()
+            wire.close()
             raise
+        return cls(wire, destination, actions, extensions=extensions, tls_version=tls_version,
+                   connid=connid)
 
-    async def send(self, tx: Transaction) -> TransactionResult:
+    async def send(self, tx: Transaction, *,
+                   before_end_of_data: Awaitable[None] | None = None) -> TransactionResult:
         """MAIL, RCPT per recipient, DATA; pipelined (RFC 2920) when the server offers it.
+
+        `before_end_of_data` is awaited after the message and before its final `.`, the
+        point past which the server may accept it: the delivery layer passes the
+        previous message's "recorded" so that a connection never has two accepted
+        messages unrecorded (contract §1). The wait is bounded by the data-block
+        timeout; past it the connection is closed, the transaction left unfinished.
 
         Raises DeliveryError when the whole transaction failed before any RCPT was
         answered (MAIL refused, SIZE, SMTPUTF8, lost).
@@ -536,25 +253,44 @@ class SmtpConnection:
                                        verb="RCPT "))
         if not rcpts and unsendable is not None:
             raise unsendable
-        if self.pipelining:
-            return await self._pipelined(tx, mail, rcpts, unsendable)
-        return await self._lockstep(tx, mail, rcpts, unsendable)
+        return await self._transact(tx, mail, rcpts, unsendable, before_end_of_data)
 
-    async def _pipelined(self, tx: Transaction, mail: bytes, rcpts: list[bytes],
-                         unsendable: DeliveryError | None) -> TransactionResult:
-        """RFC 2920 §3.1: MAIL, every RCPT and DATA in one write, then every reply, in
-        order; DATA goes only when all the recipients are sendable."""
+    async def _transact(self, tx: Transaction, mail: bytes, rcpts: list[bytes],
+                        unsendable: DeliveryError | None,
+                        before_end: Awaitable[None] | None) -> TransactionResult:
+        """MAIL, every RCPT and DATA as one group, then the message if it may go.
+
+        With PIPELINING the group is written at once and the replies read in order (RFC
+        2920 §3.1); without it each command is written once the reply to the one before
+        is in, which lets the group stop early: after MAIL is refused, and before DATA
+        when no recipient was accepted. DATA is in the group only when every recipient
+        was sendable.
+        """
         host = self.destination.name
         timeouts = self.actions.timeouts
         with_data = unsendable is None
-        group = [mail, *rcpts, b"DATA\r\n"] if with_data else [mail, *rcpts]
-        with _phase(Phase.MAIL, host):
-            self._wire.write(b"".join(group), len(group))
+        group = deque([mail, *rcpts, b"DATA\r\n"] if with_data else [mail, *rcpts])
+        if self.pipelining:
+            with _phase(Phase.MAIL, host):
+                self._wire.write(b"".join(group), len(group))
+            group.clear()
+
+        def next_command(phase: Phase) -> None:
+            """Without PIPELINING: write the command whose reply is read next."""
+            if group:
+                with _phase(phase, host):
+                    self._wire.write(group.popleft(), 1)
+
+        next_command(Phase.MAIL)
         first = await self._reply(Phase.MAIL, timeouts.mail)
+        if not first.positive and group:
+            raise failure_from_reply(first, Phase.MAIL, host)  # nothing else was sent
         replies: list[tuple[str, Reply]] = []
         accepted = 0
+        start: Reply | None = None
         try:
             for recipient in tx.recipients[:len(rcpts)]:
+                next_command(Phase.RCPT)
                 reply = await self._reply(Phase.RCPT, timeouts.rcpt)
                 replies.append((recipient.address, reply))
                 if reply.positive:
@@ -566,14 +302,18 @@ class SmtpConnection:
                         raise failure_from_reply(first, Phase.MAIL, host)
                     return self._result(replies, failure_from_reply(reply, Phase.RCPT, host),
                                         Phase.RCPT, tx)
-            start = await self._reply(Phase.DATA, timeouts.data) if with_data else None
+            proceed = with_data and first.positive and accepted > 0
+            data_sent = with_data and not group  # pipelined: its reply is owed
+            if proceed or data_sent:
+                next_command(Phase.DATA)
+                start = await self._reply(Phase.DATA, timeouts.data)
         except DeliveryError as exc:
             if not first.positive:
                 raise failure_from_reply(first, Phase.MAIL, host) from None
             if not replies:
                 raise
             return self._result(replies, exc, exc.phase or Phase.RCPT, tx)
-        if start is not None and start.code == 354 and not (first.positive and accepted):
+        if start is not None and start.code == 354 and not proceed:
             # RFC 2920 §3.1: DATA was accepted although nothing can be sent; a lone dot
             # ends the empty transaction (its reply does not matter).
             await self._abandon_data()
@@ -581,47 +321,13 @@ class SmtpConnection:
             raise failure_from_reply(first, Phase.MAIL, host)
         if unsendable is not None:
             return self._result(replies, unsendable, Phase.RCPT, tx)
-        if not accepted:
+        if not accepted or start is None:
             return self._result(replies, None, Phase.RCPT, tx)
-        assert start is not None
-        return await self._after_data(tx, replies, start)
-
-    async def _lockstep(self, tx: Transaction, mail: bytes, rcpts: list[bytes],
-                        unsendable: DeliveryError | None) -> TransactionResult:
-        """Without PIPELINING: each command waits for the reply to the one before."""
-        host = self.destination.name
-        timeouts = self.actions.timeouts
-        first = await self._command(Phase.MAIL, timeouts.mail, mail)
-        if not first.positive:
-            raise failure_from_reply(first, Phase.MAIL, host)
-        replies: list[tuple[str, Reply]] = []
-        accepted = 0
-        try:
-            for recipient, line in zip(tx.recipients, rcpts, strict=False):
-                reply = await self._command(Phase.RCPT, timeouts.rcpt, line)
-                replies.append((recipient.address, reply))
-                if reply.positive:
-                    accepted += 1
-                if reply.code == 421:
-                    # RFC 5321 §3.8: the server is closing; the rest are not asked.
-                    return self._result(replies, failure_from_reply(reply, Phase.RCPT, host),
-                                        Phase.RCPT, tx)
-        except DeliveryError as exc:
-            if not replies:
-                raise
-            return self._result(replies, exc, exc.phase or Phase.RCPT, tx)
-        if unsendable is not None:
-            return self._result(replies, unsendable, Phase.RCPT, tx)
-        if not accepted:
-            return self._result(replies, None, Phase.RCPT, tx)
-        try:
-            start = await self._command(Phase.DATA, timeouts.data, b"DATA\r\n")
-        except DeliveryError as exc:
-            return self._result(replies, exc, exc.phase or Phase.DATA, tx)
-        return await self._after_data(tx, replies, start)
+        return await self._after_data(tx, replies, start, before_end)
 
     async def _after_data(self, tx: Transaction, replies: list[tuple[str, Reply]],
-                          start: Reply) -> TransactionResult:
+                          start: Reply, before_end: Awaitable[None] | None
+                          ) -> TransactionResult:
         """The reply to DATA is in: send the message if it was 354."""
         if start.code != 354:
             if start.positive:
@@ -632,7 +338,7 @@ class SmtpConnection:
                 return self._result(replies, error, Phase.DATA, tx)
             return self._result(replies, start, Phase.DATA, tx)
         try:
-            final = await self._send_data(tx.data)
+            final = await self._send_data(tx.data, before_end)
         except DeliveryError as exc:
             return self._result(replies, exc, exc.phase or Phase.DATA, tx)
         return self._result(replies, final, Phase.DATAEND, tx)
@@ -666,31 +372,44 @@ class SmtpConnection:
         return await self._reply(phase, seconds)
 
     async def _reply(self, phase: Phase, seconds: float) -> Reply:
-        # Not `with _phase(...)`: this runs for every reply, and a generator-based
-        # context manager per call showed in profiles; the mapping is the same.
-        try:
-            code, text = await self._wire.read(seconds)
-        except (OSError, ValueError, TimeoutError) as exc:
-            # Out of step with the server (a reply late, missing or garbled): never
-            # reused.
-            self.close()
-            raise _translate(exc, phase, self.destination.name) from exc
-        return parse_reply(code, text[:MAX_REPLY_TEXT])
+        return await _read(self._wire, phase, seconds, self.destination.name)
 
-    async def _send_data(self, data: bytes) -> Reply:
+    async def _send_data(self, data: bytes, before_end: Awaitable[None] | None) -> Reply:
         """The message, dot-stuffed (RFC 5321 §4.5.2), then `.`, then the final reply.
 
-        The spool already gives CRLF lines, so the bytes go out as they are.
+        The spool already gives CRLF lines, so the bytes go out as they are. The final
+        `.` goes in the same write as the last block unless `before_end` must be awaited
+        first.
         """
         timeouts = self.actions.timeouts
-        payload = dot_stuff(data) + b".\r\n"
+        host = self.destination.name
+        waiting = before_end is not None and not _done(before_end)
+        payload = dot_stuff(data) + (b"" if waiting else b".\r\n")
         offsets = range(0, len(payload), DATA_BLOCK)
-        with _phase(Phase.DATA, self.destination.name):
+        with _phase(Phase.DATA, host):
             for offset in offsets[:-1]:
                 self._wire.write(payload[offset:offset + DATA_BLOCK], 0)
                 # Each block must drain within the data-block timeout (§4.5.3.2.5).
                 await self._wire.drain(timeouts.datablock)
-            self._wire.write(payload[offsets[-1]:], 1)
+            last = payload[offsets[-1]:] if offsets else b""
+            if not waiting:
+                self._wire.write(last, 1)
+                return await self._reply(Phase.DATAEND, timeouts.dataend)
+            self._wire.write(last, 0)
+        assert before_end is not None
+        # The server waits for more data meanwhile; the data-block timeout bounds the
+        # pause as it bounds any other stretch without progress (§4.5.3.2.5).
+        waiter = asyncio.ensure_future(before_end)
+        done, _ = await asyncio.wait({waiter}, timeout=timeouts.datablock)
+        if not done:
+            if waiter is not before_end:
+                waiter.cancel()  # our own task around a coroutine; a Future is the caller's
+            self.close()  # the server discards the unfinished transaction
+            raise TemporaryFailure(
+                "the previous message on this connection was not recorded in time",
+                dsn="4.4.2", phase=Phase.DATA, host=host)
+        with _phase(Phase.DATA, host):
+            self._wire.write(b".\r\n", 1)
         return await self._reply(Phase.DATAEND, timeouts.dataend)
 
     async def reset(self) -> bool:
@@ -719,6 +438,11 @@ class SmtpConnection:
         self._wire.close()
 
 
+
+def _done(awaitable: Awaitable[None]) -> bool:
+    return isinstance(awaitable, asyncio.Future) and awaitable.done()
+
+
 def _command_line(text: str, params: Sequence[str], encoding: str, verb: str = "") -> bytes:
     """One command line; `text` was checked by check_wire_text, params are ours."""
     return (verb + " ".join([text, *params]) + "\r\n").encode(encoding)
@@ -742,68 +466,96 @@ async def _connect_socket(destination: Destination, source: str, seconds: float)
     return sock
 
 
-async def _hello(client: aiosmtplib.SMTP, actions: ServerActions, helo: str, host: str) -> None:
-    """EHLO, or HELO if tryESMTP is off or EHLO is refused (RFC 5321 §3.2)."""
+async def _read_raw(wire: Wire, phase: Phase, seconds: float, host: str) -> tuple[int, str]:
+    # Not `with _phase(...)`: this runs for every reply, and a generator-based context
+    # manager per call showed in profiles; the mapping is the same.
+    try:
+        return await wire.read(seconds)
+    except (OSError, ValueError, TimeoutError) as exc:
+        # Out of step with the server (a reply late, missing or garbled): never reused.
+        wire.close()
+        raise _translate(exc, phase, host) from exc
+
+
+async def _read(wire: Wire, phase: Phase, seconds: float, host: str) -> Reply:
+    return parse_reply(*await _read_raw(wire, phase, seconds, host))
+
+
+async def _ask(wire: Wire, line: bytes, phase: Phase, seconds: float,
+               host: str) -> tuple[int, str]:
+    with _phase(phase, host):
+        wire.write(line, 1)
+    return await _read_raw(wire, phase, seconds, host)
+
+
+async def _hello(wire: Wire, actions: ServerActions, helo: str, host: str) -> dict[str, str]:
+    """EHLO, or HELO if tryESMTP is off or EHLO is refused (RFC 5321 §3.2).
+
+    Returns the extensions offered, keys in lower case (none after HELO).
+    """
     timeout = actions.timeouts.ehlo
+    name = helo.encode("ascii")
     if actions.try_esmtp:
-        with _phase(Phase.EHLO, host):
-            response = await client.execute_command(b"EHLO", helo.encode("ascii"),
-                                                    timeout=timeout)
-        if response.code == 250:
-            client.last_ehlo_response = response
-            return
-        if response.code == 421 or not client.is_connected:
-            raise failure_from_reply(parse_reply(response.code, response.message), Phase.EHLO,
-                                     host)
-    with _phase(Phase.EHLO, host):
-        response = await client.execute_command(b"HELO", helo.encode("ascii"), timeout=timeout)
-    if response.code != 250:
-        raise failure_from_reply(parse_reply(response.code, response.message), Phase.EHLO, host)
-    client.last_helo_response = response
+        code, text = await _ask(wire, b"EHLO " + name + b"\r\n", Phase.EHLO, timeout, host)
+        if code == 250:
+            # The whole text, not the Reply's capped copy: a long list is still read.
+            return parse_esmtp_extensions(text)[0]
+        if code == 421 or not wire.alive:
+            raise failure_from_reply(parse_reply(code, text), Phase.EHLO, host)
+    code, text = await _ask(wire, b"HELO " + name + b"\r\n", Phase.EHLO, timeout, host)
+    if code != 250:
+        raise failure_from_reply(parse_reply(code, text), Phase.EHLO, host)
+    return {}
 
 
 async def _starttls(
-    client: aiosmtplib.SMTP,
+    wire: Wire,
+    extensions: dict[str, str],
     destination: Destination,
     actions: ServerActions,
     settings: ClientSettings,
     helo: str,
-) -> str | None:
-    """STARTTLS when offered; returns the TLS version or None for plaintext."""
+) -> tuple[str | None, dict[str, str]]:
+    """STARTTLS when offered: the TLS version (None for plaintext) and the extensions."""
     host = destination.name
     required = actions.requires_tls
-    if not client.supports_extension("starttls"):
+    if "starttls" not in extensions:
         if required:
             raise TemporaryFailure("TLS required but the server does not offer STARTTLS",
                                    dsn="4.7.4", phase=Phase.STARTTLS, host=host)
-        return None
+        return None, extensions
     context = client_context(actions.verify_cert, settings.ca_file)
+    timeout = actions.timeouts.starttls
+    try:
+        code, text = await _ask(wire, b"STARTTLS\r\n", Phase.STARTTLS, timeout, host)
+    except DeliveryError as exc:
+        raise _tls_failure(exc.message, exc.code, required, host) from exc
+    if code != 220:
+        if wire.alive and not required:
+            # RFC 3207 §4: the server declined (454); carry on in plaintext.
+            return None, extensions
+        failure = failure_from_reply(parse_reply(code, text), Phase.STARTTLS, host)
+        raise _tls_failure(failure.message, failure.code, required, host)
     server_name = None if host.startswith("[") else host
     try:
-        await client.starttls(tls_context=context, server_hostname=server_name,
-                              timeout=actions.timeouts.starttls)
-    except SMTPResponseException as exc:
-        if exc.code > 0 and client.is_connected and not required:
-            # RFC 3207 §4: the server declined (454); carry on in plaintext.
-            return None
-        failure = _translate(exc, Phase.STARTTLS, host)
-        raise _tls_failure(failure.message, failure.code, required, host) from exc
-    except (SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
+        await wire.start_tls(context, server_name, timeout)
+    except (OSError, ValueError, TimeoutError) as exc:  # ssl.SSLError is an OSError
         raise _tls_failure(f"TLS handshake failed: {_cause(exc)}", None, required,
                            host) from exc
-    ssl_object = client.get_transport_info("ssl_object")
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    ssl_object = wire.extra("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        raise _tls_failure("TLS handshake left no TLS session", None, required, host)
+    der = ssl_object.getpeercert(binary_form=True)
     try:
         check_certificate(der, name=actions.check_cert_name,
                           thumbprint=actions.check_cert_thumbprint)
     except CertificateCheckFailed as exc:
-        # Nothing is sent on this connection (contract §4); QUIT over TLS is harmless.
+        # Nothing is sent on this connection (contract §4).
         raise TemporaryFailure(str(exc), dsn="4.7.5", phase=Phase.STARTTLS,
                                host=host) from None
     # RFC 3207 §4.2: forget what was learnt before TLS and say EHLO again.
-    await _hello(client, actions, helo, host)
-    version = ssl_object.version() if ssl_object is not None else None
-    return str(version) if version else "TLS"
+    extensions = await _hello(wire, actions, helo, host)
+    return ssl_object.version() or "TLS", extensions
 
 
 def _tls_failure(message: str, code: int | None, required: bool, host: str) -> DeliveryError:

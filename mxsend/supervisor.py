@@ -6,6 +6,11 @@ daemon. The supervisor is what systemd or a container runtime sees: it starts th
 daemons with an equal share of the connection limits, says READY=1 once all of them
 are, forwards SIGTERM, SIGINT and SIGHUP, restarts a daemon that dies (not too often),
 and exits when they have all exited.
+
+systemd's watchdog (WatchdogSec=) hears WATCHDOG=1 from the supervisor only while every
+daemon's heartbeat is fresh: a daemon whose loop is wedged or stopped stops beating,
+the pings stop, and systemd restarts the service. The daemons beat at the watchdog's
+ping interval (they inherit WATCHDOG_USEC, not the socket).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mxsend import sdnotify
+from mxsend import heartbeat, sdnotify
 from mxsend.config import Config
 from mxsend.log import get_logger
 
@@ -75,6 +80,7 @@ class Supervisor:
         self.count = config.queue.processes
         self._stopping = asyncio.Event()
         self._children: dict[int, _Child] = {}
+        self._beating = True
 
     def _command(self) -> list[str]:
         source = self.config.source
@@ -86,8 +92,10 @@ class Supervisor:
     async def _start(self, index: int, failures: int = 0) -> bool:
         """Start daemon `index`; True once it reports ready, False if it died first."""
         read_end, write_end = os.pipe()
+        # WATCHDOG_USEC stays: it sets the daemon's heartbeat interval. Without the
+        # socket and WATCHDOG_PID, the daemon itself tells systemd nothing.
         env = {k: v for k, v in os.environ.items()
-               if k not in (sdnotify.NOTIFY_ENV, sdnotify.WATCHDOG_ENV, "WATCHDOG_PID")}
+               if k not in (sdnotify.NOTIFY_ENV, "WATCHDOG_PID")}
         env[CHILD_ENV] = f"{index}/{self.count}"
         env[sdnotify.READY_FD_ENV] = str(write_end)
         try:
@@ -142,7 +150,8 @@ class Supervisor:
                                                return_when=asyncio.FIRST_COMPLETED)
             for waiter in pending:
                 waiter.cancel()
-            sdnotify.notify("WATCHDOG=1")
+            if watchdog is not None and self._all_beating(watchdog):
+                sdnotify.notify("WATCHDOG=1")
             for waiter in done:
                 child = waits[waiter]
                 code = waiter.result()
@@ -156,6 +165,23 @@ class Supervisor:
                     codes[child.index] = code
         sdnotify.notify("STOPPING=1")
         return 0 if all(code == 0 for code in codes.values()) else 1
+
+    def _all_beating(self, watchdog: float) -> bool:
+        """Is every running daemon's heartbeat fresh? Logs when that changes."""
+        pids = [c.process.pid for c in self._children.values() if c.process.returncode is None]
+        # Three beats at the daemons' interval: slack for a busy machine, and still
+        # inside systemd's timeout (two ping intervals) once a daemon stops.
+        max_age = 3 * heartbeat.interval(watchdog)
+        fresh = heartbeat.all_fresh(heartbeat.read_beats(self.config.spool.path), pids,
+                                    time.time(), max_age)
+        if fresh != self._beating:
+            if fresh:
+                log.info("every daemon's heartbeat is fresh again: watchdog pings resume")
+            else:
+                log.error("a daemon's heartbeat is older than %.0fs: watchdog pings stop",
+                          max_age)
+            self._beating = fresh
+        return fresh
 
     async def _restart(self, child: _Child, code: int) -> bool:
         """Start a dead daemon again; False if it dies too often (then all stop)."""

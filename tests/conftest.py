@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.smtp_receiver",
     "tests.fixtures.dns_server",
     "tests.fixtures.daemon",
+    "tests.fixtures.exim",
 ]

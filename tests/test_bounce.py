@@ -13,10 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mxsend.bounce import (
+    REPORT_KIND,
     DsnAction,
     DsnRecipient,
     _boundary,
     build_dsn,
+    command_of,
     decode_envid,
     decode_orcpt,
     split_diagnostic,
@@ -439,3 +441,16 @@ def test_any_message_gives_a_parsable_report(
     full = action is DsnAction.FAILED and ret != "HDRS"
     assert raw_parts(dsn)[2] == (data if full else split_header(data)[0])
     assert parse_bsmtp(serialise_bsmtp(dsn)) == dsn
+
+
+@pytest.mark.parametrize(("phase", "command"), [
+    (Phase.RCPT, "RCPT TO"), (Phase.MAIL, "MAIL FROM"), (Phase.DATAEND, "end of DATA"),
+    (Phase.GREETING, "connection"), (Phase.DNS, None), (None, None),
+])
+def test_command_of_names_the_command_a_reply_answered(phase: Phase | None,
+                                                      command: str | None) -> None:
+    assert command_of(phase) == command
+
+
+def test_every_action_has_a_report_kind() -> None:
+    assert set(REPORT_KIND) == set(DsnAction)

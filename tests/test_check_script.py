@@ -120,3 +120,68 @@ def test_shipped_sample_compiles(capsys: pytest.CaptureFixture[str],
     out = capsys.readouterr().out
     assert code == 0, out
     assert "* tryTLS" in out
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_run_refuses_a_script_that_does_not_compile(
+        files: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        processes: int) -> None:
+    # Issue 10 item 12: the daemon ran on defaults, logging at info only; a partner's
+    # forceTLS rule silently disappeared. Now `mxsend run` exits 2 before any daemon
+    # (or the supervisor of several) starts, naming the file and line as Lua does.
+    script, _, config = files
+    script.write_text("function CheckFile(f, a)\n  return a\nend\n\nlocal x = = 1\n")
+    config.write_text(config.read_text() + f'[spool]\npath = "{tmp_path / "spool"}"\n'
+                      f'[queue]\nprocesses = {processes}\n')
+    code = main(["-c", str(config), "run", "--once"])
+    err = capsys.readouterr().err
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert f"{script}:5:" in line, line
+    assert not (tmp_path / "spool").exists()  # nothing started
+
+
+def test_a_reload_that_does_not_compile_is_an_error_and_keeps_the_script(
+        tmp_path: Path) -> None:
+    import asyncio
+    import logging
+
+    from mxsend.config import Config, ScriptConfig
+    from mxsend.log import get_logger
+    from mxsend.policy import Policy
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    script = tmp_path / "mxout.lua"
+    script.write_text("function CheckFile(f, a) a.Priority = 7 return a end\n")
+    handler = Keep()
+    logger = get_logger()
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # an operator's `log.level = "warning"` sees it
+
+    async def reload_broken() -> int:
+        from tests.test_policy import request
+
+        policy = Policy(Config(script=ScriptConfig(path=script)))
+        try:
+            assert await policy.load()
+            script.write_text("function CheckFile(f, a)\n  a.Priority = = 8\nend\n")
+            assert await policy.load() is False
+            return (await policy.check_file(request())).priority
+        finally:
+            policy.close()
+
+    try:
+        assert asyncio.run(reload_broken()) == 7
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    [record] = records
+    assert record.levelno == logging.ERROR
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["function"] == "load" and "mxout.lua:2:" in fields["error"]

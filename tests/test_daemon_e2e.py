@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import Message as EmailMessage
@@ -616,3 +616,169 @@ def test_a_report_that_cannot_be_queued_is_tried_again(tmp_path: Path, world: Wo
     wait_until(lambda: queued_ids(spool) == [], 15, message="the message to be done")
     assert len(home.messages) == 1
     assert process.stop() == 0
+
+
+def _unfolded_text(raw: bytes) -> str:
+    """The DSN's first part (for people) with its line wrapping undone."""
+    report = email.message_from_bytes(raw)
+    parts = report.get_payload()
+    assert isinstance(parts, list) and isinstance(parts[0], EmailMessage)
+    payload = parts[0].get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    return " ".join(payload.decode("utf-8").split())
+
+
+def test_a_bounce_says_which_command_the_server_refused(
+        tmp_path: Path, world: World, daemon: Start) -> None:
+    world.smtp.start("127.0.0.2", behaviour=Behaviour(
+        rcpt={"nobody@d1.test": "550 5.1.1 no such user"}))
+    # The sender's server defers, so the report stays in the spool to be read.
+    home = world.home()
+    home.behaviour.rcpt = {"*": "451 4.3.0 not now"}
+    spool = tmp_path / "spool"
+    drop(spool, "m", "alice@src.test", "nobody@d1.test")
+    process = daemon(_config(tmp_path, world), "--once")
+    assert process.wait(60) == 0, process.output()
+    [report] = process.find("bounce", id="m")
+    assert report["kind"] == "failure"
+    [refused] = process.find("delivery", id="m")
+    assert refused["status"] == "bounced" and refused["command"] == "RCPT TO"
+    dsn = Spool(spool, owner="test-observer").load_message(report["bounce_id"])
+    assert dsn.envelope.sender == ""
+    text = _unfolded_text(dsn.data)
+    # docs/dsn.md: who said what to which command.
+    assert "<nobody@d1.test>: RCPT TO to mx1.d1.test said: 550 5.1.1 no such user" in text
+
+
+def test_sigterm_with_one_domain_done_and_one_in_flight(
+        tmp_path: Path, world: World, daemon: Start) -> None:
+    mx1 = world.smtp.start("127.0.0.2")
+    mx2 = world.smtp.start("127.0.0.3", behaviour=Behaviour(stall="dataend",
+                                                            stall_seconds=60))
+    spool = tmp_path / "spool"
+    drop(spool, "k", "alice@src.test", "bob@d1.test", "carol@d2.test")
+    config = _config(tmp_path, world, queue={"shutdown_grace": "1s"})
+    process = daemon(config)
+    process.wait_event("delivery", id="k", recipient="bob@d1.test", status="sent")
+    wait_until(lambda: any(t.rcpts and not t.accepted for s in mx2.sessions
+                           for t in s.transactions), 15, message="d2 mid-DATA")
+    process.signal(signal.SIGTERM)
+    assert process.wait(30) == 0, process.output()
+    # bob is recorded as sent, carol still pending; the attempt ended untouched.
+    [(state, _)] = Spool(spool, owner="test-observer").entries()
+    statuses = {r.address: str(r.status) for r in state.recipients}
+    assert statuses == {"bob@d1.test": "sent", "carol@d2.test": "pending"}
+    mx2.behaviour.stall = None
+    again = daemon(config, "--once")
+    assert again.wait(60) == 0, again.output()
+    assert [m.rcpts for m in mx1.messages] == [["bob@d1.test"]]  # never resent
+    assert [m.rcpts for m in mx2.messages] == [["carol@d2.test"]]
+    assert queued_ids(spool) == []
+
+
+def _notifications(sock: socket.socket, seconds: float) -> list[bytes]:
+    """Every datagram received within `seconds` (a bounded wait, not a sleep)."""
+    received = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            received.append(sock.recv(64))
+        except TimeoutError:
+            break
+    return received
+
+
+def test_watchdog_and_health_follow_every_daemon(
+        tmp_path: Path, world: World, daemon: Start) -> None:
+    config = _config(tmp_path, world, queue={"processes": 2})
+    notify_path = tmp_path / "notify.sock"
+
+    def health() -> int:
+        return subprocess.run([sys.executable, "-m", "mxsend", "-c", str(config), "health"],
+                              capture_output=True, timeout=30).returncode
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(30)
+        # systemd's protocol: WATCHDOG_USEC=2 s asks for a ping every second.
+        process = daemon(config, env={"NOTIFY_SOCKET": str(notify_path),
+                                      "WATCHDOG_USEC": "2000000"})
+        assert notify.recv(64) == b"READY=1"
+        children = wait_until(lambda: len(_children(process.pid)) == 2 and
+                              _children(process.pid), 15, message="two daemons")
+        assert b"WATCHDOG=1" in _notifications(notify, 3)
+        assert health() == 0
+        os.kill(children[0], signal.SIGSTOP)
+        try:
+            # Its heartbeat goes stale (3 beats of 1 s): the pings stop, while the
+            # other daemon is fine, and health fails.
+            wait_until(lambda: b"WATCHDOG=1" not in _notifications(notify, 2.5), 20,
+                       interval=0, message="the watchdog pings to stop")
+            assert b"WATCHDOG=1" not in _notifications(notify, 2.5)
+            wait_until(lambda: health() == 1, 30, interval=0.5, message="unhealthy")
+        finally:
+            os.kill(children[0], signal.SIGCONT)
+        wait_until(lambda: b"WATCHDOG=1" in _notifications(notify, 2), 20, interval=0,
+                   message="the pings to resume")
+        wait_until(lambda: health() == 0, 15, interval=0.5, message="healthy again")
+        assert process.stop() == 0, process.output()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs, so that a full disk is real (ENOSPC) and quick to reach."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(path: Path) -> None:
+    with open(path, "wb", buffering=0) as handle:
+        for size in (65536, 4096, 1):
+            try:
+                while True:
+                    handle.write(b"\0" * size)
+            except OSError:
+                pass
+
+
+def test_a_full_disk_does_not_stop_the_daemon_from_starting(
+        tmp_path: Path, world: World, daemon: Start, small_disk: Path) -> None:
+    mx1 = world.smtp.start("127.0.0.2")
+    spool = small_disk / "spool"
+    drop(spool, "m", "alice@src.test", "bob@d1.test")
+    _fill(small_disk / "filler")
+    process = daemon(_config(tmp_path, world, spool={"path": str(spool)}))
+    try:
+        wait_until(lambda: any("heartbeat failed" in line for line in process.lines), 15,
+                   message=process.output)
+        _wait_started(process)
+        assert process.proc.poll() is None
+        (small_disk / "filler").unlink()  # space returns
+        mx1.wait_for(1, timeout=30)
+        wait_until(lambda: queued_ids(spool) == [], 15, message="the message to be done")
+        assert process.stop() == 0, process.output()
+    finally:
+        process.stop()
+
+
+def test_a_host_name_that_is_no_fqdn_is_warned_about(
+        tmp_path: Path, world: World, daemon: Start) -> None:
+    if subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a UTS namespace here")
+    config = _config(tmp_path, world, smtp={"helo_name": ""})
+    # A machine named without a domain: getfqdn() has no dot to offer.
+    process = daemon(config, "--once", wrapper=[
+        "unshare", "--uts", "sh", "-c", 'hostname mxsendnodot && exec "$@"', "sh"])
+    assert process.wait(60) == 0, process.output()
+    warnings = [e for e in process.find("log") if "helo_name" in str(e.get("message"))]
+    assert warnings and warnings[0]["level"] == "warning", process.output()
+    assert "mxsendnodot" in warnings[0]["message"]

@@ -19,12 +19,15 @@ import pytest
 from mxsend.actions import ServerActions, ServerParameters, Timeouts
 from mxsend.batv import BatvKey, verify
 from mxsend.config import Config, config_from_mapping
-from mxsend.delivery import Backoff, ConnectionPool, Deliverer
+from mxsend.delivery import Deliverer
 from mxsend.envelope import Envelope, Message, Recipient
 from mxsend.errors import DeliveryError, PermanentFailure, Phase
-from mxsend.mx import MxHost, literal_host
+from mxsend.mx import MxHost, Resolver, literal_host
 from mxsend.outcome import DeliveryStatus, RecipientOutcome
-from tests.fixtures.smtp_receiver import Behaviour, ReceiverGroup, TlsCa
+from mxsend.pool import Backoff, ConnectionPool
+from tests.fixtures.daemon import TEST_DESTINATIONS
+from tests.fixtures.dns_server import DnsTestServer
+from tests.fixtures.smtp_receiver import WITH_IPV6, Behaviour, ReceiverGroup, TlsCa
 
 FAST = Timeouts(connect=3, greeting=3, ehlo=3, starttls=3, mail=3, rcpt=3, data=3,
                 datablock=3, dataend=3)
@@ -53,7 +56,8 @@ def mx(name: str, *addresses: str, preference: int = 10) -> MxHost:
 
 
 def config(port: int, **smtp: Any) -> Config:
-    values: dict[str, Any] = {"port": port, "helo_name": "client.example.com"}
+    values: dict[str, Any] = {"port": port, "helo_name": "client.example.com",
+                              "allowed_destinations": list(TEST_DESTINATIONS)}
     values.update(smtp)
     return config_from_mapping({"smtp": values})
 
@@ -434,13 +438,13 @@ async def test_disconnect_at_any_phase_defers_everyone(smtp_receivers, make, pha
 
 @pytest.mark.parametrize("phase", ["greeting", "rcpt", "dataend"])
 async def test_stall_past_the_timeout_defers(smtp_receivers, make, phase):
+    # The receiver stalls for 30 s (until teardown); the 0.3 s timeouts must end the
+    # attempt long before that, which the bounded wait checks.
     server = smtp_receivers.start("127.0.0.2", behaviour=Behaviour(stall=phase))
     deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2")]})
     short = replace(FAST, greeting=0.3, rcpt=0.3, dataend=0.3)
-    started = time.monotonic()
-    [outcome] = await deliver(deliverer, message("a@example.org"),
-                              details=Details(timeouts=short))
-    assert time.monotonic() - started < 2.5
+    [outcome] = await asyncio.wait_for(deliver(deliverer, message("a@example.org"),
+                                               details=Details(timeouts=short)), 15)
     assert outcome.status is DeliveryStatus.DEFERRED
     assert "timed out" in outcome.response
     assert server.messages == []
@@ -600,6 +604,31 @@ async def test_next_mx_after_whole_transaction_4xx_but_not_after_5xx(smtp_receiv
     assert len(second.messages) == 1  # the 5xx was final
 
 
+async def test_a_5xx_greeting_moves_on_to_the_next_mx(smtp_receivers, make):
+    refusing = smtp_receivers.start("127.0.0.2", behaviour=Behaviour(greeting="554 5.7.1 no"))
+    good = smtp_receivers.start("127.0.0.3")
+    deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2", preference=10),
+                                      mx("mx2.example.org", "127.0.0.3", preference=20)]})
+    [outcome] = await deliver(deliverer, message("bob@example.org"))
+    assert outcome.status is DeliveryStatus.SENT
+    assert "[127.0.0.3]" in (outcome.relay or "")
+    assert len(refusing.sessions) == 1 and len(good.messages) == 1
+
+
+async def test_bounced_only_when_every_mx_refuses_at_the_greeting(smtp_receivers, make):
+    for host in ("127.0.0.2", "127.0.0.3"):
+        smtp_receivers.start(host, behaviour=Behaviour(greeting="554 5.7.1 no"))
+    deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2", preference=10),
+                                      mx("mx2.example.org", "127.0.0.3", preference=20)]})
+    [outcome] = await deliver(deliverer, message("bob@example.org"))
+    assert outcome.status is DeliveryStatus.BOUNCED and outcome.phase is Phase.GREETING
+    assert "[127.0.0.3]" in (outcome.relay or "")  # both were tried
+    # One host deferring is enough to try again later, whichever order they come in.
+    smtp_receivers.receivers[1].behaviour = Behaviour(greeting="421 4.3.2 busy")
+    [outcome] = await deliver(deliverer, message("bob@example.org"))
+    assert outcome.status is DeliveryStatus.DEFERRED
+
+
 async def test_address_literal_goes_straight_to_the_address(smtp_receivers, make):
     server = smtp_receivers.start("127.0.0.4")
     deliverer = make({})
@@ -700,25 +729,74 @@ async def test_a_wake_up_one_waiter_cannot_use_reaches_one_that_can(smtp_receive
     # line. A session given back for a.org is of no use to it: the wake-up must be
     # handed on to the a.org deliveries behind it, not lost until b.org moves again.
     a = smtp_receivers.start("127.0.0.2")
-    b = smtp_receivers.start("127.0.0.3", behaviour=Behaviour(stall="dataend",
-                                                              stall_seconds=2.5))
+    b = smtp_receivers.start("127.0.0.3", behaviour=Behaviour(stall="dataend"))  # 30 s
     deliverer = make({"a.org": [mx("mx.a.org", "127.0.0.2")],
                       "b.org": [mx("mx.b.org", "127.0.0.3")]},
                      max_connections_per_domain=1)
-    stuck = asyncio.create_task(deliver(deliverer, message("b1@b.org"), domain="b.org"))
+    patient = Details(timeouts=replace(FAST, dataend=60))  # b.org stays stuck throughout
+    stuck = asyncio.create_task(deliver(deliverer, message("b1@b.org"), domain="b.org",
+                                        details=patient))
     await poll_until(lambda: any(c.startswith("DATA") for s in b.sessions for c in s.commands))
-    waiting = asyncio.create_task(deliver(deliverer, message("b2@b.org"), domain="b.org"))
+    waiting = asyncio.create_task(deliver(deliverer, message("b2@b.org"), domain="b.org",
+                                          details=patient))
     await poll_until(lambda: deliverer.pool.waiting >= 1)
-    started = time.monotonic()
-    results = await asyncio.gather(*(
-        deliver(deliverer, message(f"a{i}@a.org"), domain="a.org") for i in range(5)))
-    elapsed = time.monotonic() - started
+    results = await asyncio.wait_for(asyncio.gather(*(
+        deliver(deliverer, message(f"a{i}@a.org"), domain="a.org") for i in range(5))), 15)
     assert all(o.status is DeliveryStatus.SENT for [o] in results)
     assert len(a.messages) == 5
-    assert elapsed < 2.0, elapsed  # well before b.org's stall ends
+    assert not stuck.done() and not waiting.done()  # b.org is still stalled
     for task in (stuck, waiting):
         task.cancel()
     await asyncio.gather(stuck, waiting, return_exceptions=True)
+
+
+def _body_arrived(server: Any, index: int) -> bool:
+    """The receiver has every line of its `index`-th transaction's data so far."""
+    transactions = server.transactions
+    return len(transactions) > index and transactions[index].partial[-1:] == [b"last\r\n"]
+
+
+async def test_the_next_end_of_data_waits_until_the_previous_message_is_recorded(
+        smtp_receivers, make):
+    # Contract §1: at most one accepted-but-unrecorded message per connection. The
+    # second message on the session goes out up to its final dot, and no further, until
+    # the first one's outcome is recorded.
+    server = smtp_receivers.start("127.0.0.2")
+    deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2")]})
+    loop = asyncio.get_running_loop()
+    first, second = loop.create_future(), loop.create_future()
+    msg = message("a@example.org")
+    [outcome] = await deliverer.deliver("Q1", msg, list(msg.envelope.recipients),
+                                        "example.org", Details(), recorded=first)
+    assert outcome.status is DeliveryStatus.SENT
+    msg = message("b@example.org")
+    task = asyncio.create_task(deliverer.deliver(
+        "Q2", msg, list(msg.envelope.recipients), "example.org", Details(), recorded=second))
+    await poll_until(lambda: _body_arrived(server, 1))
+    # Held back: the task does not finish while `first` is unresolved (bounded wait).
+    done, _ = await asyncio.wait({task}, timeout=0.5)
+    assert not done and len(server.messages) == 1
+    first.set_result(None)
+    [outcome] = await asyncio.wait_for(task, 5)
+    assert outcome.status is DeliveryStatus.SENT and len(server.messages) == 2
+    assert len(server.sessions) == 1  # one connection carried both
+
+
+async def test_an_end_of_data_never_waits_past_the_data_block_timeout(smtp_receivers, make):
+    server = smtp_receivers.start("127.0.0.2")
+    deliverer = make({"example.org": [mx("mx1.example.org", "127.0.0.2")]})
+    details = Details(timeouts=replace(FAST, datablock=0.2))
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    msg = message("a@example.org")
+    await deliverer.deliver("Q1", msg, list(msg.envelope.recipients), "example.org",
+                            details, recorded=never)
+    msg = message("b@example.org")
+    [outcome] = await asyncio.wait_for(deliverer.deliver(
+        "Q2", msg, list(msg.envelope.recipients), "example.org", details), 5)
+    # Not sent (the server never saw its end of data): deferred, the session closed.
+    assert outcome.status is DeliveryStatus.DEFERRED and "not recorded" in outcome.response
+    assert len(server.messages) == 1 and deliverer.pool.open_count == 0
+    await asyncio.to_thread(server.wait_for_sessions, 1, 5.0, True)
 
 
 async def test_close_quits_pooled_connections(smtp_receivers, make):
@@ -790,6 +868,32 @@ async def test_ipv6_failure_falls_back_to_ipv4(smtp_receivers, make):
     [outcome] = await deliver(deliverer, message("bob@example.org"))
     assert outcome.status is DeliveryStatus.SENT and "[127.0.0.3]" in (outcome.relay or "")
     assert len(server.messages) == 1
+
+
+async def test_ipv6_delivery_over_an_aaaa_record(dns_server: DnsTestServer, tls_ca: TlsCa):
+    # The whole way over IPv6: the MX host has only an AAAA record (::1), so a success
+    # means DNS, connect, STARTTLS and the transaction all ran on [::1].
+    group = ReceiverGroup(tls_ca.ca, hosts=WITH_IPV6)
+    deliverer: Deliverer | None = None
+    try:
+        server = group.start("::1", tls=True, cert_names=("mx.v6.test",))
+        dns_server.add_mx("v6.test", 10, "mx.v6.test")
+        dns_server.add_aaaa("mx.v6.test", "::1")
+        deliverer = Deliverer(config(group.port, ca_file=str(tls_ca.pem_path)),
+                              Resolver(dns_server.dns_config(ipv6=True)),
+                              batv_key=None)
+        [outcome] = await deliver(deliverer, message("bob@v6.test"), domain="v6.test",
+                                  details=Details(verify_cert=True,
+                                                  check_cert_name="mx.v6.test"))
+        assert outcome.status is DeliveryStatus.SENT, outcome.response
+        assert outcome.relay == f"mx.v6.test[::1]:{group.port}"
+        assert outcome.tls is not None
+        [received] = await server.async_wait_for(1)
+        assert received.rcpts == ["bob@v6.test"] and received.session.peer[0] == "::1"
+    finally:
+        if deliverer is not None:
+            await deliverer.close()
+        group.stop()
 
 
 async def test_a_cancelled_waiter_leaves_nothing_reserved():

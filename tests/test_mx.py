@@ -260,11 +260,10 @@ async def test_servfail_is_temporary_4_4_3(dns_server: DnsTestServer) -> None:
 
 async def test_timeout_is_temporary_and_bounded_by_dns_timeout(dns_server: DnsTestServer) -> None:
     dns_server.add_mx("slow.test", 10, "mx.slow.test")
-    dns_server.set_delay("slow.test", 3.0)
-    started = time.monotonic()
+    dns_server.set_delay("slow.test", 60.0)  # later than any test waits
     with pytest.raises(TemporaryFailure) as info:
-        await resolver_for(dns_server, timeout=0.3).resolve("slow.test")
-    assert time.monotonic() - started < 2.0
+        # Bounded: with dns.timeout ignored this would wait for the 60 s answer.
+        await asyncio.wait_for(resolver_for(dns_server, timeout=0.3).resolve("slow.test"), 20)
     assert info.value.dsn == "4.4.3"
     assert "timed out" in info.value.message
 
@@ -407,12 +406,14 @@ async def test_cache_hit_sends_no_query_and_is_cheap(dns_server: DnsTestServer) 
     first = await resolver.resolve("cached.test")
     queries = dns_server.query_count()
     assert queries == 3  # MX, AAAA, A
-    started = time.perf_counter()
-    for _ in range(20_000):
-        assert await resolver.resolve("cached.test") == first
-    elapsed = time.perf_counter() - started
+    for _ in range(1000):
+        # A hit is a dictionary lookup: the coroutine finishes at its first step,
+        # without waiting on anything (no query, no task, no event-loop round).
+        hit = resolver.resolve("cached.test")
+        with pytest.raises(StopIteration) as done:
+            hit.send(None)
+        assert done.value.value == first
     assert dns_server.query_count() == queries
-    assert elapsed < 2.0, f"20,000 cache hits took {elapsed:.2f}s"
 
 
 async def test_mx_hosts_shared_by_domains_are_looked_up_once(dns_server: DnsTestServer) -> None:
@@ -442,7 +443,11 @@ async def test_a_cancelled_caller_does_not_cancel_the_others(dns_server: DnsTest
     resolver = resolver_for(dns_server)
     impatient = asyncio.ensure_future(resolver.resolve("shy.test"))
     patient = asyncio.ensure_future(resolver.resolve("shy.test"))
-    await asyncio.sleep(0.05)
+
+    async def asked() -> bool:
+        return dns_server.query_count("shy.test", "MX") == 1
+
+    await wait_for(asked)  # the shared lookup is under way
     impatient.cancel()
     assert (await patient)[0].addresses == ("127.0.0.93",)
     with pytest.raises(asyncio.CancelledError):

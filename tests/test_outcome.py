@@ -9,15 +9,14 @@ from hypothesis import strategies as st
 from mxsend.errors import PermanentFailure, Phase, TemporaryFailure
 from mxsend.outcome import (
     DeliveryStatus,
-    Reply,
     Where,
-    default_dsn,
+    after_every_host,
     failure_outcomes,
-    parse_reply,
     should_try_next_host,
     status_of,
     transaction_outcomes,
 )
+from mxsend.reply import Reply, default_dsn, parse_reply
 
 WHERE = Where("mx.example.org[192.0.2.1]:25", "mx.example.org", "TLSv1.3")
 SENT, DEFERRED, BOUNCED = DeliveryStatus.SENT, DeliveryStatus.DEFERRED, DeliveryStatus.BOUNCED
@@ -129,6 +128,30 @@ def test_should_try_next_host():
     bounced = failure_outcomes(["a@x.example"], PermanentFailure("x"))
     assert should_try_next_host(deferred)
     assert not should_try_next_host(deferred + bounced)
+    assert not should_try_next_host(bounced)
+
+
+def _greeting(code: int) -> list:
+    failure = (PermanentFailure if code >= 500 else TemporaryFailure)(
+        f"{code} go away", code=code, phase=Phase.GREETING)
+    return failure_outcomes(["a@x.example", "b@x.example"], failure, WHERE)
+
+
+def test_a_5xx_greeting_moves_on_to_the_next_host():
+    # Postfix's smtp_skip_5xx_greeting: "not this server", not "not this recipient".
+    assert should_try_next_host(_greeting(554))
+    assert should_try_next_host(_greeting(421))
+    mail_refused = failure_outcomes(["a@x.example"], PermanentFailure("no", phase=Phase.MAIL))
+    assert not should_try_next_host(mail_refused)
+
+
+@pytest.mark.parametrize(("codes", "status"), [
+    ((554,), BOUNCED), ((554, 554), BOUNCED), ((554, 421), DEFERRED),
+    ((421, 554), DEFERRED), ((421, 554, 554), DEFERRED), ((421,), DEFERRED),
+])
+def test_after_every_host_bounces_only_if_every_greeting_refused(codes, status):
+    outcomes = after_every_host([_greeting(code) for code in codes])
+    assert [o.status for o in outcomes] == [status, status]
 
 
 @given(st.sampled_from([250, 354, 421, 451, 550, 199]),

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from mxsend.actions import FileActions, ServerActions, ServerParameters, Timeout
 from mxsend.config import Config, ScriptConfig, SmtpConfig
 from mxsend.log import get_logger
 from mxsend.policy import CheckFileRequest, Policy, lua_time
+from mxsend.watch import Watcher
 
 HEADERS = (
     b"Received: from a by b;\r\n\tThu, 26 Nov 2026 09:30:00 +0000\r\n"
@@ -86,10 +88,10 @@ def script(shared: tuple[Policy, Path]) -> Any:
     """script(text) -> the shared Policy running that text."""
     policy, path = shared
 
-    def load(text: str) -> Policy:
+    async def load(text: str) -> Policy:
         if path.read_text() != text:
             path.write_text(text)
-            assert policy.reload(), "the new script version should be active"
+            assert await policy.load(), "the new script version should be active"
         return policy
 
     return load
@@ -162,14 +164,14 @@ end
 )
 async def test_check_file_arguments(script: Any, expression: str, changes: dict[str, Any],
                                     expected: str) -> None:
-    policy = script(REASON_OF % expression)
+    policy = await script(REASON_OF % expression)
     actions = await policy.check_file(request(**changes))
     # Lua strings are bytes; non-UTF-8 bytes reach the log replaced, not lost in Lua.
     assert actions.reason == expected
 
 
 async def test_header_bytes_reach_lua_unchanged(script: Any) -> None:
-    policy = script(REASON_OF % "string.byte(HeaderData.subject, 2)")
+    policy = await script(REASON_OF % "string.byte(HeaderData.subject, 2)")
     actions = await policy.check_file(request(data=b"Subject: x\xe9y\r\n\r\n"))
     assert actions.reason == "233"
 
@@ -206,7 +208,7 @@ async def test_header_bytes_reach_lua_unchanged(script: Any) -> None:
 )
 async def test_server_details_arguments(script: Any, expression: str, expected: str) -> None:
     # The value comes back through HELOname, made wire-safe with gsub.
-    policy = script(f"""
+    policy = await script(f"""
 function ServerDetails(Parameters, HeaderLines, Actions)
   Actions.HELOname = "v=" .. string.gsub(tostring({expression}), "[^%w%.%-@:/%[%]=]", "_")
   return Actions
@@ -259,7 +261,7 @@ function CheckFile(Filename, Actions) Actions.%s = %s return Actions end
 )
 async def test_check_file_results(script: Any, events: Events, field: str, lua: str,
                                   expected: FileActions, fault: bool) -> None:
-    policy = script(CHECK_SET % (field, lua))
+    policy = await script(CHECK_SET % (field, lua))
     assert await policy.check_file(request()) == expected
     errors = events.of("script_error")
     assert bool(errors) == fault
@@ -276,6 +278,10 @@ function ServerDetails(Parameters, HeaderLines, Actions) %s return Actions end
 
 def server(**changes: Any) -> ServerActions:
     return ServerActions(**{"helo_name": "out.example.com", **changes})
+
+
+def unusable(pins: str) -> ServerActions:
+    return server(force_tls=True, unusable=f"the script's {pins} cannot be used")
 
 
 @pytest.mark.parametrize(
@@ -297,14 +303,21 @@ def server(**changes: Any) -> ServerActions:
         ("Actions.HELOname = {}", server(), True),
         ("Actions.checkCertName = '*.example.org'", server(check_cert_name="*.example.org"),
          False),
-        ("Actions.checkCertName = 'x\\ny'", server(force_tls=True), True),
+        ("Actions.checkCertName = 'x\\ny'", unusable("checkCertName"), True),
+        ("Actions.checkCertName = {}", unusable("checkCertName"), True),
         ("Actions.checkCertThumbprint = string.rep('ab', 20)",
          server(check_cert_thumbprint="ab" * 20), False),
-        ("Actions.checkCertThumbprint = 'AB:CD'", server(force_tls=True), True),
+        ("Actions.checkCertThumbprint = 'AB:CD'", unusable("checkCertThumbprint"), True),
         ("Actions.checkCertThumbprint = string.rep('ab', 20) .. '\\0'",
-         server(force_tls=True), True),
+         unusable("checkCertThumbprint"), True),
+        ("Actions.checkCertName = 'a\\rb'; Actions.checkCertThumbprint = 'no'",
+         unusable("checkCertName and checkCertThumbprint"), True),
+        # An unreadable protection flag counts as on: off would be the weaker connection.
+        ("Actions.forceTLS = 'maybe'", server(force_tls=True), True),
+        ("Actions.verifyCert = {}", server(verify_cert=True), True),
         ("Actions.returnAddressModifier = 2", server(return_address_modifier=2), False),
-        ("Actions.returnAddressModifier = '1'", server(return_address_modifier=1), False),
+        ("Actions.returnAddressModifier = '1'; Actions.defaultReturnAddress = 'b@x.example'",
+         server(return_address_modifier=1, default_return_address="b@x.example"), False),
         ("Actions.returnAddressModifier = 3", server(), True),
         ("Actions.defaultReturnAddress = '<bounce@example.com>'",
          server(default_return_address="bounce@example.com"), False),
@@ -312,6 +325,20 @@ def server(**changes: Any) -> ServerActions:
          server(), True),
         ("Actions.defaultReturnAddress = 'not an address'", server(), True),
         ("Actions.nullReturnAddress = '<>'", server(), False),
+        # A modifier whose target cannot be used sends the envelope sender as queued
+        # (modifier 0), never <> (issue 10 item 1).
+        ("Actions.returnAddressModifier = 1; Actions.defaultReturnAddress = 'b@x.example\\r'",
+         server(), True),
+        ("Actions.returnAddressModifier = 1; Actions.defaultReturnAddress = 'not valid'",
+         server(), True),
+        ("Actions.returnAddressModifier = 1", server(), True),
+        ("Actions.returnAddressModifier = 1; Actions.defaultReturnAddress = {}", server(), True),
+        ("Actions.returnAddressModifier = 2; Actions.nullReturnAddress = 'a\\nb@x.example'",
+         server(), True),
+        ("Actions.returnAddressModifier = 2; Actions.nullReturnAddress = ''",
+         server(return_address_modifier=2), False),
+        ("Actions.returnAddressModifier = 2; Actions.nullReturnAddress = '<>'",
+         server(return_address_modifier=2), False),
         ("Actions.nullReturnAddress = 'null@example.com'",
          server(null_return_address="null@example.com"), False),
         ("Actions.timeouts.connect = 30", server(timeouts=Timeouts(connect=30.0)), False),
@@ -325,26 +352,92 @@ def server(**changes: Any) -> ServerActions:
 )
 async def test_server_details_results(script: Any, events: Events, lua: str,
                                       expected: ServerActions, fault: bool) -> None:
-    policy = script(SERVER_SET % lua)
+    policy = await script(SERVER_SET % lua)
     assert await policy.server_details("Q1", PARAMS, ["Subject: hi"]) == expected
     assert bool(events.of("script_error")) == fault
 
 
+async def test_a_bad_modifier_target_is_one_script_error_naming_it(script: Any,
+                                                                   events: Events) -> None:
+    policy = await script(SERVER_SET % (
+        "Actions.returnAddressModifier = 1; Actions.defaultReturnAddress = 'b@x.example\\r'"))
+    actions = await policy.server_details("Q1", PARAMS, [])
+    assert actions.return_address_modifier == 0
+    messages = [e["error"] for e in events.of("script_error")]
+    assert any(m.startswith("defaultReturnAddress:") for m in messages), messages
+    assert any(m.startswith("returnAddressModifier: 1 names defaultReturnAddress")
+               and "envelope sender as queued" in m for m in messages), messages
+
+
+@pytest.fixture
+async def delivery_to(smtp_receivers: Any) -> Any:
+    """delivery_to(policy) -> outcomes and the receiver, for one message to example.org."""
+    from mxsend.config import config_from_mapping
+    from mxsend.delivery import Deliverer
+    from mxsend.envelope import Envelope, Message, Recipient
+    from mxsend.mx import MxHost
+
+    receiver = smtp_receivers.start("127.0.0.2", tls=True)
+
+    class Static:
+        async def resolve(self, domain: str) -> list[MxHost]:
+            return [MxHost(name="mx1.example.org", preference=10, addresses=("127.0.0.2",))]
+
+    async def run(policy: Policy) -> tuple[list[Any], Any]:
+        config = config_from_mapping({"smtp": {"port": smtp_receivers.port,
+                                               "helo_name": "out.example.com"}})
+        deliverer = Deliverer(config, Static(), batv_key=None)
+        msg = Message(Envelope(sender="alice@example.com",
+                               recipients=(Recipient("bob@example.org"),)),
+                      b"Subject: t\r\n\r\nhi\r\n")
+
+        async def details(params: ServerParameters) -> ServerActions:
+            return await policy.server_details("Q1", params, [])
+
+        try:
+            outcomes = await deliverer.deliver("Q1", msg, list(msg.envelope.recipients),
+                                               "example.org", details)
+        finally:
+            await deliverer.close()
+        return outcomes, receiver
+
+    return run
+
+
+async def test_a_bad_default_return_address_sends_the_queued_sender_not_null(
+        script: Any, delivery_to: Any) -> None:
+    policy = await script(SERVER_SET % (
+        "Actions.returnAddressModifier = 1; Actions.defaultReturnAddress = 'b@x.example\\n'"))
+    [outcome], receiver = await delivery_to(policy)
+    assert str(outcome.status) == "sent", outcome
+    [received] = await receiver.async_wait_for(1)
+    assert received.mail_from == "alice@example.com"
+
+
+async def test_an_unreadable_pin_defers_without_connecting(script: Any,
+                                                           delivery_to: Any) -> None:
+    policy = await script(SERVER_SET % "Actions.checkCertThumbprint = 'AB\\r\\nCD'")
+    [outcome], receiver = await delivery_to(policy)
+    assert str(outcome.status) == "deferred" and outcome.dsn == "4.7.5", outcome
+    assert "checkCertThumbprint" in outcome.response
+    assert receiver.sessions == []  # never connected: not unpinned, not in plaintext
+
+
 async def test_repeated_server_details_answers_are_read_once_faults_logged_each_time(
         script: Any, events: Events) -> None:
-    policy = script(SERVER_SET % "Actions.timeouts.rcpt = -1; Actions.tryTLS = 0")
+    policy = await script(SERVER_SET % "Actions.timeouts.rcpt = -1; Actions.tryTLS = 0")
     first = await policy.server_details("Q1", PARAMS, ["Subject: hi"])
     second = await policy.server_details("Q2", PARAMS, ["Subject: hi"])
     assert first == server(try_tls=False) and second is first  # remembered, not re-read
     assert [e["id"] for e in events.of("script_error")] == ["Q1", "Q2"]
     # A different answer is its own.
-    policy = script(SERVER_SET % "Actions.tryTLS = 1")
+    policy = await script(SERVER_SET % "Actions.tryTLS = 1")
     assert (await policy.server_details("Q3", PARAMS, [])).try_tls is True
 
 
 async def test_vpop3_example_verbatim(script: Any) -> None:
     # From VPOP3's documentation of mxout.lua, unchanged.
-    policy = script("""function ServerDetails(params, headers, actions)
+    policy = await script("""function ServerDetails(params, headers, actions)
   if params["server"] == "mail.broken.com" then
     actions["tryTLS"] = 0
   end
@@ -358,7 +451,7 @@ end
 
 
 async def test_print_goes_to_the_log(script: Any, events: Events) -> None:
-    policy = script("""
+    policy = await script("""
 function CheckFile(f, a) print("checking", f, 42, nil) return a end
 """)
     await policy.check_file(request())
@@ -415,9 +508,8 @@ async def test_faults_give_the_defaults(tmp_path: Path, events: Events, lua: str
     path.write_text(lua)
     policy = Policy(make_config(path, timeout=0.3, memory=16 * 1024**2))
     try:
-        started = time.monotonic()
-        assert await policy.check_file(request()) == FileActions()
-        assert time.monotonic() - started < 5
+        async with asyncio.timeout(30):  # a bound only: the call must end
+            assert await policy.check_file(request()) == FileActions()
         errors = events.of("script_error")
         assert len(errors) == 1, errors
         assert errors[0]["function"] == "CheckFile"
@@ -429,7 +521,7 @@ async def test_faults_give_the_defaults(tmp_path: Path, events: Events, lua: str
 
 
 async def test_missing_function_is_reported_once(script: Any, events: Events) -> None:
-    policy = script("function CheckFile(f, a) return a end -- no ServerDetails")
+    policy = await script("function CheckFile(f, a) return a end -- no ServerDetails")
     for _ in range(3):
         assert await policy.server_details("Q1", PARAMS, []) == server()
     assert len(events.of("script_error")) == 1
@@ -454,7 +546,6 @@ async def test_stuck_c_call_kills_the_worker_not_the_daemon(tmp_path: Path,
     path.write_text(HANGS_ON_SUBJECT)
     policy = Policy(make_config(path, timeout=0.2))
     try:
-        started = time.monotonic()
         ticks = 0
 
         async def ticker() -> None:
@@ -464,12 +555,11 @@ async def test_stuck_c_call_kills_the_worker_not_the_daemon(tmp_path: Path,
                 ticks += 1
 
         task = asyncio.create_task(ticker())
-        actions = await policy.check_file(request(data=b"Subject: hang\r\n\r\n"))
+        async with asyncio.timeout(policy.hard_timeout + 30):  # a bound only
+            actions = await policy.check_file(request(data=b"Subject: hang\r\n\r\n"))
         task.cancel()
-        elapsed = time.monotonic() - started
         assert actions == FileActions()
-        assert elapsed < policy.hard_timeout + 2
-        assert ticks > 10, "the event loop kept running while the worker was stuck"
+        assert ticks >= 3, "the event loop kept running while the worker was stuck"
         [error] = events.of("script_error")
         assert "killed" in error["error"]
         # A fresh worker with the same script serves the next call.
@@ -478,8 +568,109 @@ async def test_stuck_c_call_kills_the_worker_not_the_daemon(tmp_path: Path,
         policy.close()
 
 
+def big_header(size: int) -> bytes:
+    """A message that never has a blank line: all of it counts as header."""
+    line = b"X-Filler: " + b"y" * 988 + b"\r\n"
+    return line * (size // len(line))
+
+
+async def test_the_script_sees_at_most_100_kb_of_header(script: Any) -> None:
+    policy = await script(REASON_OF % (
+        "(function() local n = 0 for _, l in ipairs(HeaderLines) do n = n + #l + 2 end "
+        "return #HeaderLines .. '/' .. n end)()"))
+    data = b"Subject: first\r\n" + big_header(400 * 1024)
+    reason = (await policy.check_file(request(data=data))).reason
+    lines, size = map(int, reason.split("/"))
+    assert 90 * 1024 < size <= 100 * 1024 and lines == size // 1000 + 1, reason
+    # ServerDetails' HeaderLines are capped the same way.
+    policy = await script(SERVER_SET % "Actions.HELOname = 'n' .. #HeaderLines")
+    headers = [f"X-Filler: {'y' * 988}" for _ in range(400)]
+    assert (await policy.server_details("Q1", PARAMS, headers)).helo_name == "n102"
+
+
+async def test_a_stuck_worker_with_large_headers_never_freezes_the_loop(
+        tmp_path: Path, events: Events) -> None:
+    # Issue 10 item 4: the worker stuck in a C pattern stops reading; the requests
+    # behind the stuck one (each with a big header) filled the socket and the send
+    # polled without a deadline on the loop thread. Now every send and receive awaits
+    # with a deadline.
+    path = tmp_path / "mxout.lua"
+    path.write_text(HANGS_ON_SUBJECT)
+    policy = Policy(make_config(path, timeout=0.2))
+    assert await policy.load()  # the worker runs the script now
+    worker = policy._calls.worker
+    assert worker is not None
+    # Safety net for the old behaviour: unblock a frozen loop after 20 s so the test
+    # fails on its assertions instead of hanging.
+    rescue = threading.Timer(20, worker.process.kill)
+    rescue.start()
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    try:
+        batch = [request(queue_id="stuck", data=b"Subject: hang\r\n\r\n")] + [
+            request(queue_id=f"big{i}", data=big_header(400 * 1024)) for i in range(15)]
+        async with asyncio.timeout(policy.hard_timeout + 30):  # a bound only
+            results = await policy.check_files(batch)
+    finally:
+        task.cancel()
+        rescue.cancel()
+        policy.close()
+    assert results == [FileActions()] * len(batch)
+    # The loop ticked through the call; no pause as long as the deadline itself (the
+    # old channel froze it for the whole time, and no tick ran at all).
+    assert len(gaps) >= 3 and max(gaps) < policy.hard_timeout, gaps
+    assert {e["id"] for e in events.of("script_error")} == {r.queue_id for r in batch}
+
+
+async def test_nan_priority_says_so(script: Any, events: Events) -> None:
+    policy = await script(CHECK_SET % ("Priority", "0/0"))
+    assert await policy.check_file(request()) == FileActions()
+    [error] = events.of("script_error")
+    assert error["error"] == "Priority: is not a number (NaN, such as 0/0); using the default"
+
+
+async def test_a_message_that_hangs_the_script_twice_is_not_given_to_it_again(
+        tmp_path: Path, events: Events) -> None:
+    # Each hang in C costs a worker restart; a message whose calls always hang would
+    # cost one on every attempt, for every server (issue 10 item 14).
+    path = tmp_path / "mxout.lua"
+    path.write_text(HANGS_ON_SUBJECT)
+    policy = Policy(make_config(path, timeout=0.2))
+    hang = request(queue_id="Qhang", data=b"Subject: hang\r\n\r\n")
+    try:
+        for _ in range(2):
+            assert await policy.check_file(hang) == FileActions()
+        assert len([e for e in events.of("script_error") if "killed" in e["error"]]) == 2
+        worker = policy._calls.worker
+        assert await policy.check_file(hang) == FileActions()
+        assert await policy.server_details("Qhang", PARAMS, []) == server()
+        assert policy._calls.worker is worker  # not asked: no hang, no worker killed
+        assert len([e for e in events.of("script_error") if "killed" in e["error"]]) == 2
+        refused = [e for e in events.of("script_error") if "hung 2 times" in e["error"]]
+        assert [e["id"] for e in refused] == ["Qhang", "Qhang"]
+        # Other messages still go to the script, and a new version is asked again.
+        assert (await policy.check_file(request())).priority == 77
+        write_in_place(path, HANGS_ON_SUBJECT.replace("77", "78"))
+        assert await policy.load()
+        assert (await policy.check_file(request())).priority == 78
+        events.records.clear()
+        assert await policy.check_file(hang) == FileActions()
+        assert any("killed" in e["error"] for e in events.of("script_error"))
+    finally:
+        policy.close()
+
+
 async def test_check_files_answers_a_batch_in_order(script: Any, events: Events) -> None:
-    policy = script("""
+    policy = await script("""
 function CheckFile(f, a, size, c, r, l, rp, rcpts, hd)
   a.Priority = tonumber(hd["x-prio"]) or 50
   if hd["x-prio"] == "13" then error("unlucky") end
@@ -520,10 +711,10 @@ async def test_top_level_error_keeps_the_previous_version(tmp_path: Path,
         assert (await policy.check_file(request())).priority == 60
         path.write_text("function CheckFile(f, a) a.Priority = 61 return a end\n"
                         "error('top level fails')")
-        assert policy.reload() is False
+        assert await policy.load() is False
         assert (await policy.check_file(request())).priority == 60
         path.write_text("function CheckFile(f, a) a.Priority = 62 return a end\nlocal x = = 1")
-        assert policy.reload() is False
+        assert await policy.load() is False
         assert (await policy.check_file(request())).priority == 60
         loads = [e for e in events.of("script_error") if e["function"] == "load"]
         assert "top level fails" in loads[0]["error"]
@@ -537,7 +728,7 @@ async def test_missing_script_means_defaults_logged_once(tmp_path: Path,
     path = tmp_path / "absent.lua"
     policy = Policy(make_config(path))
     try:
-        assert policy.reload() is False
+        assert await policy.load() is False
         assert await policy.check_file(request()) == FileActions()
         assert await policy.server_details("Q1", PARAMS, []) == server()
         assert policy.default_server_actions() == server()
@@ -560,38 +751,87 @@ def test_default_helo_is_the_fqdn(tmp_path: Path) -> None:
 
 # --- reload -----------------------------------------------------------------------------
 
-async def poll_priority(policy: Policy, wanted: int, seconds: float = 10.0) -> int:
-    deadline = time.monotonic() + seconds
-    while True:
-        priority = (await policy.check_file(request())).priority
-        if priority == wanted or time.monotonic() > deadline:
-            return priority
+async def until(condition: Any, seconds: float = 10.0) -> None:
+    """Poll `condition` (sync or async) until it holds; fail after `seconds`."""
+    async with asyncio.timeout(seconds):
+        while True:
+            result = condition()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def stays(condition: Any, seconds: float = 1.0) -> bool:
+    """True if `condition` holds throughout a bounded quiet window (polled)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if not condition():
+            return False
         await asyncio.sleep(0.02)
+    return bool(condition())
 
 
-async def test_reload_on_write_and_on_rename(tmp_path: Path, events: Events) -> None:
+async def priority_is(policy: Policy, wanted: int) -> bool:
+    return (await policy.check_file(request())).priority == wanted
+
+
+@pytest.fixture
+async def watcher() -> Any:
+    made = Watcher(asyncio.get_running_loop())
+    yield made
+    made.close()
+
+
+async def test_reload_on_write_and_on_rename(tmp_path: Path, events: Events,
+                                             watcher: Watcher) -> None:
     path = tmp_path / "mxout.lua"
     path.write_text("function CheckFile(f, a) a.Priority = 10 return a end")
     policy = Policy(make_config(path))
-    policy.start_watching()
+    policy.watch(watcher)
     try:
-        assert await poll_priority(policy, 10) == 10
+        assert await priority_is(policy, 10)
         # An editor that writes in place.
         write_in_place(path, "function CheckFile(f, a) a.Priority = 20 return a end")
-        assert await poll_priority(policy, 20) == 20
+        await until(lambda: priority_is(policy, 20))
         # An editor that writes a new file and renames it over the old one.
         temporary = tmp_path / ".mxout.lua.swp"
         temporary.write_text("function CheckFile(f, a) a.Priority = 30 return a end")
         os.replace(temporary, path)
-        assert await poll_priority(policy, 30) == 30
+        await until(lambda: priority_is(policy, 30))
         # A broken version is logged and the old one stays.
         path.write_text("function CheckFile(f, a) a.Priority = = 40 return a end")
-        for _ in range(500):
-            if events.of("script_error"):
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: events.of("script_error"))
         assert events.of("script_error")[0]["function"] == "load"
-        assert (await policy.check_file(request())).priority == 30
+        assert await priority_is(policy, 30)
+    finally:
+        policy.close()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["good", "broken"])
+async def test_one_change_is_one_reload_and_one_log_line(tmp_path: Path, events: Events,
+                                                         watcher: Watcher,
+                                                         broken: bool) -> None:
+    # Issue 10 item 3: the reload's own read of the file counted as a change, so every
+    # reload scheduled the next one (ten a second, forever).
+    path = tmp_path / "mxout.lua"
+    path.write_text("function CheckFile(f, a) a.Priority = 10 return a end")
+    policy = Policy(make_config(path))
+    policy.watch(watcher)
+    try:
+        assert await priority_is(policy, 10)
+        reads = policy.reads
+        events.records.clear()
+        write_in_place(path, "function CheckFile(f, a) a.Priority = 20 %s return a end"
+                       % ("= =" if broken else ""))
+        await until(lambda: policy.reads > reads)
+        assert await stays(lambda: policy.reads == reads + 1), policy.reads - reads
+        lines = [e for e in events.records
+                 if e["event"] == "script_error" or "reloaded" in e.get("message", "")]
+        assert len(lines) == 1, lines
+        assert (lines[0]["event"] == "script_error") is broken
+        assert await priority_is(policy, 10 if broken else 20)
     finally:
         policy.close()
 
@@ -619,14 +859,37 @@ async def test_a_missing_server_details_is_not_asked_again(tmp_path: Path,
         first = await policy.server_details("Q1", PARAMS, [])
         assert first == policy.default_server_actions()
         assert len(events.of("script_error")) == 1  # "no function ServerDetails", once
-        policy._kill_worker()
+        policy._calls.kill_worker()
         again = await policy.server_details("Q2", PARAMS, [])
         assert again == first
-        assert policy._worker is None  # answered without starting a worker to ask
+        assert policy._calls.worker is None  # answered without starting a worker to ask
         # A new version of the script is asked again.
         write_in_place(path, "function ServerDetails(p, h, a) a.HELOname = 'x.test' "
                              "return a end\n")
-        assert policy.reload()
+        assert await policy.load()
         assert (await policy.server_details("Q3", PARAMS, [])).helo_name == "x.test"
     finally:
         policy.close()
+
+
+async def test_the_daemon_logs_one_error_per_broken_edit(tmp_path: Path, daemon: Any) -> None:
+    # Issue 10 items 3 and 12 end to end: a real daemon, the script edited once into a
+    # version that does not compile: exactly one script_error (at level error), not
+    # ten a second; the daemon keeps the previous version.
+    from tests.fixtures.daemon import wait_until, write_config
+
+    script = tmp_path / "mxout.lua"
+    script.write_text("function CheckFile(f, a) return a end\n")
+    config = write_config(tmp_path, {"smtp": {"helo_name": "mxsend.test"},
+                                     "log": {"level": "info"}})
+    process = daemon(config)
+    try:
+        wait_until(lambda: "mxsend started" in process.output(), 15,
+                   message="the daemon started")
+        write_in_place(script, "function CheckFile(f, a)\n  return = a\nend\n")
+        [error] = process.wait_event("script_error", function="load")
+        assert error["level"] == "error" and "mxout.lua:2:" in error["error"]
+        assert await stays(lambda: len(process.find("script_error")) == 1, 1.5), \
+            process.output()
+    finally:
+        assert process.stop() == 0, process.output()

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from mxsend.actions import FileActions
 from mxsend.luasandbox import LuaHost, compile_check, new_runtime
+from mxsend.luavalues import field_names, file_actions_to_lua
+
+NAMES = field_names()
+DEFAULTS = file_actions_to_lua(FileActions())
 
 PROBE = b"""
 function CheckFile(Filename, Actions)
@@ -24,9 +29,9 @@ end
 def probe(body: str) -> str:
     """Run `body` inside CheckFile under pcall; 'true:<value>' or 'false:<error>'."""
     host = LuaHost(16 * 1024**2)
-    error = host.load(PROBE % body.encode(), "@probe.lua", 1.0)
+    error = host.load(PROBE % body.encode(), "@probe.lua", 1.0, NAMES)
     assert error is None, error
-    values, _ = host.check_file(1.0, b"/f", 1, b"", 0, b"", b"", b"", b"\r\n")
+    values, _ = host.check_file(1.0, b"/f", 1, b"", 0, b"", b"", b"", b"\r\n", *DEFAULTS)
     assert values[0] == b"ok", values
     reason = values[-1]
     assert isinstance(reason, bytes)
@@ -129,8 +134,8 @@ def test_attribute_filter_blocks_python_objects() -> None:
 def test_print_is_bounded() -> None:
     host = LuaHost(16 * 1024**2)
     host.load(b"function CheckFile(f, a) for i = 1, 1000 do print(string.rep('x', 5000)) end "
-              b"return a end", "@p.lua", 1.0)
-    _, prints = host.check_file(1.0, b"/f", 1, b"", 0, b"", b"", b"", b"\r\n")
+              b"return a end", "@p.lua", 1.0, NAMES)
+    _, prints = host.check_file(1.0, b"/f", 1, b"", 0, b"", b"", b"", b"\r\n", *DEFAULTS)
     assert len(prints) == 100
     assert all(len(line) <= 2003 for line in prints)
 
@@ -183,8 +188,8 @@ end
 )
 def test_parse_url(url: str, expected: str) -> None:
     host = LuaHost(16 * 1024**2)
-    assert host.load(PARSE, "@parse.lua", 1.0) is None
-    values, _ = host.check_file(1.0, url.encode(), 1, b"", 0, b"", b"", b"", b"\r\n")
+    assert host.load(PARSE, "@parse.lua", 1.0, NAMES) is None
+    values, _ = host.check_file(1.0, url.encode(), 1, b"", 0, b"", b"", b"", b"\r\n", *DEFAULTS)
     assert values[-1] == expected.encode()
 
 

@@ -10,7 +10,6 @@ from mxsend.schedule import (
     GiveUp,
     after_temporary_failure,
     delay_warning_due,
-    due,
     expired,
     expires_at,
     give_up_status,
@@ -66,7 +65,7 @@ def test_force_last_try_gives_up_at_once() -> None:
     decision = after_temporary_failure(
         retry=RETRY, attempts=1, created=T0, now=T0 + 1, max_age=86400.0, force_last_try=True
     )
-    assert decision.final and decision.give_up is GiveUp.FORCED and decision.next_try is None
+    assert decision.give_up is GiveUp.FORCED and decision.next_try is None
 
 
 def test_expired_message_gives_up() -> None:
@@ -82,7 +81,7 @@ def test_young_message_retries_on_schedule() -> None:
         retry=RETRY, attempts=2, created=T0, now=T0 + 400, max_age=86400.0,
         force_last_try=False,
     )
-    assert not decision.final and decision.next_try == T0 + 400 + 600
+    assert decision.give_up is None and decision.next_try == T0 + 400 + 600
 
 
 def test_last_try_is_pulled_in_to_the_expiry_time() -> None:
@@ -110,10 +109,6 @@ def test_last_try_is_pulled_in_to_the_expiry_time() -> None:
 )
 def test_give_up_status(reason: GiveUp, last: str | None, status: str) -> None:
     assert give_up_status(reason, last) == status
-
-
-def test_due() -> None:
-    assert due(0.0, T0) and due(T0, T0) and not due(T0 + 1, T0)
 
 
 # --- invariants -------------------------------------------------------------------------

@@ -1,16 +1,25 @@
-"""The scheduler's pure decisions: grouping, folding outcomes, giving up."""
+"""The daemon's parts on their own: the plan, intake's book, grouping, folding
+outcomes, giving up, the reports owed."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from mxsend import schedule
-from mxsend.config import config_from_mapping
-from mxsend.envelope import Recipient
+import pytest
+
+from mxsend import heartbeat, schedule
+from mxsend.attempt import bounce_phases, group_by_domain
+from mxsend.envelope import Envelope, Recipient
 from mxsend.errors import Phase
+from mxsend.intake import IntakeBook, own_share_first
 from mxsend.outcome import DeliveryStatus, RecipientOutcome
-from mxsend.scheduler import Daemon, apply_outcomes, give_up, group_by_domain, own_share_first
+from mxsend.plan import DuePlan
+from mxsend.record import apply_outcomes, give_up, reports_owed
 from mxsend.spool import MessageState, RecipientState, RecipientStatus
 
 
@@ -110,13 +119,182 @@ def test_own_share_first_splits_new_without_overlap_and_keeps_order() -> None:
     assert mine0 == sorted(mine0) and mine1 == sorted(mine1)
 
 
-def test_a_file_that_failed_acceptance_waits_and_once_leaves_it(tmp_path: Path) -> None:
-    config = config_from_mapping({"spool": {"path": str(tmp_path)}})
+def test_a_file_that_failed_acceptance_waits_and_once_leaves_it() -> None:
     for once, expected in ((False, ["late", "new"]), (True, ["new"])):
-        daemon = Daemon(config, once=once)
-        daemon._accept_failed = {"late": time.monotonic() - 1, "soon": time.monotonic() + 60}
+        book = IntakeBook(once=once)
+        book.failed = {"late": 99.0, "soon": 160.0}
         # Due again in the daemon; a --once run never retries within the run.
-        assert daemon._retryable(["late", "soon", "new"]) == expected
-        assert "soon" in daemon._accept_failed
-        daemon._io.shutdown()
-        daemon._commit_thread.shutdown()
+        book.listed(["late", "soon", "new"], now=100.0)
+        assert list(book.backlog) == expected
+        assert "soon" in book.failed
+
+
+# --- intake: names in flight (issue 10, item 6) -------------------------------------
+
+def test_a_name_in_flight_is_not_listed_again_until_its_result_is_recorded() -> None:
+    book = IntakeBook()
+    book.listed(["m", "n"], now=0.0)
+    assert book.take(room=10) == ["m", "n"]
+    # The failed acceptance handed "m" back to new/ and its inotify event listed new/
+    # before the loop heard of the failure: "m" must not be handed in again.
+    book.arrived = True
+    assert book.needs_listing()
+    book.listed(["m"], now=0.1)
+    assert book.take(room=10) == []
+    book.recorded("m", failed=True, now=0.2, retry_after=1.0)
+    book.recorded("n", failed=False, now=0.2, retry_after=1.0)
+    assert book.in_flight == set()
+    # Now it backs off a scan interval, and is tried again after it.
+    book.listed(["m"], now=1.1)
+    assert book.take(room=10) == []
+    book.listed(["m"], now=1.3)
+    assert book.take(room=10) == ["m"]
+
+
+def test_intake_takes_at_most_the_room_and_a_chunk() -> None:
+    book = IntakeBook()
+    book.listed([f"f{i:03d}" for i in range(200)], now=0.0)
+    assert len(book.take(room=5)) == 5
+    assert len(book.take(room=1000)) == 64  # ACCEPT_CHUNK
+    assert book.take(room=0) == [] and len(book.in_flight) == 69
+    assert not book.needs_listing()  # a backlog is worked off before new/ is listed
+
+
+# --- the due plan ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("plans", "now", "limit", "busy", "due", "left"), [
+    ([("a", 1.0), ("b", 2.0), ("c", 9.0)], 5.0, 10, (), ["a", "b"], 9.0),
+    ([("a", 1.0), ("b", 2.0)], 5.0, 1, (), ["a"], 2.0),
+    # Rescheduled later: the earlier entry is void.
+    ([("a", 1.0), ("a", 7.0)], 5.0, 10, (), [], 7.0),
+    # Rescheduled earlier: due once, not twice.
+    ([("a", 7.0), ("a", 1.0)], 5.0, 10, (), ["a"], None),
+    # Claimed already: leaves the plan, not returned (the holder schedules it again).
+    ([("a", 1.0), ("b", 2.0)], 5.0, 10, ("a",), ["b"], None),
+    ([], 5.0, 10, (), [], None),
+])
+def test_due_plan(plans: list[tuple[str, float]], now: float, limit: int,
+                  busy: tuple[str, ...], due: list[str], left: float | None) -> None:
+    plan = DuePlan()
+    for queue_id, when in plans:
+        plan.schedule(queue_id, when)
+    assert plan.take_due(now, limit, busy) == due
+    assert plan.next_due() == left
+
+
+def test_due_plan_replace_starts_over() -> None:
+    plan = DuePlan()
+    plan.schedule("gone", 1.0)
+    plan.replace([(3.0, "x"), (2.0, "y")])
+    assert "gone" not in plan and len(plan) == 2
+    assert plan.take_due(10.0, 10) == ["y", "x"]
+
+
+# --- the reports an attempt owes ------------------------------------------------------
+
+def _envelope(*recipients: Recipient) -> Envelope:
+    return Envelope(sender="a@src.test", recipients=recipients)
+
+
+def _rcpt(address: str, status: RecipientStatus, **fields: object) -> RecipientState:
+    return dataclasses.replace(RecipientState(address=address, status=status), **fields)  # type: ignore[arg-type]
+
+
+def _with(*recipients: RecipientState) -> MessageState:
+    return MessageState(id="Q1", created=1000.0, sender="a@src.test", size=10,
+                        recipients=recipients)
+
+
+P, S, B = RecipientStatus.PENDING, RecipientStatus.SENT, RecipientStatus.BOUNCED
+
+
+@pytest.mark.parametrize(("before", "after", "notify", "relayed", "delay", "owed"), [
+    # A new bounce owes a failure report; one bounced before owes nothing new.
+    ({"x": P, "y": B}, {"x": B, "y": B}, None, (), 0.0, [("failed", ["x"])]),
+    # NOTIFY=NEVER asks for nothing; SUCCESS alone asks for no failure report.
+    ({"x": P}, {"x": B}, ("NEVER",), (), 0.0, []),
+    ({"x": P}, {"x": B}, ("SUCCESS",), (), 0.0, []),
+    # Relayed: reported when SUCCESS was asked for.
+    ({"x": P}, {"x": S}, ("SUCCESS",), ("x",), 0.0, [("relayed", ["x"])]),
+    ({"x": P}, {"x": S}, None, ("x",), 0.0, []),
+    # Still pending after delay_warning: a DELAY notice, only if asked for.
+    ({"x": P}, {"x": P}, ("DELAY",), (), 60.0, [("delayed", ["x"])]),
+    ({"x": P}, {"x": P}, None, (), 60.0, []),
+    ({"x": P}, {"x": P}, ("DELAY",), (), 0.0, []),  # 0: warnings off
+    ({"x": P}, {"x": P}, ("DELAY",), (), 5000.0, []),  # not yet
+    # Everything at once, in the order they are queued.
+    ({"x": P, "y": P, "z": P}, {"x": B, "y": S, "z": P}, ("SUCCESS", "FAILURE", "DELAY"),
+     ("y",), 60.0, [("failed", ["x"]), ("relayed", ["y"]), ("delayed", ["z"])]),
+])
+def test_reports_owed(before: dict[str, RecipientStatus], after: dict[str, RecipientStatus],
+                      notify: tuple[str, ...] | None, relayed: tuple[str, ...],
+                      delay: float, owed: list[tuple[str, list[str]]]) -> None:
+    envelope = _envelope(*(Recipient(f"{a}@d.test", notify=notify) for a in before))
+    reports = reports_owed(
+        _with(*(_rcpt(f"{a}@d.test", s) for a, s in before.items())),
+        _with(*(_rcpt(f"{a}@d.test", s) for a, s in after.items())),
+        envelope, now=1000.0 + 120, relayed={f"{a}@d.test" for a in relayed},
+        delay_warning=delay, max_age=3600.0)
+    assert [(str(r.action), [d.address.split("@")[0] for d in r.recipients])
+            for r in reports] == owed
+
+
+def test_reports_owed_carry_the_phase_and_the_retry_limit() -> None:
+    envelope = _envelope(Recipient("x@d.test", notify=("FAILURE", "DELAY")),
+                         Recipient("y@d.test", notify=("FAILURE", "DELAY")))
+    before = _with(_rcpt("x@d.test", P), _rcpt("y@d.test", P))
+    after = _with(_rcpt("x@d.test", B, response="550 5.1.1 no such user", dsn="5.1.1",
+                        remote_mta="mx1.d.test"),
+                  _rcpt("y@d.test", P, delay_notified=True))
+    [failed] = reports_owed(before, after, envelope, 1100.0,
+                            phases={"x@d.test": Phase.RCPT}, delay_warning=60.0,
+                            max_age=3600.0)
+    [x] = failed.recipients
+    assert x.phase is Phase.RCPT and x.status == "5.1.1" and x.remote_mta == "mx1.d.test"
+    assert x.diagnostic == "550 5.1.1 no such user"
+    # y was notified already: no second DELAY notice.
+    delayed = reports_owed(before, _with(after.recipients[0], _rcpt("y@d.test", P)),
+                           envelope, 1100.0, delay_warning=60.0, max_age=3600.0)[1]
+    assert delayed.recipients[0].will_retry_until == 1000.0 + 3600.0
+
+
+def test_bounce_phases_keeps_only_bounces() -> None:
+    outcomes = [_outcome("s@d.test", DeliveryStatus.SENT),
+                _outcome("b@d.test", DeliveryStatus.BOUNCED, "550 no", "5.1.1"),
+                _outcome("d@d.test", DeliveryStatus.DEFERRED, "451 later", "4.3.0")]
+    assert bounce_phases(outcomes) == {"b@d.test": Phase.RCPT}
+
+
+# --- heartbeats: health and the supervisor's watchdog ---------------------------------
+
+@pytest.mark.parametrize(("beats", "pids", "fresh"), [
+    ([(1, 99.0), (2, 98.0)], [1, 2], True),
+    ([(1, 99.0), (2, 90.0)], [1, 2], False),  # one daemon stopped beating
+    ([(1, 99.0)], [1, 2], False),  # one never beat (or cannot write its beat)
+    ([(1, 99.0), (2, 90.0)], [1], True),  # a stale beat of no daemon of ours
+    ([(1, 90.0), (1, 99.0)], [1], True),  # the newest beat of a PID counts
+    ([(None, 99.0)], [1], False),  # unreadable: not known to be alive
+    ([], [], True),
+])
+def test_every_daemon_must_beat(beats: list[tuple[int | None, float]], pids: list[int],
+                                fresh: bool) -> None:
+    read = [heartbeat.Beat(f"owner{i}", pid, mtime) for i, (pid, mtime) in enumerate(beats)]
+    assert heartbeat.all_fresh(read, pids, now=100.0, max_age=5.0) is fresh
+
+
+def test_stale_beats_and_reading_them(tmp_path: Path) -> None:
+    owners = tmp_path / "owners"
+    owners.mkdir()
+    (owners / "a").write_text("boot 4026531836 123\n")
+    (owners / "b").write_text("garbage\n")
+    os.utime(owners / "b", (50.0, 50.0))
+    beats = heartbeat.read_beats(tmp_path)
+    assert [(b.owner, b.pid) for b in beats] == [("a", 123), ("b", None)]
+    assert [b.owner for b in heartbeat.stale(beats, time.time(), 15.0)] == ["b"]
+    assert heartbeat.read_beats(tmp_path / "missing") == []
+
+
+def test_health_does_not_import_the_daemon() -> None:
+    code = ("import sys, mxsend.commands.health, mxsend.supervisor; "
+            "sys.exit('mxsend.scheduler' in sys.modules or 'mxsend.delivery' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -1,4 +1,5 @@
-"""The session after the handshake (smtp._Wire): pipelining and hostile replies.
+"""The session on the wire (wire.Wire, smtp.SmtpConnection): pipelining, hostile replies,
+the handshake under the one reply parser.
 
 aiosmtpd answers every command as it comes, so it cannot show whether a client
 pipelines. These tests use a raw loopback server whose answers are scripted byte by
@@ -9,16 +10,21 @@ group was sent in one go (a client that waited for the reply to MAIL would time 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from mxsend.actions import ServerActions, Timeouts
+from mxsend.destination import Destination
 from mxsend.envelope import Envelope, Recipient
 from mxsend.errors import DeliveryError, Phase, TemporaryFailure
-from mxsend.outcome import Reply
-from mxsend.smtp import ClientSettings, Destination, SmtpConnection, Transaction, _take_reply
+from mxsend.reply import Reply, take_reply
+from mxsend.smtp import HandshakeFailed, SmtpConnection
+from mxsend.smtp_rules import ClientSettings, Transaction
 
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
+SETTINGS = ClientSettings(helo_name="c.example", allowed_destinations=LOOPBACK)
 EHLO = b"250-mx.example.org\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
 SHORT = Timeouts(connect=3, greeting=3, ehlo=3, mail=3, rcpt=3, data=3, datablock=3,
                  dataend=3)
@@ -28,9 +34,11 @@ Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 class RawServer:
     """A loopback server running `script` for each connection, after greeting and EHLO."""
 
-    def __init__(self, script: Script, ehlo: bytes = EHLO) -> None:
+    def __init__(self, script: Script, ehlo: bytes = EHLO,
+                 greeting: bytes = b"220 mx.example.org ESMTP\r\n") -> None:
         self.script = script
         self.ehlo = ehlo
+        self.greeting = greeting
         self.received = bytearray()
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -38,7 +46,7 @@ class RawServer:
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                        ) -> None:
         try:
-            writer.write(b"220 mx.example.org ESMTP\r\n")
+            writer.write(self.greeting)
             line = await reader.readline()
             self.received += line
             writer.write(self.ehlo)
@@ -59,8 +67,8 @@ class RawServer:
 async def raw() -> AsyncIterator[Callable[..., Awaitable[RawServer]]]:
     servers: list[RawServer] = []
 
-    async def start(script: Script, ehlo: bytes = EHLO) -> RawServer:
-        server = RawServer(script, ehlo)
+    async def start(script: Script, ehlo: bytes = EHLO, **options: bytes) -> RawServer:
+        server = RawServer(script, ehlo, **options)
         server.server = await asyncio.start_server(server._session, "127.0.0.2", 0)
         server.port = server.server.sockets[0].getsockname()[1]
         servers.append(server)
@@ -82,7 +90,7 @@ def transaction(*recipients: str, data: bytes = b"Subject: t\r\n\r\nbody\r\n") -
 async def connect(server: RawServer) -> SmtpConnection:
     return await SmtpConnection.open(
         Destination("mx.example.org", "127.0.0.2", server.port),
-        ServerActions(try_tls=False, timeouts=SHORT), ClientSettings(helo_name="c.example"))
+        ServerActions(try_tls=False, timeouts=SHORT), SETTINGS)
 
 
 def final_code(result: object) -> int | None:
@@ -209,7 +217,7 @@ async def test_silent_server_times_out_and_the_session_is_dropped(raw) -> None:
         Destination("mx.example.org", "127.0.0.2", server.port),
         ServerActions(try_tls=False, timeouts=Timeouts(
             connect=3, greeting=3, ehlo=3, mail=0.2, rcpt=3, data=3, datablock=3, dataend=3)),
-        ClientSettings(helo_name="c.example"))
+        SETTINGS)
     with pytest.raises(TemporaryFailure) as caught:
         await conn.send(transaction("b@example.org"))
     assert caught.value.message == "timed out (mail)" and caught.value.dsn == "4.4.2"
@@ -259,5 +267,42 @@ async def test_connection_lost_mid_group_is_temporary_for_all(raw) -> None:
 ])
 def test_take_reply(buffer: bytes, reply: tuple[int, str] | None, rest: bytes) -> None:
     data = bytearray(buffer)
-    assert _take_reply(data) == reply
+    assert take_reply(data) == reply
     assert bytes(data) == rest
+
+
+STARTTLS_EHLO = b"250-mx.example.org\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+
+
+@pytest.mark.parametrize("after_220", [b"250 2.0.0 injected\r\n", b"garbage\r\n"])
+async def test_bytes_after_the_reply_to_starttls_never_count_as_tls(raw, after_220) -> None:
+    # A man in the middle may append plaintext after the 220 (the STARTTLS injection
+    # of CVE-2011-0411): it must not be read as if it came over TLS.
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_until(reader, b"STARTTLS\r\n")
+        writer.write(b"220 2.0.0 go ahead\r\n" + after_220)
+        await reader.read()
+
+    server = await raw(script, STARTTLS_EHLO)
+    with pytest.raises(HandshakeFailed) as caught:
+        await SmtpConnection.open(
+            Destination("mx.example.org", "127.0.0.2", server.port),
+            ServerActions(timeouts=SHORT), SETTINGS)
+    assert caught.value.phase is Phase.STARTTLS
+
+
+async def test_greeting_and_ehlo_go_through_the_one_parser(raw) -> None:
+    # A multi-line greeting, then EHLO's list; the extensions are read from the full
+    # text (SIZE's value included), whatever its length.
+    long_line = b"250-X-" + b"A" * 1500 + b"\r\n"
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_until(reader, b"QUIT\r\n")
+        writer.write(b"221 bye\r\n")
+
+    server = await raw(script, b"250-mx.example.org\r\n" + long_line
+                       + b"250-SIZE 1000\r\n250 PIPELINING\r\n",
+                       greeting=b"220-mx.example.org ESMTP\r\n220 welcome\r\n")
+    conn = await connect(server)
+    assert conn.extensions["size"] == "1000" and conn.pipelining
+    await conn.quit()

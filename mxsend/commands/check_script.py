@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mxsend.actions import FileActions, ServerActions, ServerParameters
+from mxsend.actions import LUA_NAME, FileActions, ServerActions, ServerParameters
 from mxsend.config import Config
 from mxsend.envelope import domain_of, header_lines, parse_bsmtp
 from mxsend.errors import EnvelopeError
 from mxsend.log import get_logger
 from mxsend.luasandbox import compile_check
-from mxsend.policy import SERVER_FIELDS, CheckFileRequest, Policy
+from mxsend.policy import CheckFileRequest, Policy
 
 
 class _Collect(logging.Handler):
@@ -41,13 +41,6 @@ class _Collect(logging.Handler):
             self.events.append({"event": "log", "message": record.getMessage()})
 
 
-# The names operators write in mxout.lua (contract §4), for the readable table.
-LUA_NAMES = {
-    "skip_send": "SkipSend", "force_last_try": "ForceLastTry", "priority": "Priority",
-    "reason": "Reason", **{attr: lua for attr, lua, _ in SERVER_FIELDS},
-}
-
-
 def _rows(actions: object, defaults: object) -> list[tuple[str, object, bool]]:
     """(Lua name, value, changed from the default) for a FileActions/ServerActions."""
     rows: list[tuple[str, object, bool]] = []
@@ -58,7 +51,7 @@ def _rows(actions: object, defaults: object) -> list[tuple[str, object, bool]]:
             for sub, sub_value, changed in _rows(value, default):
                 rows.append((f"{field.name}.{sub}", sub_value, changed))
         else:
-            rows.append((LUA_NAMES.get(field.name, field.name), value, value != default))
+            rows.append((LUA_NAME.get(field.name, field.name), value, value != default))
     return rows
 
 

@@ -14,55 +14,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
-import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from mxsend.actions import ServerActions, ServerParameters
+from mxsend.actions import SERVER_FIELDS, TIMEOUT_FIELDS, ServerActions, ServerParameters
 from mxsend.config import Config
 from mxsend.envelope import Message, domain_of, header_lines, parse_bsmtp
 from mxsend.errors import DeliveryError, EnvelopeError
 from mxsend.log import setup_logging
 from mxsend.mx import MxHost, Resolver
+from mxsend.policy import Policy
 
 EXIT_OK = 0
 EXIT_DNS = 1
 EXIT_USAGE = 2
-
-# ServerActions attribute -> the VPOP3 Actions key the operator writes in mxout.lua.
-_VPOP3_KEYS: tuple[tuple[str, str], ...] = (
-    ("tryESMTP", "try_esmtp"),
-    ("tryTLS", "try_tls"),
-    ("HELOname", "helo_name"),
-    ("useBATV", "use_batv"),
-    ("allowDSN", "allow_dsn"),
-    ("forceTLS", "force_tls"),
-    ("verifyCert", "verify_cert"),
-    ("checkCertName", "check_cert_name"),
-    ("checkCertThumbprint", "check_cert_thumbprint"),
-    ("returnAddressModifier", "return_address_modifier"),
-    ("defaultReturnAddress", "default_return_address"),
-    ("nullReturnAddress", "null_return_address"),
-)
-_TIMEOUT_KEYS = (
-    "connect", "greeting", "ehlo", "starttls", "mail", "rcpt", "data", "datablock", "dataend"
-)
-
-
-class _PolicyLike(Protocol):
-    """The part of mxsend.policy.Policy this command uses."""
-
-    async def server_details(
-        self, queue_id: str, params: ServerParameters, header_lines: Sequence[str]
-    ) -> ServerActions: ...
-
-    def close(self) -> None: ...
-
 
 @dataclass(frozen=True, slots=True)
 class PlanRow:
@@ -79,10 +48,10 @@ class PlanRow:
 def actions_table(actions: ServerActions) -> dict[str, Any]:
     """ServerActions under the script's own key names, flags as VPOP3's 0/1."""
     table: dict[str, Any] = {}
-    for key, attribute in _VPOP3_KEYS:
+    for attribute, key in SERVER_FIELDS:
         value = getattr(actions, attribute)
         table[key] = int(value) if isinstance(value, bool) else value
-    table["timeouts"] = {key: getattr(actions.timeouts, key) for key in _TIMEOUT_KEYS}
+    table["timeouts"] = {key: getattr(actions.timeouts, key) for key in TIMEOUT_FIELDS}
     return table
 
 
@@ -150,41 +119,21 @@ def server_parameters(
 # --- I/O ------------------------------------------------------------------------------
 
 
-def _load_policy(config: Config) -> _PolicyLike | None:
-    """mxsend.policy.Policy when that module is there; None means the built-in defaults."""
-    try:
-        module = importlib.import_module("mxsend.policy")
-    except ModuleNotFoundError as exc:
-        if exc.name != "mxsend.policy":
-            raise
-        return None
-    policy: _PolicyLike = module.Policy(config)
-    return policy
-
-
 async def _plan(
     config: Config, domain: str, message: Message | None, queue_id: str
 ) -> tuple[list[PlanRow], str]:
     hosts = await Resolver(config.dns).resolve(domain)
-    policy = _load_policy(config)
+    policy = Policy(config)
     headers = header_lines(message.data) if message is not None else []
-    # contract §4: HELOname comes in as smtp.helo_name, "" meaning the machine's FQDN.
-    defaults = ServerActions(helo_name=config.smtp.helo_name or socket.getfqdn())
     rows: list[PlanRow] = []
     try:
         for connid, host in enumerate(hosts, 1):
             params = server_parameters(message, host, domain, config.smtp.port, connid)
-            if policy is None:
-                actions = defaults
-            else:
-                actions = await policy.server_details(queue_id, params, headers)
+            actions = await policy.server_details(queue_id, params, headers)
             rows.append(PlanRow(host, params, actions))
     finally:
-        if policy is not None:
-            policy.close()
-    if policy is None:
-        source = "built-in defaults (no policy module)"
-    elif not config.script.path.exists():
+        policy.close()
+    if not policy.has_script:
         source = f"built-in defaults ({config.script.path} not found)"
     else:
         source = f"script {config.script.path}"

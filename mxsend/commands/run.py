@@ -9,10 +9,12 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from mxsend import batv
+from mxsend import batv, metrics
 from mxsend.config import Config
 from mxsend.errors import SpoolError
 from mxsend.log import setup_logging
+from mxsend.luasandbox import read_script
+from mxsend.services import serving
 from mxsend.supervisor import CHILD_ENV, Supervisor, child_position, share_of
 
 # The spool's I/O thread makes many short system calls, each followed by taking the
@@ -32,23 +34,36 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
 
 def run(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.log.format, config.log.level)
+    # A script that does not compile would leave the daemon on defaults, silently
+    # dropping rules such as a partner's forceTLS: refuse to start (exit 2, one line
+    # naming the file and line as Lua does), before any daemon or supervisor starts.
+    # A missing script is allowed: the built-in defaults, logged once (contract §4).
+    _, error = read_script(config.script.path)
+    if error is not None:
+        print(f"mxsend: script does not compile: {error}", file=sys.stderr)
+        return 2
     child = os.environ.get(CHILD_ENV)
     position = (0, 1)
     if child:
         config = share_of(config, child)
         position = child_position(child)
+        metrics.join_from_environment(config)  # the supervisor serves /metrics
     elif config.queue.processes > 1:
         if config.batv.key_file is not None:
             # A config error is one line from here, not one from every daemon.
             batv.load_key(config.batv.key_file)
-        return _event_loop_runner()(Supervisor(config, once=args.once).run())
+        return _event_loop_runner()(
+            serving(config, Supervisor(config, once=args.once).run(), serve=not args.once))
     # Imported here, not above: the supervisor never runs a daemon itself, and without
     # the delivery stack (DNS, SMTP, TLS, email) it is a third of a daemon's memory.
     from mxsend.scheduler import run_daemon
 
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
-        return _event_loop_runner()(run_daemon(config, once=args.once, position=position))
+        daemon = run_daemon(config, once=args.once, position=position)
+        # The listener and /metrics run in the supervisor, or in the only daemon.
+        serve = not (args.once or child)
+        return _event_loop_runner()(serving(config, daemon, serve=serve))
     except (SpoolError, OSError) as exc:
         # The spool is unusable (the daemon retried what it could): one clear line.
         print(f"mxsend: {exc}", file=sys.stderr)

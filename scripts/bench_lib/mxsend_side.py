@@ -55,7 +55,9 @@ def write_config(path: Path, *, spool: Path, sink_port: int, nameserver: str,
         "script": {"path": str(LUA)},
         "dns": {"nameservers": [nameserver], "timeout": "2s"},
         # helo_name set: "" would mean socket.getfqdn(), a lookup that may leave loopback
-        "smtp": {"port": sink_port, "helo_name": "bench.localdomain"},
+        # The sink is on loopback, which contract §10 refuses unless allowed.
+        "smtp": {"port": sink_port, "helo_name": "bench.localdomain",
+                 "allowed_destinations": ["127.0.0.0/8", "::1/128"]},
         "queue": {"scan_interval": scan_interval, "shutdown_grace": "10s",
                   "processes": processes},
         "log": {"format": "json", "level": log_level},

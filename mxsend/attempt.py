@@ -1,0 +1,242 @@
+"""The delivery workers: one attempt of one message at a time each.
+
+A worker takes the next job, groups the pending recipients by domain, delivers each
+group concurrently (one transaction per domain, contract §5), logs every outcome
+(`delivery`), and hands the result to the Recorder, which queues the reports owed and
+completes the message or releases it with its next try.
+
+Duplicates: what a server accepted must be recorded before it can be lost. With
+several domains in flight, each domain's accepted recipients are recorded as soon as
+that domain finishes; the last domain is recorded with the attempt. Each domain's
+`recorded` future (Deliverer.deliver) is resolved once its outcome is durable, so the
+connection it used may not end its next message before then: at most one
+accepted-but-unrecorded message per connection (contract §1). It is resolved in every
+other case too (failure, cancellation, shutdown), so no connection waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterable
+
+from mxsend import bounce, schedule
+from mxsend.actions import ServerActions, ServerParameters
+from mxsend.dispatch import Dispatcher, Job
+from mxsend.envelope import Message, Recipient, header_lines
+from mxsend.errors import Phase
+from mxsend.log import event, get_logger
+from mxsend.outcome import DeliveryStatus, RecipientOutcome
+from mxsend.record import Recorder, apply_outcomes
+from mxsend.runtime import Runtime
+from mxsend.spool import MessageState
+
+log = get_logger()
+
+# A message whose attempt was cut short by shutdown was no server's fault: it is due
+# again at once, so the next start (or the other process sharing the spool) takes it.
+INTERRUPTED_RETRY = 0.0
+
+_Deliveries = dict[asyncio.Task[list[RecipientOutcome]], asyncio.Future[None]]
+
+
+def group_by_domain(
+    recipients: Iterable[Recipient], pending: set[str]
+) -> dict[str, list[Recipient]]:
+    """Pending recipients grouped by domain, in envelope order (one transaction each)."""
+    groups: dict[str, list[Recipient]] = {}
+    for recipient in recipients:
+        if recipient.address in pending:
+            groups.setdefault(recipient.domain, []).append(recipient)
+    return groups
+
+
+def bounce_phases(outcomes: Iterable[RecipientOutcome]) -> dict[str, Phase]:
+    """The command each bounced recipient's reply answered, for its report's text."""
+    return {o.address: o.phase for o in outcomes
+            if o.status is DeliveryStatus.BOUNCED and o.phase is not None}
+
+
+def _resolve(futures: Iterable[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
+
+
+class Workers:
+    def __init__(self, rt: Runtime, dispatcher: Dispatcher, recorder: Recorder) -> None:
+        self._rt = rt
+        self._dispatcher = dispatcher
+        self._recorder = recorder
+        self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, count: int) -> None:
+        self._tasks = [asyncio.create_task(self._worker()) for _ in range(count)]
+
+    async def stop(self, grace: float) -> None:
+        """Let attempts under way finish for up to `grace` seconds, cut the rest short."""
+        in_flight = list(self.in_flight.values())
+        if in_flight:
+            log.info("waiting up to %.0fs for %d deliveries", grace, len(in_flight))
+            _, pending = await asyncio.wait(in_flight, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for worker in self._tasks:
+            worker.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _worker(self) -> None:
+        jobs = self._dispatcher.jobs
+        while True:
+            job = await jobs.get()
+            try:
+                attempt = asyncio.create_task(self._attempt(job))
+                self.in_flight[job.claim.id] = attempt
+                try:
+                    await attempt
+                except asyncio.CancelledError:
+                    if not attempt.done():
+                        raise  # the worker itself is being stopped
+                except Exception:
+                    # A bug, not a delivery problem: keep the message, keep the worker.
+                    log.exception("attempt of %s failed unexpectedly", job.claim.id)
+                    await self._recorder.release_untouched(
+                        job.claim, None, delay=self._rt.config.queue.retry[0])
+                finally:
+                    self.in_flight.pop(job.claim.id, None)
+                    self._rt.claimed.discard(job.claim.id)
+            finally:
+                jobs.task_done()
+                if jobs.qsize() < self._dispatcher.ready_window() // 2:
+                    self._rt.wake.set()
+
+    async def _attempt(self, job: Job) -> None:
+        """One attempt of one message; never loses the claim."""
+        deliveries: _Deliveries = {}
+        try:
+            await self._run_attempt(job, deliveries)
+        finally:
+            _resolve(deliveries.values())
+
+    async def _run_attempt(self, job: Job, deliveries: _Deliveries) -> None:
+        claim, message, rt = job.claim, job.message, self._rt
+        state = dataclasses.replace(job.state, attempts=job.state.attempts + 1,
+                                    last_try=time.time())
+        deliveries.update(self._start_deliveries(claim.id, message, state))
+        running = set(deliveries)
+        outcomes: list[RecipientOutcome] = []
+        # What may be recorded before the attempt ends: only what servers accepted. A
+        # bounce is recorded together with its DSN at the end, or not at all; the
+        # attempt itself is counted at the end, or by recovery after a crash.
+        durable = job.state
+        try:
+            while running:
+                if len(running) == 1:
+                    # The common case, one domain: no wait() machinery for one task. Its
+                    # exception is _collect's to report; a cancellation of ours reaches
+                    # it through this await and the handler below.
+                    with contextlib.suppress(Exception):
+                        await next(iter(running))
+                    done, running = running, set()
+                else:
+                    done, running = await asyncio.wait(running,
+                                                       return_when=asyncio.FIRST_COMPLETED)
+                finished = self._collect(claim.id, done, state.attempts)
+                outcomes += finished
+                if not running:
+                    break  # the record at the end covers everything
+                sent = [o for o in finished if o.status is DeliveryStatus.SENT]
+                if sent:
+                    durable = apply_outcomes(durable, sent, time.time())
+                    # Other domains are still in flight, maybe for minutes: what this one
+                    # accepted is made durable now, so a crash cannot send it twice
+                    # (contract §1: the duplicate window is only reply-to-record).
+                    await rt.committer.run(rt.spool.update_steps(claim, durable))
+                _resolve(deliveries[task] for task in done)
+        except asyncio.CancelledError:
+            # Shutdown cut the attempt short. What a server already accepted is recorded
+            # (it must never be sent again); the rest is a temporary failure, due again
+            # at once after restart (contract §2, SIGTERM).
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            sent = [o for o in self._collect(claim.id, running, state.attempts)
+                    if o.status is DeliveryStatus.SENT]
+            await self._recorder.release_untouched(
+                claim, apply_outcomes(durable, sent, time.time()), delay=INTERRUPTED_RETRY)
+            raise
+        await self._record(job, state, outcomes)
+
+    async def _record(self, job: Job, state: MessageState,
+                      outcomes: list[RecipientOutcome]) -> None:
+        """The end of an attempt: the next try or giving up, then the Recorder."""
+        config = self._rt.config
+        now = time.time()
+        state = apply_outcomes(state, outcomes, now)
+        relayed = {o.address for o in outcomes
+                   if o.status is DeliveryStatus.SENT and o.dsn_relayed}
+        next_try: float | None = None
+        if state.pending():
+            decision = schedule.after_temporary_failure(
+                retry=config.queue.retry, attempts=state.attempts, created=state.created,
+                now=now, max_age=config.queue.max_age,
+                force_last_try=job.actions.force_last_try,
+            )
+            if decision.give_up is not None:
+                state = self._recorder.give_up(job.claim.id, state, decision.give_up, now)
+            next_try = decision.next_try
+        await self._recorder.finish(job.claim, state, job.message, now, before=job.state,
+                                    next_try=next_try, relayed=relayed,
+                                    phases=bounce_phases(outcomes))
+
+    def _collect(
+        self, queue_id: str, tasks: Iterable[asyncio.Task[list[RecipientOutcome]]],
+        attempt: int,
+    ) -> list[RecipientOutcome]:
+        """The outcomes of finished domain tasks, each logged as a `delivery` event."""
+        outcomes: list[RecipientOutcome] = []
+        for task in tasks:
+            if not task.done() or task.cancelled():
+                continue
+            if task.exception() is not None:
+                # A bug, not a delivery problem: those recipients stay pending.
+                log.error("delivery of %s failed unexpectedly: %r", queue_id, task.exception())
+                continue
+            outcomes += task.result()
+        if any(outcome.eight_bit_unadvertised for outcome in outcomes):
+            # Contract §5: 8-bit data to a server without 8BITMIME is sent anyway, noted.
+            log.warning("message %s has 8-bit data; a server did not offer 8BITMIME", queue_id)
+        for outcome in outcomes:
+            event("delivery", queue_id, recipient=outcome.address, status=str(outcome.status),
+                  relay=outcome.relay, tls=outcome.tls, dsn=outcome.dsn,
+                  response=outcome.response, attempt=attempt,
+                  command=bounce.command_of(outcome.phase))
+        return outcomes
+
+    def _start_deliveries(
+        self, queue_id: str, message: Message, state: MessageState
+    ) -> _Deliveries:
+        """One task per recipient domain, each with the future its record resolves."""
+        policy, deliverer = self._rt.policy, self._rt.deliverer
+        assert deliverer is not None and policy is not None
+        pending = {r.address for r in state.pending()}
+        headers = header_lines(message.data)
+
+        async def server_details(params: ServerParameters) -> ServerActions:
+            return await policy.server_details(queue_id, params, headers)
+
+        loop = asyncio.get_running_loop()
+        deliveries: _Deliveries = {}
+        for domain, recipients in group_by_domain(message.envelope.recipients,
+                                                  pending).items():
+            recorded: asyncio.Future[None] = loop.create_future()
+            task = asyncio.create_task(deliverer.deliver(
+                queue_id, message, recipients, domain, server_details, recorded=recorded))
+            deliveries[task] = recorded
+        return deliveries
+
