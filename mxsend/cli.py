@@ -67,6 +67,8 @@ def _add_enqueue_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", dest="verbose", action="store_true", help="ignored (sendmail)")
     p.add_argument("-U", dest="user_submission", action="store_true",
                    help="ignored (sendmail)")
+    p.add_argument("--require-tls", dest="require_tls", action="store_true",
+                   help="REQUIRETLS (RFC 8689): TLS with a verified certificate on every hop")
     p.add_argument("recipients", nargs="*", metavar="RCPT")
 
 

@@ -172,6 +172,7 @@ def test_eight_bit_data_is_declared(config: Path) -> None:
         (["-ez", "c@d.test"], b"x\n", 64, b"-ez"),
         (["-B", "BINARYMIME", "c@d.test"], b"x\n", 64, b"-B"),
         (["-X", "log", "c@d.test"], b"x\n", 64, b"-X"),
+        (["--require-tls=yes", "c@d.test"], b"x\n", 64, b"--require-tls"),
     ],
 )
 def test_refusals(config: Path, args: list[str], stdin: bytes, code: int, says: bytes) -> None:
@@ -366,6 +367,20 @@ def test_a_writer_of_another_user_writes_0660(config: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o660
 
 
+def test_require_tls(config: Path) -> None:
+    # RFC 8689: REQUIRETLS as a MAIL parameter in the spool file (contract §8).
+    result = enqueue(config, "--require-tls", "-f", "a@b.test", "c@d.test")
+    assert result.returncode == 0, result.stderr
+    raw = spool_files(config)[0].read_bytes()
+    assert raw.startswith(b"MAIL FROM:<a@b.test> REQUIRETLS\r\n")
+    assert only(config).envelope.requiretls
+
+
+def test_without_require_tls_the_parameter_is_absent(config: Path) -> None:
+    assert enqueue(config, "-f", "a@b.test", "c@d.test").returncode == 0
+    assert not only(config).envelope.requiretls
+
+
 def test_explicit_sender_and_recipient_logins_are_qualified(helo_config: Path) -> None:
     assert enqueue(helo_config, "-f", "daemon", "root", "x@y.test").returncode == 0
     envelope = only(helo_config).envelope
@@ -385,8 +400,9 @@ def test_ids_sort_by_time_and_are_spool_ids(config: Path) -> None:
 # --- fast start -------------------------------------------------------------------------
 
 HEAVY = ("lupa", "aiosmtplib", "dns", "cryptography", "uvloop", "watchdog", "asyncio", "ssl",
+         "aiosmtpd", "prometheus_client", "redis",
          "mxsend.spool", "mxsend.scheduler", "mxsend.policy", "mxsend.smtp",
-         "mxsend.delivery", "mxsend.supervisor")
+         "mxsend.delivery", "mxsend.supervisor", "mxsend.listener", "mxsend.metrics")
 
 
 def test_enqueue_imports_nothing_of_the_daemon(config: Path) -> None:

@@ -1,7 +1,8 @@
 """`mxsend enqueue`: sendmail-compatible injection into the spool (contract §2, §10).
 
     mxsend enqueue [-f|-r SENDER] [-N NOTIFY] [-R RET] [-V ENVID] [-B TYPE] [-t] [-i]
-                   [-oi] [-oeX] [-odX] [-eX] [-bm] [-F NAME] [-v] [-U] [--] RCPT...
+                   [-oi] [-oeX] [-odX] [-eX] [-bm] [-F NAME] [-v] [-U] [--require-tls]
+                   [--] RCPT...
 
 The same under the name `sendmail` (a symlink to the mxsend script; cli.py). Flags of
 sendmail that mean nothing here (-F, -v, -U, -e/-oe error modes, -od delivery modes,
@@ -93,6 +94,7 @@ class Options:
     from_headers: bool
     ignore_dots: bool
     body_type: str | None = None  # -B: 7BIT or 8BITMIME
+    require_tls: bool = False  # --require-tls: the REQUIRETLS MAIL parameter (RFC 8689)
 
 
 # --- pure decisions ---------------------------------------------------------------------
@@ -213,6 +215,7 @@ def options_from_args(args: argparse.Namespace, login: Callable[[], str],
         from_headers=bool(args.from_headers),
         ignore_dots=ignore_dots,
         body_type=body_type,
+        require_tls=bool(args.require_tls),
     )
 
 
@@ -295,6 +298,7 @@ def build_message(options: Options, data: bytes, domain: Callable[[], str]) -> M
         # RFC 6152: declare 8-bit content so a server is not surprised by it.
         body="8BITMIME" if eight_bit else None,
         smtputf8=utf8,
+        requiretls=options.require_tls,
     )
     return Message(envelope=envelope, data=data)
 
