@@ -115,6 +115,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 assert len(ed25519.Ed25519PrivateKey.generate().sign(b"x")) == 64
 ssl.create_default_context()
 import dns.resolver, aiosmtplib, watchdog.observers
+import aiosmtpd.smtp, prometheus_client, redis.asyncio
 if sys.platform == "linux":
     import uvloop
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
