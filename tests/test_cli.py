@@ -114,3 +114,85 @@ def test_the_console_script(tmp_path: Path) -> None:
                          capture_output=True, text=True, env=env, timeout=30, check=False)
     assert bad.returncode == 2
     one_line(bad.stderr)
+
+
+# --- closed pipes (contract §10: output to a closed pipe ends quietly) ------------------
+
+LOUD_SCRIPT = """
+function CheckFile(Filename, Actions)
+  for i = 1, 100 do print(string.rep("x", 1900) .. i) end
+  return Actions
+end
+function ServerDetails(Parameters, HeaderLines, Actions) return Actions end
+"""
+MESSAGE = b"MAIL FROM:<a@b.test>\nRCPT TO:<c@d.test>\nDATA\nSubject: x\n\nhi\n.\n"
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "MXSEND_CONFIG"}
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
+    # `mxsend check-script --json | head -c1`, a real pipe: ~200 KB of JSON (100 script
+    # prints of 1900 characters) overflow the pipe's 64 KB, so the writer is still writing
+    # when head exits and gets EPIPE.
+    (tmp_path / "loud.lua").write_text(LOUD_SCRIPT)
+    (tmp_path / "message").write_bytes(MESSAGE)
+    config = tmp_path / "c.toml"
+    config.write_text('[spool]\npath = "spool"\n')
+    writer = subprocess.Popen(
+        [str(MXSEND), "check-script", str(tmp_path / "loud.lua"), "--message",
+         str(tmp_path / "message"), "--json", "-c", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    assert writer.stdout is not None and writer.stderr is not None
+    head = subprocess.run(["head", "-c1"], stdin=writer.stdout, capture_output=True,
+                          timeout=30, check=True)
+    writer.stdout.close()  # only head holds the read end now
+    try:
+        stderr = writer.stderr.read()
+        code = writer.wait(timeout=30)
+    finally:
+        writer.kill()
+        writer.stderr.close()
+    assert head.stdout == b"{"
+    assert stderr == b""
+    assert code == 141  # 128 + SIGPIPE, what a shell shows for `yes | head`
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--version"], ["--help"], ["enqueue", "--help"], ["queue", "list"],
+     ["queue", "list", "--json"], ["check-script", "SCRIPT", "--json"],
+     ["check-script", "SCRIPT"], ["batv", "sign", "a@b.test"]],
+)
+def test_every_command_ends_quietly_on_a_closed_pipe(tmp_path: Path, argv: list[str]) -> None:
+    # The read end is closed before the command starts, so its first write fails.
+    (tmp_path / "key").write_bytes(b"k" * 32)
+    (tmp_path / "script.lua").write_text(LOUD_SCRIPT)
+    config = tmp_path / "c.toml"
+    config.write_text('[spool]\npath = "spool"\n[batv]\nkey_file = "key"\n')
+    (tmp_path / "spool").mkdir()
+    argv = [str(tmp_path / "script.lua") if a == "SCRIPT" else a for a in argv]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([str(MXSEND), *argv], stdout=write_end,
+                                stderr=subprocess.PIPE, env=dict(_env(), MXSEND_CONFIG=str(config)),
+                                timeout=30, check=False)
+    finally:
+        os.close(write_end)
+    assert result.stderr == b""
+    # argparse's --help and --version swallow a failed write themselves and exit 0 when
+    # stdout is unbuffered (PYTHONUNBUFFERED); buffered, main()'s flush finds the pipe.
+    quiet_codes = (0, 141) if "--help" in argv or "--version" in argv else (141,)
+    assert result.returncode in quiet_codes
+
+
+def test_invoked_as_sendmail_is_enqueue(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["/usr/sbin/sendmail", "-bs"])
+    assert main() == 64  # enqueue's EX_USAGE, with enqueue's refusal of SMTP mode
+    assert "-bs" in one_line(capsys.readouterr().err)
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/mxsend", "-bs"])
+    assert main() == 2

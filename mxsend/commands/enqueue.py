@@ -1,24 +1,39 @@
-"""`mxsend enqueue`: sendmail-compatible injection into the spool (contract §2).
+"""`mxsend enqueue`: sendmail-compatible injection into the spool (contract §2, §10).
 
-    mxsend enqueue [-f SENDER] [-N NOTIFY] [-R RET] [-V ENVID] [-t] [-i] [-oi] [--] RCPT...
+    mxsend enqueue [-f|-r SENDER] [-N NOTIFY] [-R RET] [-V ENVID] [-B TYPE] [-t] [-i]
+                   [-oi] [-oeX] [-odX] [-eX] [-bm] [-F NAME] [-v] [-U] [--require-tls]
+                   [--] RCPT...
+
+The same under the name `sendmail` (a symlink to the mxsend script; cli.py). Flags of
+sendmail that mean nothing here (-F, -v, -U, -e/-oe error modes, -od delivery modes,
+other -oX options) are accepted and ignored, as Postfix's sendmail does.
 
 The message is read from stdin; without -i (or -oi) a line holding a single "." ends it,
 as sendmail does. The bytes are kept as given (no unstuffing of "..": sendmail only
 does that in SMTP mode); with -t, only the Bcc header lines are removed. The file is
 written by the writers' protocol (tmp/, fsync, into new/), so either a complete message
 is handed over or nothing is. Exit codes are sendmail's, from sysexits.h.
+
+This module is on the path of every cron job and web request that sends mail, so it
+imports only what it needs (config, envelope): not the spool's daemon side, nor the
+daemon's stack (tests/test_enqueue.py checks). It writes the file itself, by the same
+writers' protocol any outside writer follows (contract §1).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
-import getpass
+import functools
+import os
 import re
 import socket
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from email.utils import getaddresses
+from pathlib import Path
 from typing import BinaryIO
 
 from mxsend.config import Config
@@ -29,11 +44,11 @@ from mxsend.envelope import (
     Envelope,
     Message,
     Recipient,
+    serialise_bsmtp,
     validate_mailbox,
     xtext_encode,
 )
-from mxsend.errors import EnvelopeError, SpoolError
-from mxsend.spool import Spool
+from mxsend.errors import EnvelopeError
 
 # sysexits.h
 EX_OK = 0
@@ -42,6 +57,18 @@ EX_DATAERR = 65
 EX_CANTCREAT = 73
 EX_IOERR = 74
 EX_TEMPFAIL = 75
+
+# Contract §10, Files: the spool's folders 0750, its files 0640, shared with the
+# daemon through the group. A writer of another user than new/'s owner (the daemon)
+# writes 0660: with Linux's fs.protected_hardlinks the daemon may link a file of another
+# user into its queue only if it may read and write it (the spool's rule too).
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+OTHER_WRITER_FILE_MODE = 0o660
+# sendmail -oX and -eX options that mean nothing here: error reporting (-oeX, -eX) and
+# delivery mode (-odX). Other -oX options are ignored too, as Postfix's sendmail does.
+_ERROR_MODES = frozenset("emnpqw")
+_BODY_TYPES = ("7BIT", "8BITMIME")
 
 _RECIPIENT_HEADERS = frozenset({b"to", b"cc", b"bcc"})
 _FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
@@ -66,6 +93,8 @@ class Options:
     envid: str | None
     from_headers: bool
     ignore_dots: bool
+    body_type: str | None = None  # -B: 7BIT or 8BITMIME
+    require_tls: bool = False  # --require-tls: the REQUIRETLS MAIL parameter (RFC 8689)
 
 
 # --- pure decisions ---------------------------------------------------------------------
@@ -115,28 +144,68 @@ def parse_envid(value: str) -> str:
     return encoded
 
 
-def default_sender(user: str, fqdn: str) -> str:
-    return f"{user}@{fqdn}"
+def default_sender(user: str, domain: str) -> str:
+    """Contract §10: `<login>@<smtp.helo_name>`, the FQDN when helo_name is empty."""
+    return f"{user}@{domain}"
 
 
-def options_from_args(args: argparse.Namespace, sender_default: str) -> Options:
-    """Validate the command line; EnqueueError with EX_USAGE or EX_DATAERR."""
+def login_name() -> str:
+    """The caller's login, from the real uid as sendmail does (not $USER, which anyone sets)."""
+    import pwd  # here: only the default sender needs it
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # no passwd entry: a container running an arbitrary uid
+        return os.environ.get("LOGNAME") or os.environ.get("USER") or f"uid{os.getuid()}"
+
+
+def parse_body_type(value: str) -> str:
+    """sendmail -B: the body's type, 7BIT or 8BITMIME (RFC 6152)."""
+    body = value.strip().upper()
+    if body not in _BODY_TYPES:
+        raise EnqueueError(EX_USAGE, f"-B: expected 7BIT or 8BITMIME, got {value!r}")
+    return body
+
+
+def check_ignored_flags(args: argparse.Namespace) -> None:
+    """The sendmail flags accepted only to be ignored must still be ones sendmail has."""
+    if args.mode is not None and args.mode != "m":
+        raise EnqueueError(EX_USAGE, f"-b{args.mode}: not supported; mxsend enqueue only "
+                           "queues mail (-bm)")
+    if args.error_mode is not None and args.error_mode not in _ERROR_MODES:
+        raise EnqueueError(EX_USAGE, f"-e{args.error_mode}: unknown error mode")
+
+
+def qualify(address: str, domain: Callable[[], str]) -> str:
+    """`root` -> `root@<local domain>`, as sendmail and Postfix (myorigin) qualify a bare
+    login: cron mails `root` or `$MAILTO`, which is often a login name."""
+    return f"{address}@{domain()}" if address and "@" not in address else address
+
+
+def options_from_args(args: argparse.Namespace, login: Callable[[], str],
+                      domain: Callable[[], str]) -> Options:
+    """Validate the command line; EnqueueError with EX_USAGE or EX_DATAERR.
+
+    `login` and `domain` are asked only when needed: the FQDN may cost a DNS lookup.
+    """
+    check_ignored_flags(args)
     # -oi arrives as -o with the value "i"; other -oX options of sendmail are ignored.
     ignore_dots = bool(args.ignore_dots) or "i" in args.sendmail_options
+    body_type = parse_body_type(args.body_type) if args.body_type is not None else None
     notify = parse_notify(args.notify) if args.notify is not None else None
     ret = parse_ret(args.ret) if args.ret is not None else None
     envid = parse_envid(args.envid) if args.envid is not None else None
     if args.sender is None:
-        sender = check_address(sender_default, "sender")
+        sender = check_address(default_sender(login(), domain()), "sender")
     else:
         sender = bare_address(args.sender)
         if sender:
-            sender = check_address(sender, "sender")
+            sender = check_address(qualify(sender, domain), "sender")
     recipients: list[str] = []
     for text in args.recipients:
         # sendmail accepts "a@b, c@d" as one argument.
         for part in (p for p in text.split(",") if p.strip()):
-            recipients.append(check_address(bare_address(part), "recipient"))
+            recipients.append(check_address(qualify(bare_address(part), domain), "recipient"))
     return Options(
         sender=sender,
         recipients=tuple(recipients),
@@ -145,6 +214,8 @@ def options_from_args(args: argparse.Namespace, sender_default: str) -> Options:
         envid=envid,
         from_headers=bool(args.from_headers),
         ignore_dots=ignore_dots,
+        body_type=body_type,
+        require_tls=bool(args.require_tls),
     )
 
 
@@ -187,6 +258,8 @@ def recipients_from_headers(data: bytes) -> tuple[tuple[str, ...], bytes]:
 
     Every other header line stays byte for byte as it was.
     """
+    from email.utils import getaddresses  # here: only -t needs it, and it costs ~4 ms
+
     fields, rest = _header_fields(data)
     found: list[str] = []
     kept: list[bytes] = []
@@ -202,19 +275,21 @@ def recipients_from_headers(data: bytes) -> tuple[tuple[str, ...], bytes]:
     return tuple(found), b"".join(kept) + rest
 
 
-def build_message(options: Options, data: bytes) -> Message:
+def build_message(options: Options, data: bytes, domain: Callable[[], str]) -> Message:
     """The Message to queue; EnqueueError(EX_DATAERR) when it cannot be one."""
     if not data.strip():
         raise EnqueueError(EX_DATAERR, "empty message")
     recipients = list(options.recipients)
     if options.from_headers:
         from_headers, data = recipients_from_headers(data)
-        recipients += [check_address(bare_address(a), "recipient") for a in from_headers]
+        recipients += [check_address(qualify(bare_address(a), domain), "recipient")
+                       for a in from_headers]
     recipients = list(dict.fromkeys(recipients))  # once each, first occurrence's order
     if not recipients:
         raise EnqueueError(EX_DATAERR, "no recipients")
     utf8 = not options.sender.isascii() or not all(r.isascii() for r in recipients)
-    eight_bit = any(byte > 127 for byte in data)
+    # -B8BITMIME declares it (cron does); 8-bit bytes need it whatever -B said.
+    eight_bit = options.body_type == "8BITMIME" or not data.isascii()
     envelope = Envelope(
         sender=options.sender,
         recipients=tuple(Recipient(r, notify=options.notify) for r in recipients),
@@ -223,20 +298,90 @@ def build_message(options: Options, data: bytes) -> Message:
         # RFC 6152: declare 8-bit content so a server is not surprised by it.
         body="8BITMIME" if eight_bit else None,
         smtputf8=utf8,
+        requiretls=options.require_tls,
     )
     return Message(envelope=envelope, data=data)
 
 
-def exit_code_for(error: SpoolError) -> int:
+def exit_code_for(error: OSError) -> int:
     """sendmail's codes for spool trouble: cannot create, try later, or I/O error."""
-    cause = error.__cause__
-    number = cause.errno if isinstance(cause, OSError) else None
-    if number in (errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EINTR):
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EINTR):
         return EX_TEMPFAIL
-    if number in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
-                  errno.EEXIST, errno.EISDIR):
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
+                       errno.EEXIST, errno.EISDIR):
         return EX_CANTCREAT
     return EX_IOERR
+
+
+# Crockford's base32 (no I, L, O, U), sortable in ASCII order: the spool's queue ids.
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_queue_id(now: float, token: bytes) -> str:
+    """As spool.new_queue_id: 11 characters of microseconds since the epoch, then 10
+    random ones, so ids from enqueue and the daemon sort together by time."""
+    micros = int(now * 1_000_000)
+    stamp = "".join(_ALPHABET[(micros >> (5 * i)) & 31] for i in range(10, -1, -1))
+    rand = int.from_bytes(token, "big")
+    return stamp + "".join(_ALPHABET[(rand >> (5 * i)) & 31] for i in range(9, -1, -1))
+
+
+# --- the writers' protocol (contract §1) --------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def writer_file_mode(new_owner: int, euid: int) -> int:
+    """0640 when we are the user who owns new/ (the daemon's), else 0660."""
+    return FILE_MODE if new_owner == euid else OTHER_WRITER_FILE_MODE
+
+
+def _write_new(path: Path, raw: bytes, mode: int) -> None:
+    """Create `path` (never an existing file), write all of `raw`, fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)  # exactly `mode`, whatever the caller's umask (cron's, PHP's)
+        view = memoryview(raw)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def hand_over(root: Path, raw: bytes) -> str:
+    """tmp/ -> write, fsync -> link into new/ -> fsync new/; return the queue id.
+
+    From the fsync of new/ on, the message is the daemon's and survives a crash. A link,
+    not a rename, so that a file another writer handed over is never replaced.
+    """
+    tmp, new = root / "tmp", root / "new"
+    for directory in (root, tmp, new):
+        # Normally the daemon made them, and what exists is left as the daemon set it.
+        if not directory.is_dir():
+            directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            os.chmod(directory, DIR_MODE)  # not less, whatever the umask
+    mode = writer_file_mode(new.stat().st_uid, os.geteuid())
+    for _ in range(8):
+        queue_id = new_queue_id(time.time(), os.urandom(7))
+        temp = tmp / f"{queue_id}.{os.getpid()}"
+        try:
+            _write_new(temp, raw, mode)
+            os.link(temp, new / queue_id, follow_symlinks=False)
+        except FileExistsError:
+            continue  # an id taken in the same microsecond: draw another
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        _fsync_dir(new)
+        return queue_id
+    raise OSError(errno.EEXIST, "could not find a free queue id")
 
 
 # --- the command ------------------------------------------------------------------------
@@ -244,33 +389,21 @@ def exit_code_for(error: SpoolError) -> int:
 
 def enqueue(args: argparse.Namespace, config: Config, stdin: BinaryIO) -> str:
     """Validate, read, and hand the message to the spool; return its queue id."""
-    try:
-        fallback = default_sender(getpass.getuser(), socket.getfqdn())
-    except (KeyError, OSError):  # no passwd entry (containers with arbitrary uids)
-        fallback = default_sender("mxsend", socket.getfqdn())
-    options = options_from_args(args, fallback)
+
+    @functools.cache
+    def domain() -> str:
+        return config.smtp.helo_name or socket.getfqdn()
+
+    options = options_from_args(args, login_name, domain)
     data = read_input(stdin, ignore_dots=options.ignore_dots,
                       limit=config.spool.max_message_size)
-    message = build_message(options, data)
-    spool = Spool(config.spool.path, max_message_size=config.spool.max_message_size)
-    for directory in ("tmp", "new"):
-        try:
-            (config.spool.path / directory).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise EnqueueError(
-                exit_code_for(_wrap(exc)), f"cannot create {config.spool.path / directory}: "
-                f"{exc.strerror}"
-            ) from None
+    message = build_message(options, data, domain)
+    root = config.spool.path
     try:
-        return spool.enqueue(message)
-    except SpoolError as exc:
-        raise EnqueueError(exit_code_for(exc), str(exc)) from None
-
-
-def _wrap(exc: OSError) -> SpoolError:
-    error = SpoolError(str(exc))
-    error.__cause__ = exc
-    return error
+        return hand_over(root, serialise_bsmtp(message))
+    except OSError as exc:
+        raise EnqueueError(exit_code_for(exc),
+                           f"cannot write to {root}: {exc.strerror or exc}") from None
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -280,4 +413,3 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"mxsend enqueue: {exc}", file=sys.stderr)
         return exc.code
     return EX_OK
-
