@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
@@ -26,6 +25,7 @@ from mxsend.config import Config
 from mxsend.destination import Destination
 from mxsend.envelope import Message, Recipient
 from mxsend.errors import DeliveryError, Phase, TemporaryFailure
+from mxsend.hostname import helo_name
 from mxsend.outcome import (
     RecipientOutcome,
     Where,
@@ -66,7 +66,7 @@ class Deliverer:
         self._port = smtp.port
         self._resolver = resolver
         self._settings = ClientSettings(
-            helo_name=smtp.helo_name or socket.getfqdn(),
+            helo_name=helo_name(smtp.helo_name),
             source_address=smtp.source_address,
             ca_file=smtp.ca_file,
             allowed_destinations=smtp.allowed_destinations,

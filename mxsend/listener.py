@@ -30,7 +30,6 @@ import errno
 import ipaddress
 import logging
 import re
-import socket
 import ssl
 import time
 from collections.abc import Iterable
@@ -52,6 +51,7 @@ from mxsend.envelope import (
     serialise_bsmtp,
 )
 from mxsend.errors import ConfigError, EnvelopeError, SpoolError
+from mxsend.hostname import helo_name
 from mxsend.log import event, get_logger
 from mxsend.spool import Durability, GroupCommit, Spool, new_queue_id
 
@@ -431,7 +431,7 @@ class Listener:
         listen = config.listen
         self.loop = loop
         self.tls = tls
-        self.hostname = config.smtp.helo_name or socket.getfqdn()
+        self.hostname = helo_name(config.smtp.helo_name)
         self.networks = listen.networks
         self.idle_timeout = listen.idle_timeout
         self.max_connections = listen.max_connections

@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mxsend.actions import FileActions, ServerActions, ServerParameters
 from mxsend.config import Config
+from mxsend.hostname import helo_name
 from mxsend.log import event, get_logger
 from mxsend.luasandbox import read_script
 from mxsend.luavalues import (
@@ -80,7 +80,7 @@ class Policy:
         self.path = config.script.path
         self.timeout = config.script.timeout
         self.hard_timeout = config.script.timeout + max(MIN_GRACE, config.script.timeout)
-        self._defaults = ServerActions(helo_name=config.smtp.helo_name or socket.getfqdn())
+        self._defaults = ServerActions(helo_name=helo_name(config.smtp.helo_name))
         self._defaults_lua: tuple[ServerActions, tuple[object, ...]] | None = None
         self._file_defaults_lua = file_actions_to_lua(FileActions())
         self._server_results: dict[tuple[ServerActions, tuple[object, ...]],
@@ -176,7 +176,7 @@ class Policy:
         self.config = config
         self.timeout = config.script.timeout
         self.hard_timeout = config.script.timeout + max(MIN_GRACE, config.script.timeout)
-        self._defaults = ServerActions(helo_name=config.smtp.helo_name or socket.getfqdn())
+        self._defaults = ServerActions(helo_name=helo_name(config.smtp.helo_name))
         self._calls.timeout, self._calls.hard_timeout = self.timeout, self.hard_timeout
         self._calls.memory = config.script.memory
         if memory_changed:

@@ -28,7 +28,6 @@ import errno
 import functools
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from mxsend.envelope import (
     xtext_encode,
 )
 from mxsend.errors import EnvelopeError
+from mxsend.hostname import helo_name
 
 # sysexits.h
 EX_OK = 0
@@ -392,7 +392,7 @@ def enqueue(args: argparse.Namespace, config: Config, stdin: BinaryIO) -> str:
 
     @functools.cache
     def domain() -> str:
-        return config.smtp.helo_name or socket.getfqdn()
+        return helo_name(config.smtp.helo_name)
 
     options = options_from_args(args, login_name, domain)
     data = read_input(stdin, ignore_dots=options.ignore_dots,

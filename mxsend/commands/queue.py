@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from mxsend.commands.queue_format import (
 from mxsend.config import Config, parse_duration
 from mxsend.envelope import Message, Recipient
 from mxsend.errors import ConfigError, MxsendError
+from mxsend.hostname import helo_name
 from mxsend.log import event, setup_logging
 from mxsend.queue_state import MessageState, RecipientState, RecipientStatus
 from mxsend.spool import Claim, Spool, id_problem
@@ -371,7 +371,7 @@ def _bounce_one(spool: Spool, id: str, config: Config, now: float) -> str:
         spool.release(claim, state)
         raise _Refused(f"{id}: cannot read the message to bounce it: {exc}") from None
     final, reported = operator_bounce(state, message, now)
-    reporting_mta = config.smtp.helo_name or socket.getfqdn()
+    reporting_mta = helo_name(config.smtp.helo_name)
     dsn = bounce.build_dsn(
         original=message, queue_id=claim.id, recipients=reported,
         reporting_mta=reporting_mta, arrival=state.created, now=now,
