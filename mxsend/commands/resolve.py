@@ -122,6 +122,10 @@ def server_parameters(
 async def _plan(
     config: Config, domain: str, message: Message | None, queue_id: str
 ) -> tuple[list[PlanRow], str]:
+    resolved: list[MxHost] | None = None
+    if config.script.server_rules_path is None:
+        # DNS first: a failure is then one line, before the script says anything.
+        resolved = await Resolver(config.dns).resolve(domain)
     policy = Policy(config)
     size = len(message.data) if message is not None else 0
     rules = policy.rules
@@ -143,7 +147,8 @@ async def _plan(
                                  else await resolver.host_addresses(server.host))
                     hosts.append(MxHost(server.name, 0, addresses))
         if not hosts and not stopped:
-            hosts = await Resolver(config.dns).resolve(domain)
+            hosts = resolved if resolved is not None else await Resolver(
+                config.dns).resolve(domain)
         if rules is not None and rules.active:
             for host in hosts:
                 verdict = await rules.check_server(queue_id, domain, host.name, 0, size)
