@@ -24,6 +24,7 @@ from collections.abc import Iterable
 
 from mxsend import bounce, schedule
 from mxsend.actions import ServerActions, ServerParameters
+from mxsend.delivery import AttemptInfo
 from mxsend.dispatch import Dispatcher, Job
 from mxsend.envelope import Message, Recipient, header_lines
 from mxsend.errors import Phase
@@ -170,6 +171,14 @@ class Workers:
             await self._recorder.release_untouched(
                 claim, apply_outcomes(durable, sent, time.time()), delay=INTERRUPTED_RETRY)
             raise
+        if outcomes and all(o.hold is not None for o in outcomes):
+            # Contract §9: the server rules held or skipped every destination; nothing
+            # was tried, so the attempt is not counted.
+            hold = max(o.hold or 0.0 for o in outcomes)
+            event("skipped", claim.id, reason=outcomes[0].response)
+            await self._recorder.release_untouched(
+                claim, job.state, delay=hold or rt.config.queue.scan_interval)
+            return
         await self._record(job, state, outcomes)
 
     async def _record(self, job: Job, state: MessageState,
@@ -212,6 +221,8 @@ class Workers:
             # Contract §5: 8-bit data to a server without 8BITMIME is sent anyway, noted.
             log.warning("message %s has 8-bit data; a server did not offer 8BITMIME", queue_id)
         for outcome in outcomes:
+            if outcome.hold is not None:
+                continue  # not an attempt (contract §9): logged as `skipped` if all are
             event("delivery", queue_id, recipient=outcome.address, status=str(outcome.status),
                   relay=outcome.relay, tls=outcome.tls, dsn=outcome.dsn,
                   response=outcome.response, attempt=attempt,
@@ -226,6 +237,7 @@ class Workers:
         assert deliverer is not None and policy is not None
         pending = {r.address for r in state.pending()}
         headers = header_lines(message.data)
+        attempt = AttemptInfo(retries=state.attempts - 1, created=state.created)
 
         async def server_details(params: ServerParameters) -> ServerActions:
             return await policy.server_details(queue_id, params, headers)
@@ -236,7 +248,8 @@ class Workers:
                                                   pending).items():
             recorded: asyncio.Future[None] = loop.create_future()
             task = asyncio.create_task(deliverer.deliver(
-                queue_id, message, recipients, domain, server_details, recorded=recorded))
+                queue_id, message, recipients, domain, server_details, recorded=recorded,
+                attempt=attempt))
             deliveries[task] = recorded
         return deliveries
 

@@ -80,6 +80,11 @@ class ScriptConfig:
     path: Path = Path("/etc/mxsend/mxout.lua")
     timeout: float = 1.0
     memory: int = 64 * 1024**2
+    # Contract §9: VPOP3 8.8's mxserverrules.lua (None: no such script) and the
+    # ConnectionId / ConnectionName globals both scripts see.
+    server_rules_path: Path | None = None
+    connection_id: int = 0
+    connection_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,6 +564,11 @@ def config_from_mapping(
         path=s.get("path", defaults.script.path, _path_converter(base, empty_is_none=False)),
         timeout=s.get("timeout", defaults.script.timeout, _positive_duration),
         memory=s.get("memory", defaults.script.memory, _positive_size),
+        server_rules_path=s.get("server_rules_path", defaults.script.server_rules_path,
+                                _path_converter(base, empty_is_none=True)),
+        connection_id=s.get("connection_id", defaults.script.connection_id,
+                            _int_range(0, 2**31 - 1)),
+        connection_name=s.get("connection_name", defaults.script.connection_name, _str),
     )
     s.finish()
 

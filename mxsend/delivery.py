@@ -14,9 +14,11 @@ ServerActions; one aborted half-way is RSET first (RFC 5321 §4.1.1.5).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from mxsend.actions import ServerActions, ServerParameters
@@ -25,21 +27,41 @@ from mxsend.config import Config
 from mxsend.destination import Destination
 from mxsend.envelope import Message, Recipient
 from mxsend.errors import DeliveryError, Phase, TemporaryFailure
+from mxsend.hooks import SmartHost
 from mxsend.hostname import helo_name
 from mxsend.outcome import (
     RecipientOutcome,
     Where,
     after_every_host,
     failure_outcomes,
+    held_outcomes,
     should_try_next_host,
     transaction_outcomes,
 )
+from mxsend.policy import Policy, ReturnPathRequest
 from mxsend.pool import Backoff, ConnectionPool, PoolEntry, backoff_worthy
 from mxsend.reply import Reply
-from mxsend.smtp import HandshakeFailed, SmtpConnection
+from mxsend.smtp import HandshakeFailed, ReplyHook, SmtpConnection
 from mxsend.smtp_rules import ClientSettings, Transaction, choose_return_path
 
 ServerDetailsFn = Callable[[ServerParameters], Awaitable[ServerActions]]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptInfo:
+    """What the VPOP3 8.8 hooks are told about the attempt (contract §9)."""
+
+    retries: int = 0  # attempts before this one
+    created: float = 0.0  # epoch seconds the message was queued
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A smart host of GetOverrides with its addresses and port (contract §9)."""
+
+    name: str
+    addresses: tuple[str, ...]
+    port: int
 
 
 class HostLike(Protocol):
@@ -53,6 +75,14 @@ class ResolverLike(Protocol):
     async def resolve(self, domain: str) -> Sequence[HostLike]: ...
 
 
+class FreshResolver(Protocol):
+    """mx.Resolver: what mxserverrules.lua's answers need of it."""
+
+    async def resolve(self, domain: str, *, fresh: bool = False) -> Sequence[HostLike]: ...
+    async def host_addresses(self, host: str, *, fresh: bool = False
+                             ) -> tuple[str, ...]: ...
+
+
 # --- the deliverer -----------------------------------------------------------------------
 
 
@@ -61,8 +91,12 @@ class Deliverer:
 
     def __init__(self, config: Config, resolver: ResolverLike, *, batv_key: bytes | None,
                  clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 hooks: Policy | None = None) -> None:
         smtp = config.smtp
+        # The script's VPOP3 8.8 hooks (ReturnCodeHandler, ModifyReturnPath and
+        # mxserverrules.lua); None: none of them.
+        self.hooks = hooks
         self._port = smtp.port
         self._resolver = resolver
         self._settings = ClientSettings(
@@ -86,7 +120,8 @@ class Deliverer:
 
     async def deliver(self, queue_id: str, message: Message, recipients: Sequence[Recipient],
                       domain: str, server_details: ServerDetailsFn, *,
-                      recorded: asyncio.Future[None] | None = None) -> list[RecipientOutcome]:
+                      recorded: asyncio.Future[None] | None = None,
+                      attempt: AttemptInfo = AttemptInfo()) -> list[RecipientOutcome]:
         """One transaction for these recipients of `domain`; one outcome per recipient.
 
         `recorded`: the caller resolves it (set_result, always, also on failure or
@@ -101,22 +136,43 @@ class Deliverer:
         addresses = [r.address for r in recipients]
         if not recipients:
             return []
+        rules = self.hooks.rules if self.hooks is not None else None
+        size = len(message.data)
         try:
-            hosts = await self._resolver.resolve(domain)
+            if rules is not None and rules.active:
+                hosts = await self._ruled_hosts(queue_id, domain, attempt.retries, size)
+            else:
+                hosts = await self._resolver.resolve(domain)
         except DeliveryError as exc:
             return failure_outcomes(addresses, exc)
         if not hosts:
             return failure_outcomes(addresses, TemporaryFailure(
                 f"{domain}: no host to deliver to", dsn="4.4.4", phase=Phase.DNS, host=domain))
         tried: list[list[RecipientOutcome]] = []
+        allowed = 0
         for host in hosts:
+            if rules is not None and rules.active:
+                verdict = await rules.check_server(queue_id, domain, host.name,
+                                                   attempt.retries, size)
+                if verdict.hold_minutes > 0:
+                    # Contract §9: held, whatever Allowed says; not an attempt.
+                    return held_outcomes(addresses, verdict.hold_minutes * 60, (
+                        f"held for {verdict.hold_minutes:g} minutes by CheckServer"
+                        f" ({host.name})"))
+                if not verdict.allowed:
+                    continue
+            allowed += 1
+            port = host.port if isinstance(host, Route) else self._port
             for ip in host.addresses:
-                destination = Destination(host.name, ip, self._port)
+                destination = Destination(host.name, ip, port)
                 outcomes = await self._try(destination, message, recipients, domain,
-                                           server_details, recorded)
+                                           server_details, recorded, queue_id, attempt)
                 if not should_try_next_host(outcomes):
                     return outcomes
                 tried.append(outcomes)
+        if not allowed:
+            # Every server skipped by CheckServer: queued, no error, not an attempt.
+            return held_outcomes(addresses, 0.0, "CheckServer skipped every server")
         if not tried:
             return failure_outcomes(addresses, TemporaryFailure(
                 f"{domain}: no address to deliver to", dsn="4.4.4", phase=Phase.DNS,
@@ -127,11 +183,52 @@ class Deliverer:
         """QUIT every pooled connection."""
         await self.pool.close()
 
+    async def _ruled_hosts(self, queue_id: str, domain: str, retries: int, size: int
+                           ) -> Sequence[HostLike]:
+        """The hosts mxserverrules.lua routes `domain` to: GetCheckCache, GetOverrides."""
+        assert self.hooks is not None and self.hooks.rules is not None
+        rules = self.hooks.rules
+        resolver: FreshResolver = self._resolver  # type: ignore[assignment]
+        fresh = not await rules.check_cache(queue_id, domain, retries, size)
+        overrides = await rules.overrides(queue_id, domain, retries, size)
+        if not overrides.proceed:
+            raise TemporaryFailure(
+                f"{domain}: no MX and no address (GetOverrides said not to continue)",
+                dsn="4.4.4", phase=Phase.DNS, host=domain)
+        if not overrides.servers:
+            return await resolver.resolve(domain, fresh=fresh)
+        routes: list[HostLike] = []
+        problem: DeliveryError | None = None
+        for server in overrides.servers:
+            try:
+                routes.append(await self._route(resolver, server, fresh))
+            except DeliveryError as exc:
+                problem = exc
+        if not routes and problem is not None:
+            raise problem
+        return routes
+
+    async def _route(self, resolver: FreshResolver, server: SmartHost, fresh: bool) -> Route:
+        """One smart host; smtp.allowed_destinations still applies when connecting."""
+        port = server.port or self._port
+        if server.literal:
+            return Route(server.name, (server.host,), port)
+        return Route(server.name, await resolver.host_addresses(server.host, fresh=fresh),
+                     port)
+
+    def _reply_hook(self, queue_id: str) -> ReplyHook | None:
+        """ReturnCodeHandler for this message's replies; None: the script has none."""
+        hooks = self.hooks
+        if hooks is None or not hooks.has_reply_hook:
+            return None
+        return functools.partial(hooks.return_code, queue_id)
+
     # -- one destination ----------------------------------------------------------------
 
     async def _try(self, dest: Destination, message: Message, recipients: Sequence[Recipient],
                    domain: str, server_details: ServerDetailsFn,
-                   recorded: asyncio.Future[None] | None) -> list[RecipientOutcome]:
+                   recorded: asyncio.Future[None] | None, queue_id: str = "",
+                   attempt: AttemptInfo = AttemptInfo()) -> list[RecipientOutcome]:
         addresses = [r.address for r in recipients]
         key = (dest.ip, dest.port)
         until = self.backoff.blocked_until(key, self._clock())
@@ -147,20 +244,24 @@ class Deliverer:
         )
         actions = await server_details(params)
         try:
-            tx = self._transaction(message, recipients, actions)
+            return_path = await self._return_path(queue_id, message, recipients, actions,
+                                                  attempt)
+            tx = self._transaction(message, recipients, actions, return_path)
         except DeliveryError as exc:
             return failure_outcomes(addresses, exc)
+        hook = self._reply_hook(queue_id)
 
         while True:
             entry = await self.pool.acquire((dest.ip, dest.port, actions), domain)
             if entry is None:
                 break  # room was reserved for a new session
+            entry.connection.reply_hook = hook
             outcomes = await self._send(entry, tx, addresses, recorded)
             if outcomes is not None:
                 return outcomes
             # The pooled session had died while idle: nothing was sent; try again.
         try:
-            entry = await self._open(dest, actions, domain, connid)
+            entry = await self._open(dest, actions, domain, connid, hook)
         except DeliveryError as exc:
             if backoff_worthy(exc):
                 self.backoff.failed(key, self._clock())
@@ -170,13 +271,35 @@ class Deliverer:
         assert outcomes is not None
         return outcomes
 
+    async def _return_path(self, queue_id: str, message: Message,
+                           recipients: Sequence[Recipient], actions: ServerActions,
+                           attempt: AttemptInfo) -> str:
+        """returnAddressModifier's choice, then ModifyReturnPath's (contract §9)."""
+        env = message.envelope
+        computed = choose_return_path(env.sender, actions)
+        hooks = self.hooks
+        if hooks is None or not hooks.defines("ModifyReturnPath"):
+            return computed
+        header = message.data.split(b"\r\n\r\n", 1)[0]
+        subject = ""
+        for line in header.split(b"\r\n"):
+            if line[:8].lower() == b"subject:":
+                subject = line[8:].strip().decode("utf-8", errors="replace")
+                break
+        chosen = await hooks.modify_return_path(queue_id, ReturnPathRequest(
+            computed=computed, mail_from=env.sender, original=env.sender,
+            auth=env.auth or "", recipients=tuple(r.address for r in recipients),
+            created=attempt.created, data=message.data, sender_ip="", subject=subject,
+            all_recipients=tuple(r.address for r in env.recipients)))
+        return computed if chosen is None else chosen
+
     def _transaction(self, message: Message, recipients: Sequence[Recipient],
-                     actions: ServerActions) -> Transaction:
+                     actions: ServerActions, return_path: str) -> Transaction:
         if actions.unusable:
             # A pin the script set but that cannot be read: no connection at all rather
             # than one without the check (contract §4; docs/policy.md).
             raise TemporaryFailure(actions.unusable, dsn="4.7.5", phase=Phase.CONNECT)
-        return_path = choose_return_path(message.envelope.sender, actions)
+        # The script's sender comes first, BATV signs what it chose (contract §9).
         if actions.use_batv and return_path:
             if self._batv is None:
                 # An operator's mistake, not the recipient's: hold the mail (temporary)
@@ -190,17 +313,19 @@ class Deliverer:
                            recipients=tuple(recipients), data=message.data)
 
     async def _open(self, dest: Destination, actions: ServerActions, domain: str,
-                    connid: int) -> PoolEntry:
+                    connid: int, hook: ReplyHook | None = None) -> PoolEntry:
         """Open a session in the room `acquire` reserved; give the room back on failure."""
         slot = (dest.ip, dest.port)
         try:
             try:
-                conn = await SmtpConnection.open(dest, actions, self._settings, connid=connid)
+                conn = await SmtpConnection.open(dest, actions, self._settings, connid=connid,
+                                                 reply_hook=hook)
             except HandshakeFailed:
                 # Contract §4: without forceTLS, a failed handshake is retried once in
                 # plaintext on a new connection.
                 conn = await SmtpConnection.open(dest, actions, self._settings, connid=connid,
-                                                 allow_tls=False)
+                                                 allow_tls=False, reply_hook=hook)
+            conn.reply_hook = hook
         except BaseException:
             self.pool.unreserve(domain, slot)
             raise

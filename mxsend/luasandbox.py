@@ -13,17 +13,25 @@ big-endian length, then a `marshal` payload of plain tuples (no pickle: nothing 
 daemon receives can run code).
 
 Requests and replies:
-    ("load", source: bytes, chunkname: str, timeout: float, names)
-        -> ("loaded", error: str | None, prints: list[str])
+    ("load", source: bytes, chunkname: str, timeout: float, names, globals, functions)
+        -> ("loaded", error: str | None, prints: list[str], defined: bytes)
         names: the VPOP3 field names (CheckFile's, ServerDetails', the timeouts'), as
         three tuples of bytes; they come from mxsend/actions.py, the one place they
-        are written.
+        are written. globals: (ConnectionId: int, ConnectionName: bytes), set before
+        the top level runs. functions: the function names the daemon may call, comma
+        separated; `defined` is those the script defines (after its top level ran).
     ("check", timeout, filename, size, ctime, retries, lasttry, return_path,
               recipients, header_block, defaults: tuple)          (strings as bytes)
         -> ("result", values: tuple, prints: list[str])
     ("server", timeout, authsender, originator, server, domain, length, connid,
                connection, header_lines, defaults: tuple)
         -> ("result", values: tuple, prints: list[str])
+    ("reply", timeout, last_command, full_response, last_line)     (ReturnCodeHandler)
+    ("returnpath", timeout, computed, mail_from, original, auth, recipients,
+                   ctime, header_block, size, sender_ip, subject, all_recipients)
+    ("rule", timeout, function, domain, retries, size, server, default)
+        -> ("result", values: tuple, prints: list[str]); values: status, then (type,
+           value) of the first two results (a table as its array part joined by "\n").
 At start the worker sends ("ready",).
 """
 
@@ -130,21 +138,28 @@ class LuaHost:
         return self._host is not None
 
     def load(self, source: bytes, chunkname: str, timeout: float,
-             names: tuple[tuple[bytes, ...], ...]) -> str | None:
-        """Run the script's top level in a fresh state; keep the old one on failure."""
+             names: tuple[tuple[bytes, ...], ...],
+             globals_: tuple[int, bytes] = (0, b""), functions: bytes = b""
+             ) -> tuple[str | None, bytes]:
+        """Run the script's top level in a fresh state; keep the old one on failure.
+
+        Returns (error or None, the names among `functions` the script defines).
+        """
         try:
             runtime = new_runtime(self.memory)
             host = runtime.execute(SANDBOX_LUA.read_bytes())
             host[b"set_fields"](*(b",".join(group) for group in names))
+            host[b"set_globals"](*globals_)
             ok, *error = _values(host[b"load"](source, chunkname.encode(), timeout))
+            defined = host[b"functions"](functions) if ok else b""
             prints = self._prints_of(host)
         except lua52.LuaError as exc:
-            return f"cannot load the script: {_text(exc)}"
+            return f"cannot load the script: {_text(exc)}", b""
         self._orphan_prints.extend(prints)
         if not ok:
-            return _text(error[0]) if error else "the script failed to load"
+            return (_text(error[0]) if error else "the script failed to load"), b""
         self._host = host
-        return None
+        return None, bytes(defined)
 
     @staticmethod
     def _prints_of(host: Any) -> list[str]:
@@ -178,6 +193,14 @@ class LuaHost:
 
     def server_details(self, *args: object) -> tuple[tuple[object, ...], list[str]]:
         return self._call("server_details", *args)
+
+    def hook(self, kind: str, *args: object) -> tuple[tuple[object, ...], list[str]]:
+        """One of the VPOP3 8.8 hooks (contract §9), by request kind."""
+        return self._call(_HOOKS[kind], *args)
+
+
+# Request kind -> the sandbox.lua host function that answers it.
+_HOOKS = {"reply": "return_code", "returnpath": "modify_return_path", "rule": "server_rule"}
 
 
 # --- the worker process --------------------------------------------------------------
@@ -279,9 +302,10 @@ def serve(channel: Channel, memory: int) -> None:
         assert isinstance(request, tuple)
         kind = request[0]
         if kind == "load":
-            _, source, chunkname, timeout, names = request
-            error = host.load(source, chunkname, timeout, names)
-            channel.send(("loaded", error, host.take_prints()))
+            _, source, chunkname, timeout, names, globals_, functions = request
+            error, defined = host.load(source, chunkname, timeout, names, globals_,
+                                       functions)
+            channel.send(("loaded", error, host.take_prints(), defined))
         elif kind == "check":
             *args, defaults = request[1:]
             values, prints = host.check_file(*args, *defaults)
@@ -289,6 +313,9 @@ def serve(channel: Channel, memory: int) -> None:
         elif kind == "server":
             *args, defaults = request[1:]
             values, prints = host.server_details(*args, *defaults)
+            channel.send(("result", values, prints))
+        elif kind in _HOOKS:
+            values, prints = host.hook(kind, *request[1:])
             channel.send(("result", values, prints))
         else:
             channel.send(("result", ("error", f"unknown request {kind!r}"), []))

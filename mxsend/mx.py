@@ -302,9 +302,17 @@ class Resolver:
         self._plans.clear()
         self._records.clear()
 
-    async def resolve(self, domain: str) -> list[MxHost]:
-        """The hosts to try for `domain`, in order; raises a DeliveryError with phase DNS."""
+    async def resolve(self, domain: str, *, fresh: bool = False) -> list[MxHost]:
+        """The hosts to try for `domain`, in order; raises a DeliveryError with phase DNS.
+
+        `fresh`: ask the nameservers again instead of the cache (mxserverrules.lua's
+        GetCheckCache returning false, contract §9); the answers then refill the cache.
+        """
         key = domain.lower()
+        if fresh:
+            plan, expires = await self._plan(key, fresh=True)
+            _put(self._plans, key, expires, plan, self._clock(), self._max_entries)
+            return plan.materialise(self._rng)
         cached = self._plans.get(key)
         if cached is not None and cached[0] > self._clock():
             return cached[1].materialise(self._rng)
@@ -328,7 +336,26 @@ class Resolver:
         _put(self._plans, key, expires, plan, self._clock(), self._max_entries)
         return plan
 
-    async def _plan(self, domain: str) -> tuple[_Plan, float]:
+    async def host_addresses(self, host: str, *, fresh: bool = False) -> tuple[str, ...]:
+        """The addresses of one host name (a smart host of GetOverrides, contract §9).
+
+        Raises TemporaryFailure when it has none: a smart host is the operator's
+        routing, so a name that does not resolve never bounces the recipient.
+        """
+        try:
+            name = normalise_domain(host)
+        except PermanentFailure as exc:
+            raise TemporaryFailure(exc.message, dsn=DSN_DNS_TEMPORARY, phase=Phase.DNS,
+                                   host=host) from None
+        lookups, _ = await self._addresses(name, fresh)
+        found = tuple(ip for lookup in lookups for ip in lookup.addresses)
+        if not found:
+            details = "; ".join(lk.detail for lk in lookups if lk.detail) or "no address"
+            raise TemporaryFailure(f"smart host {name}: {details}", dsn=DSN_DNS_TEMPORARY,
+                                   phase=Phase.DNS, host=name)
+        return found
+
+    async def _plan(self, domain: str, fresh: bool = False) -> tuple[_Plan, float]:
         """Resolve without the plan cache: (plan, monotonic time it expires)."""
         now = self._clock()
         try:
@@ -339,36 +366,38 @@ class Resolver:
         except (PermanentFailure, TemporaryFailure) as exc:
             failure = _Failure(exc.permanent, exc.message, exc.dsn or "", domain)
             return _Plan(failure=failure), now + MAX_TTL
-        mx, expires = await self._query(name, dns.rdatatype.MX)
+        mx, expires = await self._query(name, dns.rdatatype.MX, fresh)
         if mx.status is _Status.NXDOMAIN:
             return _fail(True, f"{name}: no such domain", DSN_NO_DOMAIN, name), expires
         if mx.status is _Status.FAILED:
             plan = _fail(False, f"{name}: MX lookup failed: {mx.detail}", DSN_DNS_TEMPORARY, name)
             return plan, expires
         if mx.status is _Status.NODATA or not mx.mx:
-            lookups, addr_expires = await self._addresses(name)
+            lookups, addr_expires = await self._addresses(name, fresh)
             return _plan_for_implicit(name, lookups), min(expires, addr_expires)
         hosts = list(dict.fromkeys(host for _, host in mx.mx if host))
-        results = await asyncio.gather(*(self._addresses(host) for host in hosts))
+        results = await asyncio.gather(*(self._addresses(host, fresh) for host in hosts))
         for _, host_expires in results:
             expires = min(expires, host_expires)
         addresses = {host: lookups for host, (lookups, _) in zip(hosts, results, strict=True)}
         return _plan_for_mx(name, mx.mx, addresses), expires
 
-    async def _addresses(self, host: str) -> tuple[tuple[_Lookup, ...], float]:
+    async def _addresses(self, host: str, fresh: bool = False
+                         ) -> tuple[tuple[_Lookup, ...], float]:
         """AAAA (when dns.ipv6) then A lookups of one host, and when the first expires."""
         kinds = [dns.rdatatype.A]
         if self._config.ipv6:
             kinds.insert(0, dns.rdatatype.AAAA)
-        results = await asyncio.gather(*(self._query(host, kind) for kind in kinds))
+        results = await asyncio.gather(*(self._query(host, kind, fresh) for kind in kinds))
         return tuple(lookup for lookup, _ in results), min(exp for _, exp in results)
 
-    async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[_Lookup, float]:
+    async def _query(self, name: str, rdtype: dns.rdatatype.RdataType, fresh: bool = False
+                     ) -> tuple[_Lookup, float]:
         """One (name, type) through the record cache: (lookup, monotonic expiry)."""
         key = (name, int(rdtype))
         now = self._clock()
         cached = self._records.get(key)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > now and not fresh:
             return cached[1], cached[0]
         lookup = await self._ask(name, rdtype)
         now = self._clock()

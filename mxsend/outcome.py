@@ -50,6 +50,10 @@ class RecipientOutcome:
     dsn_relayed: bool = False  # NOTIFY=SUCCESS asked but server lacked DSN (RFC 3461 §4.1)
     # 8-bit data sent to a server that did not offer 8BITMIME (contract §5: send, log).
     eight_bit_unadvertised: bool = False
+    # Not an attempt (contract §9, mxserverrules.lua's CheckServer): nothing was tried;
+    # the message waits this many seconds (0: until the next scan) and its attempt is
+    # not counted. None for every outcome of a real attempt.
+    hold: float | None = None
 
 
 def status_of(code: int) -> DeliveryStatus:
@@ -73,6 +77,17 @@ def failure_outcomes(
             address=address, status=status, dsn=dsn, response=response, phase=error.phase,
             relay=where.relay, remote_mta=where.remote_mta, tls=where.tls,
         )
+        for address in addresses
+    ]
+
+
+def held_outcomes(addresses: Sequence[str], seconds: float, reason: str
+                  ) -> list[RecipientOutcome]:
+    """Recipients not attempted now, by the server rules' choice (contract §9)."""
+    return [
+        RecipientOutcome(address=address, status=DeliveryStatus.DEFERRED, dsn="4.4.0",
+                         response=reason, phase=None, relay=None, remote_mta=None,
+                         tls=None, hold=seconds)
         for address in addresses
     ]
 

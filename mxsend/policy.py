@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mxsend.actions import FileActions, ServerActions, ServerParameters
 from mxsend.config import Config
+from mxsend.hooks import BadReturnPath, full_response, lua_list, replacement, return_path
 from mxsend.hostname import helo_name
-from mxsend.log import event, get_logger
-from mxsend.luasandbox import read_script
+from mxsend.log import event
 from mxsend.luavalues import (
     Fault,
     check_file_reply,
@@ -37,22 +36,19 @@ from mxsend.luavalues import (
     server_actions_to_lua,
     server_details_reply,
 )
-from mxsend.script_calls import Script, ScriptCalls
+from mxsend.script_file import LOAD, SCRIPT_ERROR, ScriptFile
+from mxsend.server_rules import ServerRules, hook_results
 from mxsend.watch import Watcher
 
-__all__ = ["CheckFileRequest", "Policy", "lua_time"]
+__all__ = ["LOAD", "CheckFileRequest", "Policy", "ReturnPathRequest", "lua_time"]
 
-# A call that outlives script.timeout by this much is stuck in C (the Lua hook would
-# have fired): the worker is killed. At least half a second so a busy machine's
-# scheduling noise does not kill a worker that was about to answer.
-MIN_GRACE = 0.5
-# Editors write a file in several steps; reload once things settle.
-RELOAD_SETTLE = 0.1
-
-SCRIPT_ERROR = "script_error"
 CHECKFILE = "CheckFile"
 SERVERDETAILS = "ServerDetails"
-LOAD = "load"
+RETURNCODEHANDLER = "ReturnCodeHandler"
+MODIFYRETURNPATH = "ModifyReturnPath"
+# VPOP3 8.8's hooks are optional: a script without them is no error (contract §9).
+OPTIONAL_HOOKS = frozenset({RETURNCODEHANDLER, MODIFYRETURNPATH})
+MXOUT_FUNCTIONS = (CHECKFILE, SERVERDETAILS, RETURNCODEHANDLER, MODIFYRETURNPATH)
 # Distinct ServerDetails answers remembered, already read back into ServerActions.
 RESULT_CACHE_SIZE = 1024
 
@@ -72,37 +68,41 @@ class CheckFileRequest:
     data: bytes  # message bytes (CRLF); only the header part is read
 
 
-class Policy:
-    """The operator's mxout.lua, as the daemon uses it."""
+@dataclass(frozen=True, slots=True)
+class ReturnPathRequest:
+    """What ModifyReturnPath is told about one transaction (contract §9)."""
+
+    computed: str  # the sender after returnAddressModifier ("" for <>)
+    mail_from: str  # the envelope sender as queued
+    original: str  # the sender the message was accepted with (the same in mxsend)
+    auth: str  # AUTH= of the envelope, "" if none
+    recipients: tuple[str, ...]  # this transaction's recipients
+    created: float  # epoch seconds -> CreationTime YYYYMMDDHHMMSS
+    data: bytes  # the message; its header becomes Headers (the header's lines)
+    sender_ip: str  # "": mxsend does not know who submitted the message
+    subject: str
+    all_recipients: tuple[str, ...]  # every recipient of the message
+
+
+def _lua_text(text: str) -> bytes:
+    return text.encode("utf-8", errors="surrogateescape")
+
+
+class Policy(ScriptFile):
+    """The operator's mxout.lua, as the daemon uses it (and its mxserverrules.lua)."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
-        self.path = config.script.path
-        self.timeout = config.script.timeout
-        self.hard_timeout = config.script.timeout + max(MIN_GRACE, config.script.timeout)
         self._defaults = ServerActions(helo_name=helo_name(config.smtp.helo_name))
         self._defaults_lua: tuple[ServerActions, tuple[object, ...]] | None = None
         self._file_defaults_lua = file_actions_to_lua(FileActions())
         self._server_results: dict[tuple[ServerActions, tuple[object, ...]],
                                    tuple[ServerActions, list[Fault]]] = {}
-        self._calls = ScriptCalls(config.script.memory, self.timeout, self.hard_timeout)
-        self._version = 0
-        self._missing_logged = False
-        self._watching: tuple[Watcher, int] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._reload_handle: asyncio.TimerHandle | None = None
-        self._reloading: asyncio.Task[bool] | None = None
-        self._closed = False
-        self.reads = 0  # times the script file was read, for tests
-        # Read and compile only: nothing of the script runs here, and the worker starts
-        # (and runs the script's top level) at the first call, awaited on the loop.
-        self._take(*self._read())
+        super().__init__(config, config.script.path, functions=MXOUT_FUNCTIONS,
+                         optional=OPTIONAL_HOOKS, log_missing=True)
+        # Contract §9: the second script, in its own sandbox and worker.
+        self.rules: ServerRules | None = ServerRules.of(config)
 
     # -- public --------------------------------------------------------------------------
-
-    @property
-    def has_script(self) -> bool:
-        return self._calls.has_script
 
     def default_server_actions(self) -> ServerActions:
         """The Actions ServerDetails is given: HELOname = smtp.helo_name or the FQDN."""
@@ -166,124 +166,91 @@ class Policy:
         self._log_faults(SERVERDETAILS, queue_id, faults)
         return actions
 
+    # -- VPOP3 8.8 hooks (contract §9; meanings in hooks.py) ------------------------------
+
+    @property
+    def has_reply_hook(self) -> bool:
+        """The script (may) define ReturnCodeHandler; without it, no call per reply."""
+        return self.defines(RETURNCODEHANDLER)
+
+    async def return_code(self, queue_id: str, command: str, code: int, text: str
+                          ) -> tuple[int, str] | None:
+        """ReturnCodeHandler: the replacement (code, text), or None to keep the reply."""
+        if not self.has_reply_hook:
+            return None
+        full, last = full_response(code, text)
+        values = await self._calls.call(RETURNCODEHANDLER, queue_id, (
+            "reply", self.timeout, command.encode(), _lua_text(full), _lua_text(last)))
+        if values is None:
+            return None
+        return replacement(hook_results(values)[0])
+
+    async def modify_return_path(self, queue_id: str, request: ReturnPathRequest
+                                 ) -> str | None:
+        """ModifyReturnPath: the new envelope sender, or None to keep the computed one.
+
+        An answer that is not a valid address is a script_error and None (hooks.py).
+        """
+        if not self.defines(MODIFYRETURNPATH):
+            return None
+        values = await self._calls.call(MODIFYRETURNPATH, queue_id, (
+            "returnpath", self.timeout, _lua_text(request.computed),
+            _lua_text(request.mail_from), _lua_text(request.original),
+            _lua_text(request.auth), lua_list(request.recipients),
+            lua_time(request.created).encode(), script_header(request.data),
+            len(request.data), _lua_text(request.sender_ip), _lua_text(request.subject),
+            lua_list(request.all_recipients)))
+        if values is None:
+            return None
+        result = hook_results(values)[0]
+        try:
+            return return_path(result)
+        except BadReturnPath as exc:
+            event(SCRIPT_ERROR, queue_id, function=MODIFYRETURNPATH,
+                  error=f"{exc}; using {request.computed or '<>'}")
+            return None
+
+    # -- lifecycle: both scripts together ----------------------------------------------
+
     def reconfigure(self, config: Config) -> None:
         """SIGHUP with the same script path: new timeouts and defaults, then reload().
 
         The HELO default comes from smtp.helo_name and the limits from [script]; a new
         memory cap needs a new worker, which the next call starts with the good script.
         """
-        memory_changed = config.script.memory != self.config.script.memory
-        self.config = config
-        self.timeout = config.script.timeout
-        self.hard_timeout = config.script.timeout + max(MIN_GRACE, config.script.timeout)
+        self._reconfigure(config)
         self._defaults = ServerActions(helo_name=helo_name(config.smtp.helo_name))
-        self._calls.timeout, self._calls.hard_timeout = self.timeout, self.hard_timeout
-        self._calls.memory = config.script.memory
-        if memory_changed:
-            self._calls.kill_worker()
+        rules = self.rules
+        if rules is not None and rules.path == config.script.server_rules_path:
+            rules._reconfigure(config)
+        else:
+            if rules is not None:
+                rules.close()
+            self.rules = ServerRules.of(config)
+            if self.rules is not None and self._watching is not None:
+                self.rules.watch(self._watching[0])
         self.reload()
 
     def reload(self) -> None:
-        """SIGHUP or a changed file: load() in the background; returns at once.
-
-        Reading, compiling and running the new version's top level all happen off the
-        caller's path (a thread, then the worker), so a slow or stuck script never
-        holds up the event loop.
-        """
-        if self._closed:
-            return
-        if self._reloading is not None and not self._reloading.done():
-            self._reloading.add_done_callback(lambda _: self.reload())
-            return
-        self._reloading = asyncio.get_running_loop().create_task(self._reload_logged())
-
-    async def load(self) -> bool:
-        """Re-read the script and run its top level in the worker; True if a new version
-        is active. A version that does not compile, or whose top level fails, is a
-        script_error (function="load") and the previous one stays.
-        """
-        source, error = await asyncio.to_thread(self._read)
-        self._take(source, error)
-        # Nothing pending (unchanged, absent or broken): the version in use stays.
-        return await self._calls.load()
+        super().reload()
+        if self.rules is not None:
+            self.rules.reload()
 
     def watch(self, watcher: Watcher) -> None:
-        """Reload when the script is written or renamed into place (one reload per change).
-
-        Only closed writes and renames count (watch.py): the reload's own read of the
-        file is no change, so it never schedules another reload.
-        """
-        self.stop_watching()
-        self._loop = asyncio.get_running_loop()
-        try:
-            token = watcher.add(self.path.parent, self._file_changed, name=self.path.name)
-        except OSError as exc:
-            get_logger().warning("the script %s is not watched for changes: %s",
-                                 self.path, exc)
-            return
-        self._watching = (watcher, token)
+        super().watch(watcher)
+        if self.rules is not None:
+            self.rules.watch(watcher)
 
     def stop_watching(self) -> None:
-        watching, self._watching = self._watching, None
-        if watching is not None:
-            watcher, token = watching
-            watcher.remove(token)
-        if self._reload_handle is not None:
-            self._reload_handle.cancel()
-            self._reload_handle = None
+        super().stop_watching()
+        if getattr(self, "rules", None) is not None:
+            assert self.rules is not None
+            self.rules.stop_watching()
 
     def close(self) -> None:
-        self._closed = True
-        self.stop_watching()
-        if self._reloading is not None:
-            self._reloading.cancel()
-        self._calls.kill_worker()
-
-    # -- reading the script ----------------------------------------------------------------
-
-    def _read(self) -> tuple[bytes | None, str | None]:
-        """(source, compile error) of the file as it is now (read_script)."""
-        self.reads += 1
-        source, error = read_script(self.path)
-        if source is None and error is None and not self.path.exists() \
-                and not self.has_script and not self._missing_logged:
-            get_logger().warning("script %s not found: using the built-in defaults",
-                                 self.path)
-            self._missing_logged = True
-        return source, error
-
-    def _take(self, source: bytes | None, error: str | None) -> None:
-        """Make a freshly read version pending if it is new and compiles."""
-        if error is not None:
-            event(SCRIPT_ERROR, None, function=LOAD, error=error, level=logging.ERROR)
-            return
-        if source is None:
-            # Missing: an editor replacing the file by rename leaves it missing for a
-            # moment; the version in use stays.
-            return
-        if self._calls.newest_source() == source:
-            return
-        self._version += 1
-        self._calls.offer(Script(self.path, source, self._version))
-        self._missing_logged = False
-
-    async def _reload_logged(self) -> bool:
-        loaded = await self.load()
-        if loaded:
-            get_logger().info("script %s reloaded (version %d)", self.path, self._version)
-        return loaded
-
-    def _file_changed(self) -> None:
-        if self._closed or self._loop is None:
-            return
-        # Editors write in several steps; reload once things settle.
-        if self._reload_handle is not None:
-            self._reload_handle.cancel()
-        self._reload_handle = self._loop.call_later(RELOAD_SETTLE, self._reload_now)
-
-    def _reload_now(self) -> None:
-        self._reload_handle = None
-        self.reload()
+        super().close()
+        if self.rules is not None:
+            self.rules.close()
 
     # -- requests ------------------------------------------------------------------------
 
@@ -303,5 +270,4 @@ class Policy:
 
     @staticmethod
     def _log_faults(function: str, queue_id: str, faults: Sequence[Fault]) -> None:
-        for name, problem in faults:
-            event(SCRIPT_ERROR, queue_id, function=function, error=f"{name}: {problem}")
+        ScriptFile.log_faults(function, queue_id, faults)

@@ -260,6 +260,27 @@ loadfile = nil
 
 local host = {}
 
+-- VPOP3 8.8's globals (contract §9), set before the script's top level runs so that
+-- it can read them too.
+function host.set_globals(connection_id, connection_name)
+  env.ConnectionId = connection_id
+  env.ConnectionName = connection_name
+end
+
+-- Which of the functions the daemon may call the loaded script defines (a comma list),
+-- so that an optional hook the script lacks costs no round trip at all.
+function host.functions(joined)
+  local out, n = {}, 0
+  for name in s_gmatch(joined, "[^,]+") do
+    local fn = env[name]
+    if type(fn) == "function" or (type(fn) == "table" and getmetatable(fn)) then
+      n = n + 1
+      out[n] = name
+    end
+  end
+  return t_concat(out, ",")
+end
+
 -- Compile and run the script's top level. Returns true, or false and the message.
 function host.load(source, chunkname, seconds)
   local chunk, err = real_load(source, chunkname, "t", env)
@@ -502,6 +523,59 @@ function host.server_details(seconds, authsender, originator, server, domain, le
     n = n + 2
   end
   return nprints, "ok", tkind, table.unpack(out, 1, n)
+end
+
+-- The VPOP3 8.8 hooks (contract §9) answer with plain values, not an Actions table:
+-- each of the first two results leaves as (type, value); a table leaves as the
+-- strings and numbers of its array part joined by "\n" (a list of servers).
+local function flat(v)
+  local kind = type(v)
+  if kind ~= "table" then return primitive(v) end
+  local parts, n = {}, 0
+  for i = 1, #v do
+    local item = v[i]
+    local ik = type(item)
+    if ik == "string" or ik == "number" then n = n + 1; parts[n] = tostring(item) end
+  end
+  return "table", t_concat(parts, "\n")
+end
+
+local function call_values(fname, seconds, ...)
+  local fn = env[fname]
+  if type(fn) ~= "function" and not (type(fn) == "table" and getmetatable(fn)) then
+    return nprints, "missing"
+  end
+  arm(seconds)
+  local ok, first, second = pcall(fn, ...)
+  disarm()
+  if expired then return nprints, "timeout" end
+  if not ok then return nprints, "error", tostring(first) end
+  local k1, v1 = flat(first)
+  local k2, v2 = flat(second)
+  return nprints, "ok", k1, v1, k2, v2
+end
+
+-- ReturnCodeHandler(LastCommand, FullResponse, LastLine)
+function host.return_code(seconds, command, full, last)
+  return call_values("ReturnCodeHandler", seconds, command, full, last)
+end
+
+-- ModifyReturnPath(ComputedMailFrom, MailFrom, OriginalMailFrom, AuthSender, Recipients,
+--                  CreationTime, Headers, Size, SenderIPAddress, Subject, AllRecipients)
+function host.modify_return_path(seconds, computed, mail_from, original, auth, recipients,
+                                 ctime, header_block, size, sender_ip, subject, all)
+  local _, lines = parse_header(header_block)
+  return call_values("ModifyReturnPath", seconds, computed, mail_from, original, auth,
+    split_list(recipients), ctime, lines, size, sender_ip, subject, split_list(all))
+end
+
+-- mxserverrules.lua: GetCheckCache / GetOverrides (Domain, Retries, Size) and
+-- CheckServer(Domain, MXServer, Retries, Size, DefaultResult).
+function host.server_rule(seconds, fname, domain, retries, size, server, default)
+  if fname == "CheckServer" then
+    return call_values(fname, seconds, domain, server, retries, size, default)
+  end
+  return call_values(fname, seconds, domain, retries, size)
 end
 
 return host

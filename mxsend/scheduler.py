@@ -116,7 +116,8 @@ class Daemon:
             self.rt.committer = Committer(spool, self._commit_thread)
             self._assemble()
         self.rt.policy = Policy(config)
-        self.rt.deliverer = Deliverer(config, Resolver(config.dns), batv_key=self._batv_key)
+        self.rt.deliverer = Deliverer(config, Resolver(config.dns), batv_key=self._batv_key,
+                                      hooks=self.rt.policy)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
@@ -190,7 +191,8 @@ class Daemon:
                 old_policy.stop_watching()
         rt.config = config
         self._batv_key = batv_key
-        rt.deliverer = Deliverer(config, Resolver(config.dns), batv_key=batv_key)
+        rt.deliverer = Deliverer(config, Resolver(config.dns), batv_key=batv_key,
+                                 hooks=rt.policy)
         task = asyncio.get_running_loop().create_task(self._retire(old_policy, old_deliverer))
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -56,8 +56,18 @@ class Script:
 class ScriptCalls:
     """The worker that runs the script, and the calls waiting for it."""
 
-    def __init__(self, memory: int, timeout: float, hard_timeout: float) -> None:
+    def __init__(self, memory: int, timeout: float, hard_timeout: float, *,
+                 globals_: tuple[int, bytes] = (0, b""),
+                 functions: Sequence[str] = (), optional: frozenset[str] = frozenset()
+                 ) -> None:
         self.memory = memory
+        # ConnectionId / ConnectionName (contract §9), set before each version loads.
+        self.globals = globals_
+        # The functions the daemon may call; the worker says which a version defines.
+        self._functions = b",".join(name.encode() for name in functions)
+        # Hooks a script need not define (VPOP3 8.8's): missing is silent, not an error.
+        self._optional = optional
+        self._defined: dict[int, frozenset[str]] = {}
         self.timeout = timeout  # script.timeout, told to the Lua hook
         self.hard_timeout = hard_timeout  # past this the worker is stuck in C
         self._good: Script | None = None  # the version the worker runs
@@ -122,7 +132,8 @@ class ScriptCalls:
             self._pending = None
         for script in wanted:
             await worker.send(("load", script.source, script.chunkname, self.timeout,
-                               field_names()), self.hard_timeout)
+                               field_names(), self.globals, self._functions),
+                              self.hard_timeout)
             reply = await worker.receive(self.hard_timeout)
             self._loaded(worker, script, reply)
         return worker
@@ -130,8 +141,11 @@ class ScriptCalls:
     def _loaded(self, worker: Worker, script: Script, reply: object) -> None:
         """Handle the worker's answer to loading `script`."""
         assert isinstance(reply, tuple)
-        _, error, prints = reply
+        _, error, prints, defined = reply
         self._log_prints(None, prints)
+        if error is None:
+            self._defined = {script.version: frozenset(
+                name for name in text_value(defined).split(",") if name)}
         if error is not None:
             event(SCRIPT_ERROR, None, function=LOAD, error=error, level=logging.ERROR)
             if worker.loaded_version is None and self._good is script:
@@ -225,6 +239,8 @@ class ScriptCalls:
         if values[0] == b"ok":
             return tuple(values)
         status = text_value(values[0])
+        if status == "missing" and function in self._optional:
+            return None  # contract §9: a script without the hook is no error
         if status == "missing":
             # VPOP3 scripts often define only CheckFile: say so once per version, not
             # once per message.
@@ -235,6 +251,18 @@ class ScriptCalls:
         event(SCRIPT_ERROR, queue_id, function=function, error=_status_message(
             function, status, values[1] if len(values) > 1 else None, self.timeout))
         return None
+
+    def defines(self, function: str) -> bool:
+        """Whether the script may define `function`: False only when the running
+        version is known not to (told at load), so that an optional hook it lacks
+        costs no round trip. A version not yet loaded may define anything."""
+        good = self._good
+        if self._pending is not None:
+            return True
+        if good is None:
+            return False
+        defined = self._defined.get(good.version)
+        return defined is None or function in defined
 
     def known_missing(self, function: str) -> bool:
         """The running script version has no such function: no need to ask the worker.

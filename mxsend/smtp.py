@@ -24,7 +24,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
@@ -40,6 +40,7 @@ from mxsend.errors import (
     Phase,
     TemporaryFailure,
 )
+from mxsend.hooks import command_of
 from mxsend.reply import Reply, parse_reply
 from mxsend.smtp_rules import (
     ClientSettings,
@@ -54,6 +55,10 @@ from mxsend.smtp_rules import (
 )
 from mxsend.tls import CertificateCheckFailed, check_certificate, client_context
 from mxsend.wire import Wire
+
+# VPOP3 8.8's ReturnCodeHandler (contract §9): (LastCommand, code, text) -> a
+# replacement (code, text) or None. Called with every reply, before anything reads it.
+ReplyHook = Callable[[str, int, str], Awaitable[tuple[int, str] | None]]
 
 # Data is written in blocks so that the §4.5.3.2.5 data-block timeout means something:
 # each block must drain into the socket within `datablock` seconds.
@@ -152,6 +157,7 @@ class SmtpConnection:
         self.connid = connid
         self.transactions = 0
         self.last_used = time.monotonic()
+        self.reply_hook: ReplyHook | None = None  # set per transaction by the deliverer
 
     @property
     def alive(self) -> bool:
@@ -166,6 +172,7 @@ class SmtpConnection:
         *,
         connid: int = 0,
         allow_tls: bool = True,
+        reply_hook: ReplyHook | None = None,
     ) -> SmtpConnection:
         """Connect, read the greeting, EHLO/HELO and STARTTLS as the actions say.
 
@@ -187,14 +194,14 @@ class SmtpConnection:
                 sock.close()
                 raise
         try:
-            greeting = await _read(wire, Phase.GREETING, timeouts.greeting, host)
+            greeting = await _read(wire, Phase.GREETING, timeouts.greeting, host, reply_hook)
             if greeting.code != 220:
                 raise failure_from_reply(greeting, Phase.GREETING, host)
-            extensions = await _hello(wire, actions, helo, host)
+            extensions = await _hello(wire, actions, helo, host, reply_hook)
             tls_version: str | None = None
             if allow_tls and (actions.try_tls or actions.requires_tls):
                 tls_version, extensions = await _starttls(
-                    wire, extensions, destination, actions, settings, helo)
+                    wire, extensions, destination, actions, settings, helo, reply_hook)
             elif actions.requires_tls:
                 raise TemporaryFailure(
                     "TLS required but not attempted", dsn="4.7.4", phase=Phase.STARTTLS,
@@ -369,10 +376,11 @@ class SmtpConnection:
     async def _command(self, phase: Phase, seconds: float, line: bytes) -> Reply:
         with _phase(phase, self.destination.name):
             self._wire.write(line, 1)
-        return await self._reply(phase, seconds)
+        return await self._reply(phase, seconds, line)
 
-    async def _reply(self, phase: Phase, seconds: float) -> Reply:
-        return await _read(self._wire, phase, seconds, self.destination.name)
+    async def _reply(self, phase: Phase, seconds: float, line: bytes = b"") -> Reply:
+        return await _read(self._wire, phase, seconds, self.destination.name,
+                           self.reply_hook, line)
 
     async def _send_data(self, data: bytes, before_end: Awaitable[None] | None) -> Reply:
         """The message, dot-stuffed (RFC 5321 §4.5.2), then `.`, then the final reply.
@@ -466,29 +474,39 @@ async def _connect_socket(destination: Destination, source: str, seconds: float)
     return sock
 
 
-async def _read_raw(wire: Wire, phase: Phase, seconds: float, host: str) -> tuple[int, str]:
+async def _read_raw(wire: Wire, phase: Phase, seconds: float, host: str,
+                    hook: ReplyHook | None = None, line: bytes = b"") -> tuple[int, str]:
     # Not `with _phase(...)`: this runs for every reply, and a generator-based context
     # manager per call showed in profiles; the mapping is the same.
     try:
-        return await wire.read(seconds)
+        code, text = await wire.read(seconds)
     except (OSError, ValueError, TimeoutError) as exc:
         # Out of step with the server (a reply late, missing or garbled): never reused.
         wire.close()
         raise _translate(exc, phase, host) from exc
+    if hook is not None:
+        # Contract §9: the script's replacement is the reply from here on (classified,
+        # logged, put in a DSN); without the hook there is no call at all.
+        replaced = await hook(command_of(phase, line), code, text)
+        if replaced is not None:
+            code, text = replaced
+    return code, text
 
 
-async def _read(wire: Wire, phase: Phase, seconds: float, host: str) -> Reply:
-    return parse_reply(*await _read_raw(wire, phase, seconds, host))
+async def _read(wire: Wire, phase: Phase, seconds: float, host: str,
+                hook: ReplyHook | None = None, line: bytes = b"") -> Reply:
+    return parse_reply(*await _read_raw(wire, phase, seconds, host, hook, line))
 
 
 async def _ask(wire: Wire, line: bytes, phase: Phase, seconds: float,
-               host: str) -> tuple[int, str]:
+               host: str, hook: ReplyHook | None = None) -> tuple[int, str]:
     with _phase(phase, host):
         wire.write(line, 1)
-    return await _read_raw(wire, phase, seconds, host)
+    return await _read_raw(wire, phase, seconds, host, hook, line)
 
 
-async def _hello(wire: Wire, actions: ServerActions, helo: str, host: str) -> dict[str, str]:
+async def _hello(wire: Wire, actions: ServerActions, helo: str, host: str,
+                 hook: ReplyHook | None = None) -> dict[str, str]:
     """EHLO, or HELO if tryESMTP is off or EHLO is refused (RFC 5321 §3.2).
 
     Returns the extensions offered, keys in lower case (none after HELO).
@@ -496,13 +514,14 @@ async def _hello(wire: Wire, actions: ServerActions, helo: str, host: str) -> di
     timeout = actions.timeouts.ehlo
     name = helo.encode("ascii")
     if actions.try_esmtp:
-        code, text = await _ask(wire, b"EHLO " + name + b"\r\n", Phase.EHLO, timeout, host)
+        code, text = await _ask(wire, b"EHLO " + name + b"\r\n", Phase.EHLO, timeout, host,
+                                hook)
         if code == 250:
             # The whole text, not the Reply's capped copy: a long list is still read.
             return parse_esmtp_extensions(text)[0]
         if code == 421 or not wire.alive:
             raise failure_from_reply(parse_reply(code, text), Phase.EHLO, host)
-    code, text = await _ask(wire, b"HELO " + name + b"\r\n", Phase.EHLO, timeout, host)
+    code, text = await _ask(wire, b"HELO " + name + b"\r\n", Phase.EHLO, timeout, host, hook)
     if code != 250:
         raise failure_from_reply(parse_reply(code, text), Phase.EHLO, host)
     return {}
@@ -515,6 +534,7 @@ async def _starttls(
     actions: ServerActions,
     settings: ClientSettings,
     helo: str,
+    hook: ReplyHook | None = None,
 ) -> tuple[str | None, dict[str, str]]:
     """STARTTLS when offered: the TLS version (None for plaintext) and the extensions."""
     host = destination.name
@@ -527,7 +547,7 @@ async def _starttls(
     context = client_context(actions.verify_cert, settings.ca_file)
     timeout = actions.timeouts.starttls
     try:
-        code, text = await _ask(wire, b"STARTTLS\r\n", Phase.STARTTLS, timeout, host)
+        code, text = await _ask(wire, b"STARTTLS\r\n", Phase.STARTTLS, timeout, host, hook)
     except DeliveryError as exc:
         raise _tls_failure(exc.message, exc.code, required, host) from exc
     if code != 220:
@@ -554,7 +574,7 @@ async def _starttls(
         raise TemporaryFailure(str(exc), dsn="4.7.5", phase=Phase.STARTTLS,
                                host=host) from None
     # RFC 3207 §4.2: forget what was learnt before TLS and say EHLO again.
-    extensions = await _hello(wire, actions, helo, host)
+    extensions = await _hello(wire, actions, helo, host, hook)
     return ssl_object.version() or "TLS", extensions
 
 

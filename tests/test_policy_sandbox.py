@@ -29,7 +29,7 @@ end
 def probe(body: str) -> str:
     """Run `body` inside CheckFile under pcall; 'true:<value>' or 'false:<error>'."""
     host = LuaHost(16 * 1024**2)
-    error = host.load(PROBE % body.encode(), "@probe.lua", 1.0, NAMES)
+    error, _ = host.load(PROBE % body.encode(), "@probe.lua", 1.0, NAMES)
     assert error is None, error
     values, _ = host.check_file(1.0, b"/f", 1, b"", 0, b"", b"", b"", b"\r\n", *DEFAULTS)
     assert values[0] == b"ok", values
@@ -188,7 +188,7 @@ end
 )
 def test_parse_url(url: str, expected: str) -> None:
     host = LuaHost(16 * 1024**2)
-    assert host.load(PARSE, "@parse.lua", 1.0, NAMES) is None
+    assert host.load(PARSE, "@parse.lua", 1.0, NAMES)[0] is None
     values, _ = host.check_file(1.0, url.encode(), 1, b"", 0, b"", b"", b"", b"\r\n", *DEFAULTS)
     assert values[-1] == expected.encode()
 

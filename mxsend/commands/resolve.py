@@ -122,8 +122,41 @@ def server_parameters(
 async def _plan(
     config: Config, domain: str, message: Message | None, queue_id: str
 ) -> tuple[list[PlanRow], str]:
-    hosts = await Resolver(config.dns).resolve(domain)
+    resolved: list[MxHost] | None = None
+    if config.script.server_rules_path is None:
+        # DNS first: a failure is then one line, before the script says anything.
+        resolved = await Resolver(config.dns).resolve(domain)
     policy = Policy(config)
+    size = len(message.data) if message is not None else 0
+    rules = policy.rules
+    notes: list[str] = []
+    try:
+        hosts: list[MxHost] = []
+        stopped = False
+        if rules is not None and rules.active:
+            overrides = await rules.overrides(queue_id, domain, 0, size)
+            stopped = not overrides.proceed
+            if stopped:
+                notes.append("GetOverrides: Continue=false (deferred: no MX, no address)")
+            elif overrides.servers:
+                notes.append("GetOverrides: " + " ".join(
+                    f"{s.name}:{s.port or config.smtp.port}" for s in overrides.servers))
+                resolver = Resolver(config.dns)
+                for server in overrides.servers:
+                    addresses = ((server.host,) if server.literal
+                                 else await resolver.host_addresses(server.host))
+                    hosts.append(MxHost(server.name, 0, addresses))
+        if not hosts and not stopped:
+            hosts = resolved if resolved is not None else await Resolver(
+                config.dns).resolve(domain)
+        if rules is not None and rules.active:
+            for host in hosts:
+                verdict = await rules.check_server(queue_id, domain, host.name, 0, size)
+                notes.append(f"CheckServer {host.name}: allowed={verdict.allowed}"
+                             f" hold_minutes={verdict.hold_minutes:g}")
+    except BaseException:
+        policy.close()
+        raise
     headers = header_lines(message.data) if message is not None else []
     rows: list[PlanRow] = []
     try:
@@ -137,6 +170,9 @@ async def _plan(
         source = f"built-in defaults ({config.script.path} not found)"
     else:
         source = f"script {config.script.path}"
+    if notes:
+        source += "\nserver rules (" + str(config.script.server_rules_path) + "):\n  " + \
+            "\n  ".join(notes)
     return rows, source
 
 

@@ -38,10 +38,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
     # dropping rules such as a partner's forceTLS: refuse to start (exit 2, one line
     # naming the file and line as Lua does), before any daemon or supervisor starts.
     # A missing script is allowed: the built-in defaults, logged once (contract §4).
-    _, error = read_script(config.script.path)
-    if error is not None:
-        print(f"mxsend: script does not compile: {error}", file=sys.stderr)
-        return 2
+    for path in (config.script.path, config.script.server_rules_path):
+        _, error = read_script(path) if path is not None else (None, None)
+        if error is not None:
+            print(f"mxsend: script does not compile: {error}", file=sys.stderr)
+            return 2
     child = os.environ.get(CHILD_ENV)
     position = (0, 1)
     if child:
