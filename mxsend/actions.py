@@ -22,6 +22,9 @@ class FileActions:
     force_last_try: bool = False
     priority: int = 50  # 1..100, 100 first
     reason: str = ""
+    # Contract §7: in, the `domain` of the DKIM key(s) that will sign ("" none); out,
+    # "" skips signing, another configured domain signs with its key(s).
+    dkim_domain: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,7 @@ FILE_FIELDS: tuple[tuple[str, str], ...] = (
     ("force_last_try", "ForceLastTry"),
     ("priority", "Priority"),
     ("reason", "Reason"),
+    ("dkim_domain", "DKIMDomain"),
 )
 SERVER_FIELDS: tuple[tuple[str, str], ...] = (
     ("try_esmtp", "tryESMTP"),

@@ -22,7 +22,7 @@ import dataclasses
 import time
 from collections.abc import Iterable
 
-from mxsend import bounce, schedule
+from mxsend import bounce, dkim_spool, schedule
 from mxsend.actions import ServerActions, ServerParameters
 from mxsend.delivery import AttemptInfo
 from mxsend.dispatch import Dispatcher, Job
@@ -126,6 +126,9 @@ class Workers:
 
     async def _run_attempt(self, job: Job, deliveries: _Deliveries) -> None:
         claim, message, rt = job.claim, job.message, self._rt
+        # DKIM (contract §7): signed once, durable before the first byte goes out.
+        job.state = await dkim_spool.decide(rt, claim, job.state, message,
+                                            job.actions.dkim_domain)
         state = dataclasses.replace(job.state, attempts=job.state.attempts + 1,
                                     last_try=time.time())
         deliveries.update(self._start_deliveries(claim.id, message, state))
@@ -147,7 +150,7 @@ class Workers:
                 else:
                     done, running = await asyncio.wait(running,
                                                        return_when=asyncio.FIRST_COMPLETED)
-                finished = self._collect(claim.id, done, state.attempts)
+                finished = self._collect(claim.id, done, state.attempts, state.dkim)
                 outcomes += finished
                 if not running:
                     break  # the record at the end covers everything
@@ -166,7 +169,8 @@ class Workers:
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
-            sent = [o for o in self._collect(claim.id, running, state.attempts)
+            sent = [o for o in self._collect(claim.id, running, state.attempts,
+                                                      state.dkim)
                     if o.status is DeliveryStatus.SENT]
             await self._recorder.release_untouched(
                 claim, apply_outcomes(durable, sent, time.time()), delay=INTERRUPTED_RETRY)
@@ -205,7 +209,7 @@ class Workers:
 
     def _collect(
         self, queue_id: str, tasks: Iterable[asyncio.Task[list[RecipientOutcome]]],
-        attempt: int,
+        attempt: int, dkim: str | None = None,
     ) -> list[RecipientOutcome]:
         """The outcomes of finished domain tasks, each logged as a `delivery` event."""
         outcomes: list[RecipientOutcome] = []
@@ -226,7 +230,7 @@ class Workers:
             event("delivery", queue_id, recipient=outcome.address, status=str(outcome.status),
                   relay=outcome.relay, tls=outcome.tls, dsn=outcome.dsn,
                   response=outcome.response, attempt=attempt,
-                  command=bounce.command_of(outcome.phase))
+                  command=bounce.command_of(outcome.phase), dkim=dkim)
         return outcomes
 
     def _start_deliveries(
@@ -238,6 +242,7 @@ class Workers:
         pending = {r.address for r in state.pending()}
         headers = header_lines(message.data)
         attempt = AttemptInfo(retries=state.attempts - 1, created=state.created)
+        sent = dkim_spool.as_sent(message, state)  # the same bytes on every attempt
 
         async def server_details(params: ServerParameters) -> ServerActions:
             return await policy.server_details(queue_id, params, headers)
@@ -248,7 +253,7 @@ class Workers:
                                                   pending).items():
             recorded: asyncio.Future[None] = loop.create_future()
             task = asyncio.create_task(deliverer.deliver(
-                queue_id, message, recipients, domain, server_details, recorded=recorded,
+                queue_id, sent, recipients, domain, server_details, recorded=recorded,
                 attempt=attempt))
             deliveries[task] = recorded
         return deliveries

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from mxsend import schedule
 from mxsend.actions import FileActions
+from mxsend.dkim_spool import domain_in
 from mxsend.envelope import Message
 from mxsend.errors import MxsendError
 from mxsend.log import event, get_logger
@@ -93,9 +94,10 @@ class Dispatcher:
                 return_path=message.envelope.sender,
                 recipients=tuple(r.address for r in state.pending()),
                 data=message.data,
+                dkim_domain=domain_in(rt.signer, state, message.data),
             )
             for claim, state, message in loaded
-        ])
+        ], rt.signer.domains)
         skipped = []
         for (claim, state, message), actions in zip(loaded, verdicts, strict=True):
             if actions.skip_send:

@@ -360,6 +360,23 @@ class Signer:
     def keys(self) -> tuple[SigningKey, ...]:
         return self._keys
 
+    @property
+    def domains(self) -> frozenset[str]:
+        """The configured `domain`s: what CheckFile's `DKIMDomain` out may name."""
+        return frozenset(key.domain for key in self._keys)
+
+    def choose(self, header: bytes, dkim_domain: str | None) -> list[SigningKey]:
+        """The keys that would sign a message with this header (none already signed it).
+
+        What `sign` uses, for `check-script --message` and for telling, without signing,
+        that nothing will be signed.
+        """
+        if not self._keys:
+            return []
+        chosen = choose_keys(self._keys, from_domain(header), dkim_domain)
+        already = existing_signers(header) if chosen else set()
+        return [k for k in chosen if (k.domain, k.selector.lower()) not in already]
+
     def has_domain(self, domain: str) -> bool:
         """Whether a key is configured for `domain` (to tell a script's typo from "")."""
         wanted = normalise_domain(domain)
@@ -378,9 +395,6 @@ class Signer:
         """
         if not self._keys:
             return Signed(b"", None)
-        header = split_message(message)[0]
-        chosen = choose_keys(self._keys, from_domain(header), dkim_domain)
-        already = existing_signers(header)
-        chosen = [k for k in chosen if (k.domain, k.selector.lower()) not in already]
+        chosen = self.choose(split_message(message)[0], dkim_domain)
         fields = sign(message, chosen, now)
         return Signed(fields, describe(chosen) if fields else None)

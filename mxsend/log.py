@@ -22,7 +22,7 @@ EVENTS: Mapping[str, tuple[str, ...]] = {
     "queued": ("sender", "recipients", "size"),
     "skipped": ("reason",),
     "delivery": ("recipient", "status", "relay", "tls", "dsn", "response", "attempt",
-                 "command"),
+                 "command", "dkim"),
     "bounce": ("bounce_id", "recipients", "kind"),
     "quarantined": ("reason",),
     "script_error": ("function", "error"),

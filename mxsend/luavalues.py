@@ -28,6 +28,7 @@ from mxsend.actions import (
     ServerActions,
     Timeouts,
 )
+from mxsend.dkim import normalise_domain
 from mxsend.envelope import split_header, validate_mailbox
 from mxsend.errors import EnvelopeError
 
@@ -276,10 +277,34 @@ def _read(fields: LuaFields, name: str, reader: Callable[[LuaValue], T], default
         return default
 
 
-def file_actions_from_lua(fields: LuaFields) -> tuple[FileActions, list[Fault]]:
-    """CheckFile's returned Actions -> FileActions and the faults found on the way."""
+def dkim_domain_reader(domains: frozenset[str]) -> Callable[[LuaValue], str]:
+    """DKIMDomain out (contract §7): "" (do not sign) or the `domain` of a configured key."""
+
+    def read(value: LuaValue) -> str:
+        if not isinstance(value, bytes | str):
+            raise FieldError(f"expected a string, got {_kind(value)}")
+        try:
+            domain = normalise_domain(_decode(value))
+        except UnicodeDecodeError:
+            raise FieldError("not valid UTF-8") from None
+        if domain and domain not in domains:
+            raise FieldError(f"no [[dkim.key]] has the domain {domain[:80]!r}")
+        return domain
+
+    return read
+
+
+def file_actions_from_lua(fields: LuaFields, given: FileActions | None = None,
+                          dkim_domains: frozenset[str] = frozenset(),
+                          ) -> tuple[FileActions, list[Fault]]:
+    """CheckFile's returned Actions -> FileActions and the faults found on the way.
+
+    `given` is what CheckFile was passed: a DKIMDomain that cannot be used (not a
+    string, or a domain no key has) keeps its value, so a typo never stops signing.
+    """
     faults: list[Fault] = []
     defaults = FileActions()
+    given = given or defaults
     name = LUA_NAME
     actions = FileActions(
         skip_send=_read(fields, name["skip_send"], vpop3_flag, defaults.skip_send, faults),
@@ -287,7 +312,10 @@ def file_actions_from_lua(fields: LuaFields) -> tuple[FileActions, list[Fault]]:
                              defaults.force_last_try, faults),
         priority=_read(fields, name["priority"], clamp_priority, defaults.priority, faults),
         reason=_read(fields, name["reason"], text_value, defaults.reason, faults),
+        dkim_domain=_read(fields, name["dkim_domain"], dkim_domain_reader(dkim_domains),
+                          given.dkim_domain, faults),
     )
+    _restate(faults, name["dkim_domain"], f"keeping {given.dkim_domain!r}")
     return actions, faults
 
 
@@ -443,9 +471,12 @@ def pairs_to_fields(values: Sequence[object], names: Sequence[str]) -> LuaFields
     return fields
 
 
-def check_file_reply(values: Sequence[object]) -> tuple[FileActions, list[Fault]]:
+def check_file_reply(values: Sequence[object], given: FileActions | None = None,
+                     dkim_domains: frozenset[str] = frozenset(),
+                     ) -> tuple[FileActions, list[Fault]]:
     """("ok", nil, (type, value) per FILE_FIELDS) -> FileActions and faults."""
-    return file_actions_from_lua(pairs_to_fields(values[2:], [lua for _, lua in FILE_FIELDS]))
+    return file_actions_from_lua(pairs_to_fields(values[2:], [lua for _, lua in FILE_FIELDS]),
+                                 given, dkim_domains)
 
 
 def server_details_reply(values: Sequence[object], defaults: ServerActions

@@ -66,6 +66,7 @@ class CheckFileRequest:
     return_path: str  # "" for the null sender
     recipients: tuple[str, ...]  # pending bare addresses
     data: bytes  # message bytes (CRLF); only the header part is read
+    dkim_domain: str = ""  # Actions.DKIMDomain in: Signer.dkim_domain(header) (contract §7)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,28 +109,32 @@ class Policy(ScriptFile):
         """The Actions ServerDetails is given: HELOname = smtp.helo_name or the FQDN."""
         return self._defaults
 
-    async def check_file(self, request: CheckFileRequest) -> FileActions:
-        [actions] = await self.check_files([request])
+    async def check_file(self, request: CheckFileRequest,
+                         dkim_domains: frozenset[str] = frozenset()) -> FileActions:
+        [actions] = await self.check_files([request], dkim_domains)
         return actions
 
-    async def check_files(self, requests: Sequence[CheckFileRequest]) -> list[FileActions]:
+    async def check_files(self, requests: Sequence[CheckFileRequest],
+                          dkim_domains: frozenset[str] = frozenset()) -> list[FileActions]:
         """CheckFile for many messages: sent to the worker together, answered in order.
 
         One round trip for a batch instead of one per message: the scan loop asks for
         every message it is about to queue at once (contract §4 semantics unchanged,
-        each call is its own CheckFile with its own timeout and faults).
+        each call is its own CheckFile with its own timeout and faults). `dkim_domains`:
+        the domains a DKIMDomain out may name (`Signer.domains`).
         """
         if not self.has_script:
-            return [FileActions() for _ in requests]
+            return [FileActions(dkim_domain=r.dkim_domain) for r in requests]
         results = await asyncio.gather(*(
             self._calls.call(CHECKFILE, request.queue_id, self._check_message(request))
             for request in requests))
         actions_list = []
         for request, values in zip(requests, results, strict=True):
+            given = FileActions(dkim_domain=request.dkim_domain)
             if values is None:
-                actions_list.append(FileActions())
+                actions_list.append(given)
                 continue
-            actions, faults = check_file_reply(values)
+            actions, faults = check_file_reply(values, given, dkim_domains)
             self._log_faults(CHECKFILE, request.queue_id, faults)
             actions_list.append(actions)
         return actions_list
@@ -260,7 +265,8 @@ class Policy(ScriptFile):
             lua_time(request.creation_time).encode(), request.retries,
             lua_time(request.last_try_time).encode(), request.return_path.encode(),
             "\n".join(request.recipients).encode(), script_header(request.data),
-            self._file_defaults_lua,
+            file_actions_to_lua(FileActions(dkim_domain=request.dkim_domain))
+            if request.dkim_domain else self._file_defaults_lua,
         )
 
     def _defaults_to_lua(self, defaults: ServerActions) -> tuple[object, ...]:

@@ -63,6 +63,11 @@ class MessageState:
     # Recorded in the state too, so that recovery of a held message claimed by a
     # command that died puts it back on hold, not into the queue.
     held: bool = False
+    # DKIM (contract §7), decided once before the first attempt and sent on every one:
+    # the DKIM-Signature field(s) to put in front of the header ("" = not signed) and
+    # the delivery event's `dkim` label. None: not decided yet (docs/dkim.md).
+    dkim_fields: str | None = None
+    dkim: str | None = None
 
     def pending(self) -> tuple[RecipientState, ...]:
         return tuple(r for r in self.recipients if not r.final)
@@ -102,7 +107,7 @@ def recipient_document(r: RecipientState) -> dict[str, Any]:
 
 def state_document(state: MessageState) -> dict[str, Any]:
     """Every field of the state, as JSON values (the state file's content)."""
-    return {
+    doc: dict[str, Any] = {
         "version": STATE_VERSION,
         "id": state.id,
         "created": state.created,
@@ -116,6 +121,10 @@ def state_document(state: MessageState) -> dict[str, Any]:
         "held": state.held,
         "recipients": [recipient_document(r) for r in state.recipients],
     }
+    if state.dkim_fields is not None:  # present = decided, even when "" (docs/spool.md)
+        doc["dkim_fields"] = state.dkim_fields
+        doc["dkim"] = state.dkim
+    return doc
 
 
 # Compact on purpose: with `indent` the json module falls back to its pure-Python
@@ -126,6 +135,19 @@ _STATE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 def state_to_json(state: MessageState) -> bytes:
     return (_STATE_ENCODER.encode(state_document(state)) + "\n").encode()
+
+
+def _dkim_from_document(doc: dict[str, Any]) -> dict[str, str | None]:
+    """The DKIM entry, if the state has one; its fields go on the wire, so check them."""
+    if "dkim_fields" not in doc:
+        return {}
+    fields, label = doc["dkim_fields"], doc.get("dkim")
+    if not isinstance(fields, str) or not fields.isascii() or (
+            fields and not fields.endswith("\r\n")):
+        raise SpoolError("corrupt state file: dkim_fields is not ASCII header fields")
+    if label is not None and not isinstance(label, str):
+        raise SpoolError("corrupt state file: dkim is not a string")
+    return {"dkim_fields": fields, "dkim": label}
 
 
 def state_from_json(raw: bytes) -> MessageState:
@@ -160,6 +182,7 @@ def state_from_json(raw: bytes) -> MessageState:
             last_error=str(doc.get("last_error", "")),
             file_stamp=str(doc.get("file_stamp", "")),
             held=doc.get("held", False) is True,
+            **_dkim_from_document(doc),
         )
     except SpoolError:
         raise

@@ -236,7 +236,7 @@ class Recorder:
         for rcpt in newly_bounced(state, final):
             event("delivery", queue_id, recipient=rcpt.address, status="bounced",
                   relay=None, tls=None, dsn=rcpt.dsn, response=rcpt.response,
-                  attempt=state.attempts, command=None)
+                  attempt=state.attempts, command=None, dkim=state.dkim)
         return final
 
     async def finish(

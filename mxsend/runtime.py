@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from mxsend.committer import Committer
 from mxsend.config import Config
 from mxsend.delivery import Deliverer
+from mxsend.dkim import Signer
 from mxsend.plan import DuePlan
 from mxsend.policy import Policy
 from mxsend.spool import Spool
@@ -27,3 +28,4 @@ class Runtime:
     claimed: set[str] = field(default_factory=set)
     policy: Policy | None = None
     deliverer: Deliverer | None = None
+    signer: Signer = field(default_factory=Signer)  # DKIM keys; SIGHUP swaps them inside

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from mxsend import batv, heartbeat, sdnotify
+from mxsend import batv, dkim_spool, heartbeat, sdnotify
 from mxsend.attempt import Workers
 from mxsend.committer import Committer
 from mxsend.config import Config, load_config
@@ -105,6 +105,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         config = self.config
         self._batv_key = read_batv_key(config)
+        # DKIM keys, once: commands/run.py has checked them (exit 2) and logged their
+        # warnings before any daemon started.
+        self.rt.signer = dkim_spool.load_signer(config, log_warnings=False)
         problem = helo_name_problem(config.smtp.helo_name, self.reporting_mta)
         if problem:
             log.warning("%s", problem)
@@ -173,6 +176,7 @@ class Daemon:
                 if config.spool != rt.config.spool:
                     log.warning("SIGHUP: [spool] changes take effect at the next restart")
                     config = dataclasses.replace(config, spool=rt.config.spool)
+        dkim_spool.reload_signer(rt.signer, config)
         if config == rt.config:
             if rt.policy is not None:
                 rt.policy.reload()

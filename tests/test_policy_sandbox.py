@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from mxsend.actions import FileActions
+from mxsend.actions import FILE_FIELDS, FileActions
 from mxsend.luasandbox import LuaHost, compile_check, new_runtime
 from mxsend.luavalues import field_names, file_actions_to_lua
 
 NAMES = field_names()
 DEFAULTS = file_actions_to_lua(FileActions())
+# Where Reason's value is in check_file's reply: ("ok", nil, then (type, value) per field).
+REASON = 3 + 2 * [lua for _, lua in FILE_FIELDS].index("Reason")
 
 PROBE = b"""
 function CheckFile(Filename, Actions)
@@ -33,7 +35,7 @@ def probe(body: str) -> str:
     assert error is None, error
     values, _ = host.check_file(1.0, b"/f", 1, b"", 0, b"", b"", b"", b"\r\n", *DEFAULTS)
     assert values[0] == b"ok", values
-    reason = values[-1]
+    reason = values[REASON]
     assert isinstance(reason, bytes)
     return reason.decode()
 
@@ -190,7 +192,7 @@ def test_parse_url(url: str, expected: str) -> None:
     host = LuaHost(16 * 1024**2)
     assert host.load(PARSE, "@parse.lua", 1.0, NAMES)[0] is None
     values, _ = host.check_file(1.0, url.encode(), 1, b"", 0, b"", b"", b"", b"\r\n", *DEFAULTS)
-    assert values[-1] == expected.encode()
+    assert values[REASON] == expected.encode()
 
 
 def test_parse_url_of_a_non_string() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from mxsend.actions import LUA_NAME, FileActions, ServerActions, ServerParameters
 from mxsend.config import Config
+from mxsend.dkim import Signer, describe, split_message
 from mxsend.envelope import domain_of, header_lines, parse_bsmtp
 from mxsend.errors import EnvelopeError
 from mxsend.log import get_logger
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     failed = any(e["event"] == "script_error" for e in collect.events)
     if args.json:
         plain = {k: v for k, v in report.items()
-                 if k not in ("check_file_actions", "server_details_actions", "server_defaults")}
+                 if k not in ("check_file_actions", "check_file_defaults",
+                              "server_details_actions", "server_defaults")}
         doc: dict[str, Any] = {"script": str(script), "compiled": True, **plain,
                                "events": collect.events}
         print(json.dumps(doc, indent=2, default=str))
@@ -115,7 +117,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if "check_file" in report:
         print()
         print("\n".join(_table("CheckFile", _rows(report["check_file_actions"],
-                                                   FileActions()))))
+                                                   report["check_file_defaults"]))))
+    if "dkim" in report:
+        print()
+        print("\n".join(_dkim_lines(report["dkim"])))
     if "server_details" in report:
         sd = report["server_details"]
         print()
@@ -133,10 +138,24 @@ def run(args: argparse.Namespace, config: Config) -> int:
     return 1 if failed else 0
 
 
+def _dkim_lines(dkim: dict[str, Any]) -> list[str]:
+    """Which key(s) will sign: domain, selector, algorithm; never the key itself."""
+    lines = [f"DKIM (DKIMDomain in {json.dumps(dkim['domain_in'])}, "
+             f"out {json.dumps(dkim['domain_out'])})"]
+    for key in dkim["keys"]:
+        lines.append(f"    signs with d={key['domain']} s={key['selector']} "
+                     f"a={key['algorithm']}")
+    if not dkim["keys"]:
+        lines.append("    not signed")
+    return lines
+
+
 async def _decide(
     config: Config, args: argparse.Namespace, message: Any, path: str, mtime: float
 ) -> dict[str, Any]:
     report: dict[str, Any] = {}
+    # A key that cannot be used is a ConfigError naming it (exit 2), as for `run`.
+    signer = Signer.from_config(config.dkim.keys)[0] if message is not None else Signer()
     policy = Policy(config)
     try:
         data = message.data if message else b""
@@ -146,10 +165,19 @@ async def _decide(
                 creation_time=mtime, retries=0, last_try_time=None,
                 return_path=message.envelope.sender,
                 recipients=tuple(r.address for r in message.envelope.recipients), data=data,
+                dkim_domain=signer.dkim_domain(split_message(data)[0]),
             )
-            actions = await policy.check_file(request)
+            actions = await policy.check_file(request, signer.domains)
             report["check_file"] = dataclasses.asdict(actions)
             report["check_file_actions"] = actions
+            report["check_file_defaults"] = FileActions(dkim_domain=request.dkim_domain)
+            keys = signer.choose(split_message(data)[0], actions.dkim_domain)
+            report["dkim"] = {
+                "domain_in": request.dkim_domain, "domain_out": actions.dkim_domain,
+                "signs": describe(keys),
+                "keys": [{"domain": k.domain, "selector": k.selector,
+                          "algorithm": k.algorithm} for k in keys],
+            }
         domain = args.domain or (
             message.envelope.recipients[0].domain if message is not None else None)
         if args.server or domain:

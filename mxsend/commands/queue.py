@@ -269,13 +269,16 @@ def _show(spool: Spool, args: argparse.Namespace, config: Config, now: float,
 
 def _cat(spool: Spool, args: argparse.Namespace, config: Config, now: float,
          out: Output) -> int:
-    if spool.find(args.id) is None:
+    found = spool.find(args.id)
+    if found is None:
         raise _not_found(spool, args.id)
     try:
         message = spool.load_message(args.id)
     except MxsendError as exc:
         raise _Refused(f"{args.id}: cannot read the message: {exc}") from None
-    out.data(message.data)  # after DATA, CRLF line ends, not dot-stuffed
+    # After DATA, CRLF line ends, not dot-stuffed, with its DKIM-Signature once signed
+    # (contract §10): the bytes every attempt sends.
+    out.data((found[0].dkim_fields or "").encode("ascii") + message.data)
     return EXIT_OK
 
 
@@ -389,7 +392,8 @@ def _bounce_one(spool: Spool, id: str, config: Config, now: float) -> str:
              if not before.final]
     for rcpt in newly:
         event("delivery", claim.id, recipient=rcpt.address, status="bounced", relay=None,
-              tls=None, dsn=rcpt.dsn, response=rcpt.response, attempt=state.attempts)
+              tls=None, dsn=rcpt.dsn, response=rcpt.response, attempt=state.attempts,
+              dkim=state.dkim)
     if bounce_id is not None:
         event("bounce", claim.id, bounce_id=bounce_id, recipients=[r.address for r in reported])
     spool.complete(claim, final)

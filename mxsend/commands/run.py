@@ -12,7 +12,7 @@ from typing import Any
 from mxsend import batv, metrics
 from mxsend.config import Config
 from mxsend.errors import SpoolError
-from mxsend.log import setup_logging
+from mxsend.log import get_logger, setup_logging
 from mxsend.luasandbox import read_script
 from mxsend.services import serving
 from mxsend.supervisor import CHILD_ENV, Supervisor, child_position, share_of
@@ -44,6 +44,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
             print(f"mxsend: script does not compile: {error}", file=sys.stderr)
             return 2
     child = os.environ.get(CHILD_ENV)
+    if not child and config.dkim.keys:
+        # Likewise a DKIM key that cannot be read or parsed: exit 2 naming it (the
+        # DkimKeyError reaches cli.main), once, before any daemon starts; its
+        # warnings (a key others can read) are logged here for every daemon.
+        from mxsend.dkim import Signer  # not the daemon's stack: the supervisor's memory
+
+        for warning in Signer.from_config(config.dkim.keys)[1]:
+            get_logger().warning("DKIM key %s", warning)
     position = (0, 1)
     if child:
         config = share_of(config, child)

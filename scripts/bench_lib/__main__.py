@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          '"auto" (the default, as mxsend ships: one per core, at most 4)')
     ap.add_argument("--same-domain", action="store_true",
                     help="both recipients of a message in one domain (one transaction each)")
+    ap.add_argument("--dkim", choices=tuple(mxsend_side.DKIM_MODES), default=None,
+                    help="mxsend signs every message with DKIM: one RSA-2048 key, or "
+                         "RSA-2048 + Ed25519 (a dual signature); default: unsigned")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="scratch directory (default bench-out/work-<time>; removed after)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["scripts/bench", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(), "parts": args.parts, "n": args.messages,
-        "same_domain": args.same_domain, "processes": args.processes,
+        "same_domain": args.same_domain, "processes": args.processes, "dkim": args.dkim,
     }
     failures: list[str] = []
     out_file = args.out / f"bench-{stamp}.json"
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                     rundir = workdir / f"mxsend-{rep}"
                     rundir.mkdir()
                     r = mxsend_side.run_once(msgs, rundir, dns.nameserver, args.timeout,
-                                             processes=args.processes)
+                                             processes=args.processes, dkim=args.dkim)
                     results.setdefault("mxsend", []).append(r)
                     print(f"mxsend  rep {rep}: {r['msgs_per_s']:.0f} msg/s, "
                           f"{r['cpu_ms_per_msg']:.2f} ms CPU/msg, peak PSS "

@@ -26,7 +26,7 @@ from bench_lib.procstat import (
     vm_status,
 )
 from bench_lib.sink import Sink
-from bench_lib.workload import Msg, drop_message, fill_spool, to_bsmtp
+from bench_lib.workload import SENDER, Msg, drop_message, fill_spool, to_bsmtp
 
 ROOT = Path(__file__).resolve().parents[2]
 LUA = ROOT / "scripts" / "bench_mxout.lua"
@@ -48,7 +48,8 @@ def _toml(value: object) -> str:
 
 def write_config(path: Path, *, spool: Path, sink_port: int, nameserver: str,
                  scan_interval: float = SCAN_INTERVAL, log_level: str = "warning",
-                 processes: int | str = "auto") -> Path:
+                 processes: int | str = "auto",
+                 dkim: list[dict[str, object]] | None = None) -> Path:
     assert nameserver.startswith("127."), "the benchmark only resolves through loopback"
     sections: dict[str, dict[str, object]] = {
         "spool": {"path": str(spool)},
@@ -67,8 +68,30 @@ def write_config(path: Path, *, spool: Path, sink_port: int, nameserver: str,
         lines.append(f"[{name}]")
         lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
         lines.append("")
+    for table in dkim or []:  # --dkim: [[dkim.key]] tables (contract §7)
+        lines.append("[[dkim.key]]")
+        lines += [f"{key} = {_toml(value)}" for key, value in table.items()]
+        lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+# --dkim: which keys sign every message (RSA-2048, or RSA-2048 and Ed25519: dual).
+DKIM_MODES = {"rsa": ("rsa",), "rsa+ed25519": ("rsa", "ed25519")}
+
+
+def dkim_keys(workdir: Path, mode: str) -> list[dict[str, object]]:
+    """Keys made by `mxsend dkim keygen` in `workdir` for the workload's From: domain."""
+    domain = SENDER.rpartition("@")[2]
+    tables: list[dict[str, object]] = []
+    for kind in DKIM_MODES[mode]:
+        path = workdir / f"dkim-{kind}.pem"
+        if not path.exists():
+            subprocess.run([mxsend_exe(), "dkim", "keygen", domain, f"bench-{kind}",
+                            "--type", kind, "--out", str(path)],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tables.append({"domain": domain, "selector": f"bench-{kind}", "key_file": str(path)})
+    return tables
 
 
 def mxsend_exe() -> str:
@@ -142,7 +165,7 @@ def _wait_until(cond: Callable[[], bool], timeout: float, what: str,
 
 # --------------------------------------------------------------------- throughput
 def run_once(msgs: list[Msg], workdir: Path, nameserver: str, timeout: float,
-             processes: int | str = "auto") -> dict[str, Any]:
+             processes: int | str = "auto", dkim: str | None = None) -> dict[str, Any]:
     """Fill a spool, then time `mxsend run --once` until the sink has everything."""
     spool = workdir / "spool-once"
     if spool.exists():
@@ -154,12 +177,13 @@ def run_once(msgs: list[Msg], workdir: Path, nameserver: str, timeout: float,
     res: dict[str, Any] = {
         "n": len(msgs), "rcpts": sum(len(m.rcpts) for m in msgs),
         "bytes": sum(len(m.data) for m in msgs), "expected_transactions": expected,
-        "fill_s": fill_s,
+        "fill_s": fill_s, "dkim": dkim,
     }
     log = workdir / "mxsend-once.log"
     with Sink(workdir / "sink-once.out") as sink:
         config = write_config(workdir / "mxsend-once.toml", spool=spool, sink_port=sink.port,
-                              nameserver=nameserver, processes=processes)
+                              nameserver=nameserver, processes=processes,
+                              dkim=dkim_keys(workdir, dkim) if dkim else None)
         os.sync()  # the fill's writeback must not land inside the timed window
         time.sleep(0.5)
         busy0, _ = sys_cpu()
