@@ -194,6 +194,18 @@ class RelaySession(SMTP):
             self.listener.sessions.add(self)
         super().connection_made(transport)
 
+    def eof_received(self) -> bool | None:
+        # Exim (4.96) pipelines QUIT after the final "." and then half-closes. aiosmtpd
+        # would cancel the session at the EOF, and the 250 for a message already in the
+        # spool would never go out: the client would send it again. While whole commands
+        # wait in the buffer, keep the session to answer them (RFC 2920 §3.1); QUIT then
+        # closes it, and the idle timeout ends a client that sent no QUIT. Over TLS the
+        # transport cannot stay half-open.
+        reader: Any = self._reader
+        if self._tls() or b"\n" not in reader._buffer:
+            return super().eof_received()
+        return True
+
     def connection_lost(self, error: Exception | None) -> None:
         self.listener.sessions.discard(self)
         super().connection_lost(error)
