@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from mxsend import bounce, schedule
 from mxsend.actions import ServerActions, ServerParameters
@@ -215,7 +215,7 @@ class Workers:
             event("delivery", queue_id, recipient=outcome.address, status=str(outcome.status),
                   relay=outcome.relay, tls=outcome.tls, dsn=outcome.dsn,
                   response=outcome.response, attempt=attempt,
-                  command=bounce.command_of(outcome.phase))
+                  command=bounce.command_of(outcome.phase), tls_policy=outcome.tls_policy)
         return outcomes
 
     def _start_deliveries(
@@ -227,8 +227,10 @@ class Workers:
         pending = {r.address for r in state.pending()}
         headers = header_lines(message.data)
 
-        async def server_details(params: ServerParameters) -> ServerActions:
-            return await policy.server_details(queue_id, params, headers)
+        async def server_details(params: ServerParameters,
+                                 preset: Callable[[ServerActions], ServerActions]
+                                 ) -> ServerActions:
+            return await policy.server_details(queue_id, params, headers, preset)
 
         loop = asyncio.get_running_loop()
         deliveries: _Deliveries = {}

@@ -50,6 +50,8 @@ class RecipientOutcome:
     dsn_relayed: bool = False  # NOTIFY=SUCCESS asked but server lacked DSN (RFC 3461 §4.1)
     # 8-bit data sent to a server that did not offer 8BITMIME (contract §5: send, log).
     eight_bit_unadvertised: bool = False
+    # The receiving domain's TLS policy for that server (contract §8), None if none reached.
+    tls_policy: str | None = None
 
 
 def status_of(code: int) -> DeliveryStatus:
