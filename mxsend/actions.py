@@ -90,6 +90,7 @@ class ServerParameters:
     length: int  # message size in bytes
     connid: int  # a number identifying this delivery connection (also `connnid`)
     connection: str  # "host[ip]:port" of the connection
+    tlspolicy: str = "none"  # "dane", "mta-sts", "requiretls" or "none" (contract §8)
 
 
 # Attribute -> VPOP3's name, in the order the values cross to and from the Lua worker.

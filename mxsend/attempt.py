@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from mxsend import bounce, dkim_spool, schedule
 from mxsend.actions import ServerActions, ServerParameters
@@ -230,7 +230,8 @@ class Workers:
             event("delivery", queue_id, recipient=outcome.address, status=str(outcome.status),
                   relay=outcome.relay, tls=outcome.tls, dsn=outcome.dsn,
                   response=outcome.response, attempt=attempt,
-                  command=bounce.command_of(outcome.phase), dkim=dkim)
+                  command=bounce.command_of(outcome.phase), dkim=dkim,
+                  tls_policy=outcome.tls_policy)
         return outcomes
 
     def _start_deliveries(
@@ -244,8 +245,10 @@ class Workers:
         attempt = AttemptInfo(retries=state.attempts - 1, created=state.created)
         sent = dkim_spool.as_sent(message, state)  # the same bytes on every attempt
 
-        async def server_details(params: ServerParameters) -> ServerActions:
-            return await policy.server_details(queue_id, params, headers)
+        async def server_details(params: ServerParameters,
+                                 preset: Callable[[ServerActions], ServerActions]
+                                 ) -> ServerActions:
+            return await policy.server_details(queue_id, params, headers, preset)
 
         loop = asyncio.get_running_loop()
         deliveries: _Deliveries = {}

@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("key_file", metavar="KEY_FILE")
     for p in (keygen, record):
         _add_config_flag(p, top=False)
+
+    tlsrpt = command("tlsrpt", "TLS-RPT reports")
+    tlsrpt_sub = tlsrpt.add_subparsers(dest="tlsrpt_command", metavar="ACTION",
+                                       parser_class=_Parser)
+    tlsrpt_sub.required = True
+    _add_config_flag(tlsrpt_sub.add_parser("send", help="end the period now and send the "
+                                           "reports (contract §8)"), top=False)
     return parser
 
 
@@ -142,6 +149,7 @@ _COMMAND_MODULES = {
     "batv": "mxsend.commands.batv",
     "health": "mxsend.commands.health",
     "dkim": "mxsend.commands.dkim",
+    "tlsrpt": "mxsend.commands.tlsrpt",
 }
 
 

@@ -6,6 +6,10 @@ outcomes, never exceptions. Every address of every MX host is tried in order unt
 answers (RFC 5321 §5.1): a connection failure, or a host that answered 4xx for the
 whole transaction, moves on to the next address; anything sent or bounced is final.
 
+The receiving domain's TLS policy (contract §8, docs/tls.md) is `TlsGuard`'s: per domain
+and per MX host before ServerDetails, whose Actions arrive preset; DANE's chain check
+is smtp.py's; REQUIRETLS is checked on each session before MAIL.
+
 Connections are pooled (`pool.py`, the big lever for throughput): a session whose
 transaction ended cleanly goes back to the pool for the next message with equal
 ServerActions; one aborted half-way is RSET first (RFC 5321 §4.1.1.5).
@@ -14,6 +18,7 @@ ServerActions; one aborted half-way is RSET first (RFC 5321 §4.1.1.5).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import time
@@ -26,7 +31,7 @@ from mxsend.batv import BatvKey, sign
 from mxsend.config import Config
 from mxsend.destination import Destination
 from mxsend.envelope import Message, Recipient
-from mxsend.errors import DeliveryError, Phase, TemporaryFailure
+from mxsend.errors import DeliveryError, PermanentFailure, Phase, TemporaryFailure
 from mxsend.hooks import SmartHost
 from mxsend.hostname import helo_name
 from mxsend.outcome import (
@@ -41,10 +46,20 @@ from mxsend.outcome import (
 from mxsend.policy import Policy, ReturnPathRequest
 from mxsend.pool import Backoff, ConnectionPool, PoolEntry, backoff_worthy
 from mxsend.reply import Reply
+from mxsend.requiretls import DSN_REQUIRETLS
 from mxsend.smtp import HandshakeFailed, ReplyHook, SmtpConnection
 from mxsend.smtp_rules import ClientSettings, Transaction, choose_return_path
+from mxsend.tls import TlsFailure
+from mxsend.tlsdelivery import TlsGuard
+from mxsend.tlspolicy import NO_POLICY, DomainTls, HostTls
 
-ServerDetailsFn = Callable[[ServerParameters], Awaitable[ServerActions]]
+Preset = Callable[[ServerActions], ServerActions]
+# ServerDetails(Parameters, preset): the script's Actions in are preset(defaults).
+ServerDetailsFn = Callable[[ServerParameters, Preset], Awaitable[ServerActions]]
+
+
+class RequireTlsRefused(TemporaryFailure):
+    """This server cannot take a REQUIRETLS message (RFC 8689 §4.2.1): try the next."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +107,7 @@ class Deliverer:
     def __init__(self, config: Config, resolver: ResolverLike, *, batv_key: bytes | None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time,
-                 hooks: Policy | None = None) -> None:
+                 hooks: Policy | None = None, tls: TlsGuard | None = None) -> None:
         smtp = config.smtp
         # The script's VPOP3 8.8 hooks (ReturnCodeHandler, ModifyReturnPath and
         # mxserverrules.lua); None: none of them.
@@ -106,6 +121,7 @@ class Deliverer:
             allowed_destinations=smtp.allowed_destinations,
         )
         self._batv = BatvKey(batv_key) if batv_key else None
+        self.tls = tls  # None: no receiving-domain policies (unit tests, tools)
         self._clock = clock
         self._wall_clock = wall_clock
         self._ids = itertools.count(1)
@@ -148,8 +164,11 @@ class Deliverer:
         if not hosts:
             return failure_outcomes(addresses, TemporaryFailure(
                 f"{domain}: no host to deliver to", dsn="4.4.4", phase=Phase.DNS, host=domain))
+        dom = await self.tls.domain(domain, message) if self.tls is not None else None
         tried: list[list[RecipientOutcome]] = []
-        allowed = 0
+        refused: list[str] = []  # REQUIRETLS: servers that cannot take the message
+        skipped = 0  # MX hosts an enforced MTA-STS policy does not list
+        allowed = 0  # MX hosts CheckServer let through
         for host in hosts:
             if rules is not None and rules.active:
                 verdict = await rules.check_server(queue_id, domain, host.name,
@@ -162,22 +181,48 @@ class Deliverer:
                 if not verdict.allowed:
                     continue
             allowed += 1
+            tls = await self._host_tls(dom, host.name)
+            if not tls.allowed:
+                # RFC 8461 §4.1: an MX host the enforced policy does not list is not used.
+                skipped += 1
+                await self._record_tls(tls, host.name, "", "validation-failure")
+                continue
             port = host.port if isinstance(host, Route) else self._port
             for ip in host.addresses:
                 destination = Destination(host.name, ip, port)
-                outcomes = await self._try(destination, message, recipients, domain,
-                                           server_details, recorded, queue_id, attempt)
+                try:
+                    outcomes = await self._try(queue_id, destination, message, recipients,
+                                               domain, server_details, recorded, tls, attempt)
+                except RequireTlsRefused as exc:
+                    refused.append(f"{destination.relay}: {exc.message}")
+                    continue
+                outcomes = [dataclasses.replace(o, tls_policy=tls.policy) for o in outcomes]
                 if not should_try_next_host(outcomes):
                     return outcomes
                 tried.append(outcomes)
         if not allowed:
             # Every server skipped by CheckServer: queued, no error, not an attempt.
             return held_outcomes(addresses, 0.0, "CheckServer skipped every server")
+        if refused and not tried:
+            # RFC 8689 §5: no server qualified; the message must not go to the domain.
+            return failure_outcomes(addresses, PermanentFailure(
+                "; ".join(refused), dsn=DSN_REQUIRETLS, phase=Phase.STARTTLS, host=domain))
         if not tried:
+            why = ("no MX host matches its MTA-STS policy" if skipped
+                   else "no address to deliver to")
             return failure_outcomes(addresses, TemporaryFailure(
-                f"{domain}: no address to deliver to", dsn="4.4.4", phase=Phase.DNS,
-                host=domain))
+                f"{domain}: {why}", dsn="4.7.5" if skipped else "4.4.4",
+                phase=Phase.CONNECT if skipped else Phase.DNS, host=domain))
         return after_every_host(tried)
+
+    async def _host_tls(self, dom: DomainTls | None, mx_host: str) -> HostTls:
+        if self.tls is None or dom is None:
+            return NO_POLICY
+        return await self.tls.host(dom, mx_host)
+
+    async def _record_tls(self, tls: HostTls, mx_host: str, ip: str, result_type: str) -> None:
+        if self.tls is not None:
+            await self.tls.record(tls, mx_host, ip, result_type)
 
     async def close(self) -> None:
         """QUIT every pooled connection."""
@@ -225,11 +270,24 @@ class Deliverer:
 
     # -- one destination ----------------------------------------------------------------
 
-    async def _try(self, dest: Destination, message: Message, recipients: Sequence[Recipient],
-                   domain: str, server_details: ServerDetailsFn,
-                   recorded: asyncio.Future[None] | None, queue_id: str = "",
+    async def _try(self, queue_id: str, dest: Destination, message: Message,
+                   recipients: Sequence[Recipient], domain: str, server_details: ServerDetailsFn,
+                   recorded: asyncio.Future[None] | None, tls: HostTls = NO_POLICY,
                    attempt: AttemptInfo = AttemptInfo()) -> list[RecipientOutcome]:
+        """One address of one MX host. Raises RequireTlsRefused only."""
         addresses = [r.address for r in recipients]
+        if tls.tempfail:
+            # DANE lookups failed validation (bogus): nothing is sent (RFC 7672 §2.1).
+            await self._record_tls(tls, dest.name, dest.ip, tls.dane.result_type
+                                   if tls.dane is not None else "")
+            return failure_outcomes(addresses, TemporaryFailure(
+                tls.tempfail, dsn="4.7.5", phase=Phase.CONNECT, host=dest.name),
+                Where(dest.relay, dest.name))
+        requiretls = message.envelope.requiretls
+        if requiretls and not tls.mx_authenticated:
+            raise RequireTlsRefused(
+                "REQUIRETLS: the MX host was not found through DNSSEC or an enforced "
+                "MTA-STS policy", dsn=DSN_REQUIRETLS, phase=Phase.CONNECT, host=dest.name)
         key = (dest.ip, dest.port)
         until = self.backoff.blocked_until(key, self._clock())
         if until is not None:
@@ -241,8 +299,15 @@ class Deliverer:
         params = ServerParameters(
             authsender=env.auth or "", originator=env.sender, server=dest.name, domain=domain,
             length=len(message.data), connid=connid, connection=dest.relay,
+            tlspolicy=tls.policy,
         )
-        actions = await server_details(params)
+        if self.tls is not None:
+            actions = await server_details(params, self.tls.preset(tls))
+            if self.tls.check_override(queue_id, domain, dest.name, tls, actions):
+                # The operator's exception wins (contract §8): DANE is not enforced.
+                tls = dataclasses.replace(tls, dane=None)
+        else:
+            actions = await server_details(params, _unchanged)
         try:
             return_path = await self._return_path(queue_id, message, recipients, actions,
                                                   attempt)
@@ -255,18 +320,30 @@ class Deliverer:
             entry = await self.pool.acquire((dest.ip, dest.port, actions), domain)
             if entry is None:
                 break  # room was reserved for a new session
+            if tls.dane_required and not entry.connection.dane_verified:
+                # Opened for a message that waived DANE (TLS-Required: No): not for this.
+                self.pool.discard(entry)
+                continue
             entry.connection.reply_hook = hook
+            self._check_requiretls(entry, tls, requiretls)
             outcomes = await self._send(entry, tx, addresses, recorded)
             if outcomes is not None:
                 return outcomes
             # The pooled session had died while idle: nothing was sent; try again.
         try:
-            entry = await self._open(dest, actions, domain, connid, hook)
+            entry = await self._open(dest, actions, domain, connid, hook, tls)
         except DeliveryError as exc:
             if backoff_worthy(exc):
                 self.backoff.failed(key, self._clock())
+            if isinstance(exc, TlsFailure):
+                await self._record_tls(tls, dest.name, dest.ip, exc.result_type)
+                if requiretls:
+                    raise RequireTlsRefused(f"REQUIRETLS: {exc.message}", dsn=DSN_REQUIRETLS,
+                                            phase=Phase.STARTTLS, host=dest.name) from exc
             return failure_outcomes(addresses, exc, Where(dest.relay, dest.name))
         self.backoff.succeeded(key)
+        await self._record_session(tls, entry.connection)
+        self._check_requiretls(entry, tls, requiretls)
         outcomes = await self._send(entry, tx, addresses, recorded, fresh=True)
         assert outcomes is not None
         return outcomes
@@ -293,6 +370,32 @@ class Deliverer:
             all_recipients=tuple(r.address for r in env.recipients)))
         return computed if chosen is None else chosen
 
+    async def _record_session(self, tls: HostTls, conn: SmtpConnection) -> None:
+        """TLS-RPT: a new session that passed the policy (testing: what enforce would say)."""
+        guard = self.tls
+        if guard is None or not guard.reporting or tls.report is None:
+            return
+        dest = conn.destination
+        result_type = ""
+        if tls.testing:
+            result_type = guard.testing_result(tls, dest.name, tls=conn.tls_version is not None,
+                                               chain=conn.peer_certificates())
+        await guard.record(tls, dest.name, dest.ip, result_type)
+
+    def _check_requiretls(self, entry: PoolEntry, tls: HostTls, requiretls: bool) -> None:
+        """RFC 8689 §4.2.1 on an open session; a refused one stays usable for others."""
+        if not requiretls:
+            return
+        conn = entry.connection
+        problem = TlsGuard.requiretls_problem(
+            tls, conn.actions, conn.destination.name, requiretls=True,
+            tls=conn.tls_version is not None, dane_verified=conn.dane_verified,
+            extensions=tuple(conn.extensions))
+        if problem:
+            self.pool.give_back(entry)
+            raise RequireTlsRefused(problem, dsn=DSN_REQUIRETLS, phase=Phase.MAIL,
+                                    host=conn.destination.name)
+
     def _transaction(self, message: Message, recipients: Sequence[Recipient],
                      actions: ServerActions, return_path: str) -> Transaction:
         if actions.unusable:
@@ -313,13 +416,14 @@ class Deliverer:
                            recipients=tuple(recipients), data=message.data)
 
     async def _open(self, dest: Destination, actions: ServerActions, domain: str,
-                    connid: int, hook: ReplyHook | None = None) -> PoolEntry:
+                    connid: int, hook: ReplyHook | None = None,
+                    tls: HostTls = NO_POLICY) -> PoolEntry:
         """Open a session in the room `acquire` reserved; give the room back on failure."""
         slot = (dest.ip, dest.port)
         try:
             try:
                 conn = await SmtpConnection.open(dest, actions, self._settings, connid=connid,
-                                                 reply_hook=hook)
+                                                 reply_hook=hook, dane=tls.dane)
             except HandshakeFailed:
                 # Contract §4: without forceTLS, a failed handshake is retried once in
                 # plaintext on a new connection.
@@ -374,3 +478,7 @@ class Deliverer:
             self.pool.give_back(entry)
         else:
             self.pool.discard(entry)
+
+
+def _unchanged(actions: ServerActions) -> ServerActions:
+    return actions

@@ -24,7 +24,7 @@ Requests and replies:
               recipients, header_block, defaults: tuple)          (strings as bytes)
         -> ("result", values: tuple, prints: list[str])
     ("server", timeout, authsender, originator, server, domain, length, connid,
-               connection, header_lines, defaults: tuple)
+               connection, tlspolicy, header_lines, defaults: tuple)
         -> ("result", values: tuple, prints: list[str])
     ("reply", timeout, last_command, full_response, last_line)     (ReturnCodeHandler)
     ("returnpath", timeout, computed, mail_from, original, auth, recipients,

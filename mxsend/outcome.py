@@ -54,6 +54,8 @@ class RecipientOutcome:
     # the message waits this many seconds (0: until the next scan) and its attempt is
     # not counted. None for every outcome of a real attempt.
     hold: float | None = None
+    # The receiving domain's TLS policy for that server (contract §8), None if none reached.
+    tls_policy: str | None = None
 
 
 def status_of(code: int) -> DeliveryStatus:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mxsend.actions import FileActions, ServerActions, ServerParameters
@@ -140,15 +140,17 @@ class Policy(ScriptFile):
         return actions_list
 
     async def server_details(
-        self, queue_id: str, params: ServerParameters, header_lines: Sequence[str]
+        self, queue_id: str, params: ServerParameters, header_lines: Sequence[str],
+        preset: Callable[[ServerActions], ServerActions] | None = None,
     ) -> ServerActions:
-        defaults = self._defaults
+        """ServerDetails; `preset` turns the defaults into what the TLS policy demands."""
+        defaults = self._defaults if preset is None else preset(self._defaults)
         if not self.has_script or self._calls.known_missing(SERVERDETAILS):
             return defaults
         message = (
             "server", self.timeout, params.authsender.encode(), params.originator.encode(),
             params.server.encode(), params.domain.encode(), params.length, params.connid,
-            params.connection.encode(),
+            params.connection.encode(), params.tlspolicy.encode(),
             "\r\n".join(script_header_lines(header_lines)).encode(
                 "utf-8", errors="surrogateescape"),
             self._defaults_to_lua(defaults),

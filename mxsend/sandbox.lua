@@ -493,10 +493,11 @@ end
 -- SERVER_FIELDS then TIMEOUT_FIELDS; the result leaves as one flat list of
 -- (type, value) pairs in the same order ("timeouts" itself not a table: all "nil").
 function host.server_details(seconds, authsender, originator, server, domain, length,
-                             connid, connection, header_lines, ...)
+                             connid, connection, tlspolicy, header_lines, ...)
   local params = {
     authsender = authsender, originator = originator, server = server, domain = domain,
     length = length, connnid = connid, connid = connid, connection = connection,
+    tlspolicy = tlspolicy,
   }
   local values = {...}
   local actions, timeouts = {}, {}

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from mxsend import batv, dkim_spool, heartbeat, sdnotify
+from mxsend import batv, dkim_spool, heartbeat, sdnotify, tlsrpt_daily
 from mxsend.attempt import Workers
 from mxsend.committer import Committer
 from mxsend.config import Config, load_config
@@ -44,6 +44,7 @@ from mxsend.policy import Policy
 from mxsend.record import Recorder, recover_claims
 from mxsend.runtime import Runtime
 from mxsend.spool import GroupCommit, Spool
+from mxsend.tlsdelivery import TlsGuard
 from mxsend.watch import Watcher
 
 log = get_logger()
@@ -120,7 +121,7 @@ class Daemon:
             self._assemble()
         self.rt.policy = Policy(config)
         self.rt.deliverer = Deliverer(config, Resolver(config.dns), batv_key=self._batv_key,
-                                      hooks=self.rt.policy)
+                                      hooks=self.rt.policy, tls=TlsGuard(config))
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
@@ -131,15 +132,19 @@ class Daemon:
             self._start_watching(loop)
         self.workers.start(config.smtp.max_connections)
         beating = asyncio.create_task(self._heartbeat())
+        reporting = None if self.once else asyncio.create_task(tlsrpt_daily.run(
+            lambda: self.rt.config, tlsrpt_daily.spool_enqueue, self._stopping))
         log.info("mxsend started: spool %s, %d workers", config.spool.path,
                  config.smtp.max_connections)
         try:
             await self._scan_loop()
         finally:
             await self._shutdown()
-            beating.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beating
+            for task in (beating, reporting):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             self._io.shutdown(wait=True)
             self._commit_thread.shutdown(wait=True)
             if self._commit is not None:
@@ -196,7 +201,7 @@ class Daemon:
         rt.config = config
         self._batv_key = batv_key
         rt.deliverer = Deliverer(config, Resolver(config.dns), batv_key=batv_key,
-                                 hooks=rt.policy)
+                                 hooks=rt.policy, tls=TlsGuard(config))
         task = asyncio.get_running_loop().create_task(self._retire(old_policy, old_deliverer))
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -27,9 +27,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from aiosmtplib.esmtp import parse_esmtp_extensions
 
+from mxsend import dane as dane_checks
 from mxsend.actions import ServerActions
 from mxsend.destination import Destination, refusal
 from mxsend.envelope import dot_stuff
@@ -53,7 +55,13 @@ from mxsend.smtp_rules import (
     needs_smtputf8,
     rcpt_params,
 )
-from mxsend.tls import CertificateCheckFailed, check_certificate, client_context
+from mxsend.tls import (
+    CertificateCheckFailed,
+    TlsFailure,
+    check_certificate,
+    client_context,
+    handshake_result_type,
+)
 from mxsend.wire import Wire
 
 # VPOP3 8.8's ReturnCodeHandler (contract §9): (LastCommand, code, text) -> a
@@ -63,6 +71,7 @@ ReplyHook = Callable[[str, int, str], Awaitable[tuple[int, str] | None]]
 # Data is written in blocks so that the §4.5.3.2.5 data-block timeout means something:
 # each block must drain into the socket within `datablock` seconds.
 DATA_BLOCK = 256 * 1024
+STARTTLS_NOT_SUPPORTED = "starttls-not-supported"  # RFC 8460 §4.3.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +164,7 @@ class SmtpConnection:
         self.actions = actions
         self.tls_version = tls_version
         self.connid = connid
+        self.dane_verified = False  # the chain was authenticated by TLSA records
         self.transactions = 0
         self.last_used = time.monotonic()
         self.reply_hook: ReplyHook | None = None  # set per transaction by the deliverer
@@ -162,6 +172,11 @@ class SmtpConnection:
     @property
     def alive(self) -> bool:
         return self._wire.alive
+
+    def peer_certificates(self) -> list[bytes]:
+        """The chain the server presented, leaf first (DER); [] in plaintext."""
+        ssl_object = self._wire.extra("ssl_object") if self.tls_version else None
+        return dane_checks.peer_chain(ssl_object) if ssl_object is not None else []
 
     @classmethod
     async def open(
@@ -173,12 +188,18 @@ class SmtpConnection:
         connid: int = 0,
         allow_tls: bool = True,
         reply_hook: ReplyHook | None = None,
+        dane: dane_checks.DanePolicy | None = None,
     ) -> SmtpConnection:
         """Connect, read the greeting, EHLO/HELO and STARTTLS as the actions say.
 
+        `dane`: with usable TLSA records (REQUIRED), the presented chain must match
+        them (RFC 7672 §3), whatever the actions say about the CA store.
+
         Raises DeliveryError; DestinationRefused before connecting to an address that
-        contract §10 keeps out; HandshakeFailed when a plaintext retry is allowed.
+        contract §10 keeps out; HandshakeFailed when a plaintext retry is allowed;
+        TlsFailure when required TLS failed.
         """
+        dane_required = dane is not None and dane.tls_required
         host = destination.name
         timeouts = actions.timeouts
         helo = choose_helo(actions, settings)
@@ -199,9 +220,13 @@ class SmtpConnection:
                 raise failure_from_reply(greeting, Phase.GREETING, host)
             extensions = await _hello(wire, actions, helo, host, reply_hook)
             tls_version: str | None = None
+            if dane_required and not tls_version_possible(allow_tls, actions):
+                raise TlsFailure("DANE: TLS required but not attempted (the script)",
+                                 result_type=STARTTLS_NOT_SUPPORTED, host=host)
             if allow_tls and (actions.try_tls or actions.requires_tls):
                 tls_version, extensions = await _starttls(
-                    wire, extensions, destination, actions, settings, helo, reply_hook)
+                    wire, extensions, destination, actions, settings, helo, reply_hook,
+                    dane=dane if dane_required else None)
             elif actions.requires_tls:
                 raise TemporaryFailure(
                     "TLS required but not attempted", dsn="4.7.4", phase=Phase.STARTTLS,
@@ -210,8 +235,10 @@ class SmtpConnection:
         except BaseException:
             wire.close()
             raise
-        return cls(wire, destination, actions, extensions=extensions, tls_version=tls_version,
-                   connid=connid)
+        connection = cls(wire, destination, actions, extensions=extensions,
+                         tls_version=tls_version, connid=connid)
+        connection.dane_verified = dane_required
+        return connection
 
     async def send(self, tx: Transaction, *,
                    before_end_of_data: Awaitable[None] | None = None) -> TransactionResult:
@@ -447,6 +474,11 @@ class SmtpConnection:
 
 
 
+def tls_version_possible(allow_tls: bool, actions: ServerActions) -> bool:
+    """Will STARTTLS be tried at all on this connection?"""
+    return allow_tls and (actions.try_tls or actions.requires_tls)
+
+
 def _done(awaitable: Awaitable[None]) -> bool:
     return isinstance(awaitable, asyncio.Future) and awaitable.done()
 
@@ -535,51 +567,69 @@ async def _starttls(
     settings: ClientSettings,
     helo: str,
     hook: ReplyHook | None = None,
+    *,
+    dane: dane_checks.DanePolicy | None = None,
 ) -> tuple[str | None, dict[str, str]]:
-    """STARTTLS when offered: the TLS version (None for plaintext) and the extensions."""
+    """STARTTLS when offered: the TLS version (None for plaintext) and the extensions.
+
+    With `dane` (usable TLSA records), TLS is required and the chain must match them.
+    """
     host = destination.name
-    required = actions.requires_tls
+    required = actions.requires_tls or dane is not None
     if "starttls" not in extensions:
         if required:
-            raise TemporaryFailure("TLS required but the server does not offer STARTTLS",
-                                   dsn="4.7.4", phase=Phase.STARTTLS, host=host)
+            # RFC 3463 X.7.4: security features not supported.
+            raise TlsFailure("TLS required but the server does not offer STARTTLS",
+                             result_type=STARTTLS_NOT_SUPPORTED, host=host, dsn="4.7.4")
         return None, extensions
     context = client_context(actions.verify_cert, settings.ca_file)
     timeout = actions.timeouts.starttls
     try:
         code, text = await _ask(wire, b"STARTTLS\r\n", Phase.STARTTLS, timeout, host, hook)
     except DeliveryError as exc:
-        raise _tls_failure(exc.message, exc.code, required, host) from exc
+        raise _tls_failure(exc.message, exc.code, required, host,
+                           STARTTLS_NOT_SUPPORTED) from exc
     if code != 220:
         if wire.alive and not required:
             # RFC 3207 §4: the server declined (454); carry on in plaintext.
             return None, extensions
         failure = failure_from_reply(parse_reply(code, text), Phase.STARTTLS, host)
-        raise _tls_failure(failure.message, failure.code, required, host)
+        raise _tls_failure(failure.message, failure.code, required, host,
+                           STARTTLS_NOT_SUPPORTED)
+    # SNI is the MX host name, for DANE too (RFC 7672 §8.1).
     server_name = None if host.startswith("[") else host
     try:
         await wire.start_tls(context, server_name, timeout)
     except (OSError, ValueError, TimeoutError) as exc:  # ssl.SSLError is an OSError
         raise _tls_failure(f"TLS handshake failed: {_cause(exc)}", None, required,
-                           host) from exc
+                           host, handshake_result_type(exc)) from exc
     ssl_object = wire.extra("ssl_object")
     if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
-        raise _tls_failure("TLS handshake left no TLS session", None, required, host)
+        raise _tls_failure("TLS handshake left no TLS session", None, required, host,
+                           "validation-failure")
     der = ssl_object.getpeercert(binary_form=True)
     try:
         check_certificate(der, name=actions.check_cert_name,
                           thumbprint=actions.check_cert_thumbprint)
     except CertificateCheckFailed as exc:
         # Nothing is sent on this connection (contract §4).
-        raise TemporaryFailure(str(exc), dsn="4.7.5", phase=Phase.STARTTLS,
-                               host=host) from None
+        raise TlsFailure(str(exc), result_type="certificate-host-mismatch",
+                         host=host) from None
+    if dane is not None:
+        # RFC 7672 §3: the TLSA records, not the CA store, authenticate the server.
+        verdict = dane_checks.verify_chain(dane.records, dane_checks.peer_chain(ssl_object),
+                                           dane.names, datetime.now(UTC))
+        if not verdict.ok:
+            raise TlsFailure(f"DANE: {verdict.reason}", result_type="tlsa-invalid",
+                             host=host)
     # RFC 3207 §4.2: forget what was learnt before TLS and say EHLO again.
     extensions = await _hello(wire, actions, helo, host, hook)
     return ssl_object.version() or "TLS", extensions
 
 
-def _tls_failure(message: str, code: int | None, required: bool, host: str) -> DeliveryError:
+def _tls_failure(message: str, code: int | None, required: bool, host: str,
+                 result_type: str) -> DeliveryError:
     if required:
-        return TemporaryFailure(f"TLS required: {message}", code=code, dsn="4.7.5",
-                                phase=Phase.STARTTLS, host=host)
+        return TlsFailure(f"TLS required: {message}", code=code, host=host,
+                          result_type=result_type)
     return HandshakeFailed(message, code=code, dsn="4.7.5", phase=Phase.STARTTLS, host=host)

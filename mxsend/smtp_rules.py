@@ -115,6 +115,9 @@ def mail_params(
             params.append(f"RET={env.ret}")
         if env.envid:
             params.append(f"ENVID={env.envid}")
+    if env.requiretls and "requiretls" in extensions:
+        # RFC 8689 §4.2.1: the requirement travels on (delivery checked the session).
+        params.append("REQUIRETLS")
     # AUTH= (RFC 4954 §5) is never sent: we do not authenticate to MX hosts, and an
     # unauthenticated client has no identity to vouch for.
     return params

@@ -16,6 +16,32 @@ import ssl
 from functools import lru_cache
 from pathlib import Path
 
+from mxsend.errors import Phase, TemporaryFailure
+
+
+class TlsFailure(TemporaryFailure):
+    """Required TLS failed (forceTLS, a policy): nothing was sent on this connection.
+
+    `result_type` is the RFC 8460 §4.3 result type for a TLS-RPT report.
+    """
+
+    def __init__(self, message: str, *, result_type: str, code: int | None = None,
+                 host: str | None = None, dsn: str = "4.7.5") -> None:
+        super().__init__(message, code=code, dsn=dsn, phase=Phase.STARTTLS, host=host)
+        self.result_type = result_type
+
+
+def handshake_result_type(exc: BaseException) -> str:
+    """RFC 8460 §4.3 result type of a failed handshake."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # OpenSSL's X509_V_ERR_CERT_HAS_EXPIRED (10) and ..._HOSTNAME_MISMATCH (62).
+        if exc.verify_code == 10:
+            return "certificate-expired"
+        if exc.verify_code == 62:
+            return "certificate-host-mismatch"
+        return "certificate-not-trusted"
+    return "validation-failure"
+
 
 class CertificateCheckFailed(Exception):
     """A certificate did not pass checkCertName or checkCertThumbprint."""

@@ -54,6 +54,8 @@ class HostTls:
     dane: DanePolicy | None = None  # REQUIRED: check the chain with dane.verify_chain
     mx_authenticated: bool = False  # for requiretls_verdict
     report: SessionResult | None = None  # a TLS-RPT template (failure=None), or None
+    testing: bool = False  # MTA-STS `mode: testing`: failures only reported (RFC 8461 §5)
+    mx_mismatch: bool = False  # testing: the host matches no mx pattern (reported)
 
     @property
     def dane_required(self) -> bool:
@@ -125,7 +127,8 @@ def host_tls(
                            report=report)
         # testing: delivered as without a policy; failures are only reported (§5).
         if not domain_tls.requiretls:
-            return HostTls(NONE, mx_authenticated=mx_authenticated, report=report)
+            return HostTls(NONE, mx_authenticated=mx_authenticated, report=report,
+                           testing=True, mx_mismatch=sts.mx_mismatch)
     if domain_tls.requiretls:
         return HostTls(REQUIRETLS, force_tls=True, verify_cert=True, check_cert_name=host,
                        mx_authenticated=mx_authenticated)

@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -76,9 +76,10 @@ class Details:
         self.actions = ServerActions(**actions)
         self.calls: list[ServerParameters] = []
 
-    async def __call__(self, params: ServerParameters) -> ServerActions:
+    async def __call__(self, params: ServerParameters,
+                       preset: Callable[[ServerActions], ServerActions]) -> ServerActions:
         self.calls.append(params)
-        return self.actions
+        return preset(self.actions)
 
 
 async def deliver(deliverer: Deliverer, msg: Message, domain: str = "example.org",

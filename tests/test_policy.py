@@ -393,8 +393,8 @@ async def delivery_to(smtp_receivers: Any) -> Any:
                                recipients=(Recipient("bob@example.org"),)),
                       b"Subject: t\r\n\r\nhi\r\n")
 
-        async def details(params: ServerParameters) -> ServerActions:
-            return await policy.server_details("Q1", params, [])
+        async def details(params: ServerParameters, preset: Any) -> ServerActions:
+            return await policy.server_details("Q1", params, [], preset)
 
         try:
             outcomes = await deliverer.deliver("Q1", msg, list(msg.envelope.recipients),

@@ -81,7 +81,7 @@ async def test_deliverer_refuses_loopback_without_connecting(
     deliverer = Deliverer(config, Table(hosts), batv_key=None)
     called: list[Any] = []
 
-    async def details(params: Any) -> Any:
+    async def details(params: Any, preset: Any) -> Any:
         from mxsend.actions import ServerActions
         called.append(params)
         return ServerActions()

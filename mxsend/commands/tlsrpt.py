@@ -12,34 +12,16 @@ import argparse
 import asyncio
 import sys
 
+from mxsend import tlsrpt_daily
 from mxsend.config import Config
-from mxsend.envelope import Envelope, Message, Recipient
 from mxsend.errors import ConfigError
-from mxsend.spool import Spool
-from mxsend.tlsdns import TlsResolver
-from mxsend.tlsrpt_store import Enqueue, Sent, TlsRptSender, TlsRptStore
-
-
-def spool_enqueue(config: Config) -> Enqueue:
-    """Queue a report message in the spool by the writers' protocol (tmp/, new/)."""
-    spool = Spool.configured(config.spool)
-
-    def enqueue(sender: str, recipient: str, data: bytes) -> None:
-        for directory in ("tmp", "new"):
-            (config.spool.path / directory).mkdir(parents=True, exist_ok=True)
-        envelope = Envelope(sender=sender, recipients=(Recipient(recipient),))
-        spool.enqueue(Message(envelope=envelope, data=data))
-
-    return enqueue
+from mxsend.tlsrpt_store import Sent
 
 
 async def send_reports(config: Config, *, everything: bool) -> list[Sent]:
-    store = TlsRptStore(config.spool.path)
-    sender = TlsRptSender(
-        store, TlsResolver(config.dns), spool_enqueue(config),
-        report_from=config.tls.report_from, ca_file=config.smtp.ca_file,
-    )
-    return await sender.send(everything=everything)
+    """End the period and send, under the spool's sender lock (waiting for a daemon)."""
+    return await tlsrpt_daily.send_reports(config, tlsrpt_daily.spool_enqueue(config),
+                                           everything=everything, wait=True) or []
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
