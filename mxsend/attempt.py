@@ -59,6 +59,15 @@ def bounce_phases(outcomes: Iterable[RecipientOutcome]) -> dict[str, Phase]:
             if o.status is DeliveryStatus.BOUNCED and o.phase is not None}
 
 
+def split_waiting(outcomes: Iterable[RecipientOutcome]
+                  ) -> tuple[list[RecipientOutcome], float | None]:
+    """The outcomes of recipients tried, and the soonest time one that had to wait for
+    its destination (shaper.py) may go (None: none waited)."""
+    tried = [o for o in outcomes if o.wait_until is None]
+    waits = [o.wait_until for o in outcomes if o.wait_until is not None]
+    return tried, (min(waits) if waits else None)
+
+
 def _resolve(futures: Iterable[asyncio.Future[None]]) -> None:
     for future in futures:
         if not future.done():
@@ -177,6 +186,14 @@ class Workers:
         """The end of an attempt: the next try or giving up, then the Recorder."""
         config = self._rt.config
         now = time.time()
+        outcomes, wait_until = split_waiting(outcomes)
+        if wait_until is not None and not outcomes:
+            # Every destination made it wait (contract §9): not an attempt; back when
+            # its destination is expected to take it. Nothing was recorded mid-way,
+            # since only a server's acceptance is.
+            await self._recorder.release_untouched(job.claim, job.state,
+                                                   delay=max(0.0, wait_until - now))
+            return
         state = apply_outcomes(state, outcomes, now)
         relayed = {o.address for o in outcomes
                    if o.status is DeliveryStatus.SENT and o.dsn_relayed}
@@ -190,6 +207,8 @@ class Workers:
             if decision.give_up is not None:
                 state = self._recorder.give_up(job.claim.id, state, decision.give_up, now)
             next_try = decision.next_try
+            if wait_until is not None and next_try is not None:
+                next_try = min(next_try, wait_until)
         await self._recorder.finish(job.claim, state, job.message, now, before=job.state,
                                     next_try=next_try, relayed=relayed,
                                     phases=bounce_phases(outcomes))
@@ -212,6 +231,10 @@ class Workers:
             # Contract §5: 8-bit data to a server without 8BITMIME is sent anyway, noted.
             log.warning("message %s has 8-bit data; a server did not offer 8BITMIME", queue_id)
         for outcome in outcomes:
+            if outcome.wait_until is not None:
+                log.debug("message %s waits for %s: %s", queue_id, outcome.address,
+                          outcome.response)
+                continue
             event("delivery", queue_id, recipient=outcome.address, status=str(outcome.status),
                   relay=outcome.relay, tls=outcome.tls, dsn=outcome.dsn,
                   response=outcome.response, attempt=attempt,

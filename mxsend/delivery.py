@@ -33,9 +33,11 @@ from mxsend.outcome import (
     failure_outcomes,
     should_try_next_host,
     transaction_outcomes,
+    waiting_outcomes,
 )
 from mxsend.pool import Backoff, ConnectionPool, PoolEntry, backoff_worthy
 from mxsend.reply import Reply
+from mxsend.shaper import Lease, Shaper, Target
 from mxsend.smtp import HandshakeFailed, SmtpConnection
 from mxsend.smtp_rules import ClientSettings, Transaction, choose_return_path
 
@@ -61,7 +63,8 @@ class Deliverer:
 
     def __init__(self, config: Config, resolver: ResolverLike, *, batv_key: bytes | None,
                  clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 shaper: Shaper | None = None) -> None:
         smtp = config.smtp
         self._port = smtp.port
         self._resolver = resolver
@@ -76,6 +79,7 @@ class Deliverer:
         self._wall_clock = wall_clock
         self._ids = itertools.count(1)
         self.backoff = Backoff()
+        self.shaper = shaper  # None: nothing shaped, no per-destination checks at all
         # The limits are the contract's two: per recipient domain and in total, as
         # Postfix's per-destination concurrency is per domain for MX delivery. An extra
         # per-address cap equal to the per-domain one (what we had) throttled every
@@ -112,8 +116,8 @@ class Deliverer:
         for host in hosts:
             for ip in host.addresses:
                 destination = Destination(host.name, ip, self._port)
-                outcomes = await self._try(destination, message, recipients, domain,
-                                           server_details, recorded)
+                outcomes = await self._try(queue_id, destination, message, recipients,
+                                           domain, server_details, recorded)
                 if not should_try_next_host(outcomes):
                     return outcomes
                 tried.append(outcomes)
@@ -121,7 +125,12 @@ class Deliverer:
             return failure_outcomes(addresses, TemporaryFailure(
                 f"{domain}: no address to deliver to", dsn="4.4.4", phase=Phase.DNS,
                 host=domain))
-        return after_every_host(tried)
+        # A destination that made us wait is no answer when another host gave one.
+        answered = [outcomes for outcomes in tried if outcomes[0].wait_until is None]
+        if not answered:
+            soonest = min(outcomes[0].wait_until or 0.0 for outcomes in tried)
+            return next(o for o in tried if o[0].wait_until == soonest)
+        return after_every_host(answered)
 
     async def close(self) -> None:
         """QUIT every pooled connection."""
@@ -129,8 +138,9 @@ class Deliverer:
 
     # -- one destination ----------------------------------------------------------------
 
-    async def _try(self, dest: Destination, message: Message, recipients: Sequence[Recipient],
-                   domain: str, server_details: ServerDetailsFn,
+    async def _try(self, queue_id: str, dest: Destination, message: Message,
+                   recipients: Sequence[Recipient], domain: str,
+                   server_details: ServerDetailsFn,
                    recorded: asyncio.Future[None] | None) -> list[RecipientOutcome]:
         addresses = [r.address for r in recipients]
         key = (dest.ip, dest.port)
@@ -139,6 +149,13 @@ class Deliverer:
             return failure_outcomes(addresses, TemporaryFailure(
                 f"{dest.relay} is in backoff after a refused connection or 421",
                 dsn="4.4.1", phase=Phase.CONNECT, host=dest.name), Where(dest.relay, dest.name))
+        target = None
+        if self.shaper is not None:
+            target = self.shaper.target(dest.name, domain)
+            suspended = await self.shaper.suspended_until(target)
+            if suspended:
+                return waiting_outcomes(addresses, suspended,
+                                        f"destination {target.name} is suspended")
         connid = self.pool.idle_connid(dest.ip, dest.port) or next(self._ids)
         env = message.envelope
         params = ServerParameters(
@@ -155,20 +172,76 @@ class Deliverer:
             entry = await self.pool.acquire((dest.ip, dest.port, actions), domain)
             if entry is None:
                 break  # room was reserved for a new session
+            if target is not None:
+                wait = await self._admit_message(target, queue_id, entry)
+                if wait:
+                    self.pool.give_back(entry)
+                    return waiting_outcomes(addresses, wait, f"destination {target.name} "
+                                            "is at its rate")
+            started = self._clock()
             outcomes = await self._send(entry, tx, addresses, recorded)
             if outcomes is not None:
-                return outcomes
+                return await self._shaped(target, outcomes, started)
             # The pooled session had died while idle: nothing was sent; try again.
+        lease = None
+        if target is not None:
+            admitted = await self._admit_connection(target, queue_id, dest, domain)
+            if not isinstance(admitted, Lease):
+                return waiting_outcomes(addresses, admitted, f"destination {target.name} "
+                                        "is at its connection limit or rate")
+            lease = admitted
         try:
             entry = await self._open(dest, actions, domain, connid)
         except DeliveryError as exc:
+            if lease is not None:
+                lease.release()
             if backoff_worthy(exc):
                 self.backoff.failed(key, self._clock())
-            return failure_outcomes(addresses, exc, Where(dest.relay, dest.name))
+            return await self._shaped(target, failure_outcomes(
+                addresses, exc, Where(dest.relay, dest.name)))
+        entry.lease = lease
         self.backoff.succeeded(key)
+        started = self._clock()
         outcomes = await self._send(entry, tx, addresses, recorded, fresh=True)
         assert outcomes is not None
-        return outcomes
+        return await self._shaped(target, outcomes, started)
+
+    # -- traffic shaping (contract §9; the decisions are shaper.py's) -------------------
+
+    async def _admit_message(self, target: Target, queue_id: str, entry: PoolEntry) -> float:
+        """0.0: go on this pooled session; else when to come back (epoch seconds)."""
+        assert self.shaper is not None
+        if isinstance(entry.lease, Lease):
+            await self.shaper.renew(entry.lease)
+        return await self.shaper.admit_message(target, queue_id)
+
+    async def _admit_connection(self, target: Target, queue_id: str, dest: Destination,
+                                domain: str) -> Lease | float:
+        """A lease and a rate slot for a new session in the room the pool reserved,
+        or when to come back (the room is given back then)."""
+        assert self.shaper is not None
+        admitted = await self.shaper.admit_connection(target)
+        if not isinstance(admitted, Lease) and self.pool.evict_idle(
+                lambda e: isinstance(e.lease, Lease) and e.lease.target == target):
+            # An idle session of this destination (other ServerActions) held its place.
+            admitted = await self.shaper.admit_connection(target)
+        if isinstance(admitted, Lease):
+            wait = await self.shaper.admit_message(target, queue_id)
+            if not wait:
+                return admitted
+            admitted.release()
+            admitted = wait
+        self.pool.unreserve(domain, (dest.ip, dest.port))
+        return admitted
+
+    async def _shaped(self, target: Target | None, outcomes: list[RecipientOutcome],
+                      started: float | None = None) -> list[RecipientOutcome]:
+        """The reply rules, applied to what the server said; the transaction's time."""
+        if target is None or self.shaper is None:
+            return outcomes
+        if started is not None:
+            self.shaper.observed(target, self._clock() - started)
+        return await self.shaper.apply_reply_rules(target, outcomes)
 
     def _transaction(self, message: Message, recipients: Sequence[Recipient],
                      actions: ServerActions) -> Transaction:

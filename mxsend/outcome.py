@@ -50,6 +50,20 @@ class RecipientOutcome:
     dsn_relayed: bool = False  # NOTIFY=SUCCESS asked but server lacked DSN (RFC 3461 §4.1)
     # 8-bit data sent to a server that did not offer 8BITMIME (contract §5: send, log).
     eight_bit_unadvertised: bool = False
+    # Not tried: its destination is suspended or at its limits until then (epoch
+    # seconds, shaper.py). Not an attempt: the message waits, uncounted, until then.
+    wait_until: float | None = None
+
+
+def waiting_outcomes(addresses: Sequence[str], until: float,
+                     reason: str) -> list[RecipientOutcome]:
+    """Recipients that must wait for their destination (contract §9): not an attempt."""
+    return [
+        RecipientOutcome(address=address, status=DeliveryStatus.DEFERRED, dsn="4.4.5",
+                         response=reason, phase=None, relay=None, remote_mta=None, tls=None,
+                         wait_until=until)
+        for address in addresses
+    ]
 
 
 def status_of(code: int) -> DeliveryStatus:
