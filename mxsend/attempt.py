@@ -60,12 +60,12 @@ def bounce_phases(outcomes: Iterable[RecipientOutcome]) -> dict[str, Phase]:
 
 
 def split_waiting(outcomes: Iterable[RecipientOutcome]
-                  ) -> tuple[list[RecipientOutcome], float | None]:
-    """The outcomes of recipients tried, and the soonest time one that had to wait for
-    its destination (shaper.py) may go (None: none waited)."""
+                  ) -> tuple[list[RecipientOutcome], RecipientOutcome | None]:
+    """The outcomes of recipients tried, and of those that had to wait for their
+    destination (shaper.py) the one that may go soonest (None: none waited)."""
     tried = [o for o in outcomes if o.wait_until is None]
-    waits = [o.wait_until for o in outcomes if o.wait_until is not None]
-    return tried, (min(waits) if waits else None)
+    waits = [o for o in outcomes if o.wait_until is not None]
+    return tried, min(waits, key=lambda o: o.wait_until or 0.0, default=None)
 
 
 def _resolve(futures: Iterable[asyncio.Future[None]]) -> None:
@@ -186,13 +186,16 @@ class Workers:
         """The end of an attempt: the next try or giving up, then the Recorder."""
         config = self._rt.config
         now = time.time()
-        outcomes, wait_until = split_waiting(outcomes)
-        if wait_until is not None and not outcomes:
+        outcomes, waiting = split_waiting(outcomes)
+        wait_until = waiting.wait_until if waiting is not None else None
+        if waiting is not None and wait_until is not None and not outcomes:
             # Every destination made it wait (contract §9): not an attempt; back when
-            # its destination is expected to take it. Nothing was recorded mid-way,
+            # its destination is expected to take it, with the reason for `queue list`
+            # (and `queue resume`, which makes it due). Nothing was recorded mid-way,
             # since only a server's acceptance is.
-            await self._recorder.release_untouched(job.claim, job.state,
-                                                   delay=max(0.0, wait_until - now))
+            await self._recorder.release_untouched(
+                job.claim, dataclasses.replace(job.state, last_error=waiting.response),
+                delay=max(0.0, wait_until - now))
             return
         state = apply_outcomes(state, outcomes, now)
         relayed = {o.address for o in outcomes

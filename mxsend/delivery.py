@@ -37,7 +37,7 @@ from mxsend.outcome import (
 )
 from mxsend.pool import Backoff, ConnectionPool, PoolEntry, backoff_worthy
 from mxsend.reply import Reply
-from mxsend.shaper import Lease, Shaper, Target
+from mxsend.shaper import Lease, Shaper, Target, suspended_reason
 from mxsend.smtp import HandshakeFailed, SmtpConnection
 from mxsend.smtp_rules import ClientSettings, Transaction, choose_return_path
 
@@ -154,8 +154,7 @@ class Deliverer:
             target = self.shaper.target(dest.name, domain)
             suspended = await self.shaper.suspended_until(target)
             if suspended:
-                return waiting_outcomes(addresses, suspended,
-                                        f"destination {target.name} is suspended")
+                return waiting_outcomes(addresses, suspended, suspended_reason(target.name))
         connid = self.pool.idle_connid(dest.ip, dest.port) or next(self._ids)
         env = message.envelope
         params = ServerParameters(
@@ -176,8 +175,8 @@ class Deliverer:
                 wait = await self._admit_message(target, queue_id, entry)
                 if wait:
                     self.pool.give_back(entry)
-                    return waiting_outcomes(addresses, wait, f"destination {target.name} "
-                                            "is at its rate")
+                    return waiting_outcomes(addresses, wait, f"waiting: destination "
+                                            f"{target.name} is at its rate")
             started = self._clock()
             outcomes = await self._send(entry, tx, addresses, recorded)
             if outcomes is not None:
@@ -187,8 +186,8 @@ class Deliverer:
         if target is not None:
             admitted = await self._admit_connection(target, queue_id, dest, domain)
             if not isinstance(admitted, Lease):
-                return waiting_outcomes(addresses, admitted, f"destination {target.name} "
-                                        "is at its connection limit or rate")
+                return waiting_outcomes(addresses, admitted, f"waiting: destination "
+                                        f"{target.name} is at its connection limits")
             lease = admitted
         try:
             entry = await self._open(dest, actions, domain, connid)

@@ -68,6 +68,11 @@ _EWMA = 0.2
 _MAX_REMEMBERED = 10_000
 
 
+def suspended_reason(destination: str) -> str:
+    """Why a message waits (its `last_error`); `queue resume` looks for it."""
+    return f"waiting: destination {destination} is suspended"
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """A transaction's destination: the name its limits and suspension are kept under."""
