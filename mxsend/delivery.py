@@ -143,18 +143,20 @@ class Deliverer:
                    server_details: ServerDetailsFn,
                    recorded: asyncio.Future[None] | None) -> list[RecipientOutcome]:
         addresses = [r.address for r in recipients]
+        target = None
+        if self.shaper is not None:
+            # Before the backoff: a suspension (a reply rule) is the stronger word, and
+            # waiting for it is no attempt, where a backoff deferral is one.
+            target = self.shaper.target(dest.name, domain)
+            suspended = await self.shaper.suspended_until(target)
+            if suspended:
+                return waiting_outcomes(addresses, suspended, suspended_reason(target.name))
         key = (dest.ip, dest.port)
         until = self.backoff.blocked_until(key, self._clock())
         if until is not None:
             return failure_outcomes(addresses, TemporaryFailure(
                 f"{dest.relay} is in backoff after a refused connection or 421",
                 dsn="4.4.1", phase=Phase.CONNECT, host=dest.name), Where(dest.relay, dest.name))
-        target = None
-        if self.shaper is not None:
-            target = self.shaper.target(dest.name, domain)
-            suspended = await self.shaper.suspended_until(target)
-            if suspended:
-                return waiting_outcomes(addresses, suspended, suspended_reason(target.name))
         connid = self.pool.idle_connid(dest.ip, dest.port) or next(self._ids)
         env = message.envelope
         params = ServerParameters(
