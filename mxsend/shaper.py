@@ -157,7 +157,7 @@ class Shaper:
         self._remote_suspensions: dict[str, tuple[float, float]] = {}
         self._slots: dict[str, deque[float]] = {}
         self._demand: dict[str, _Demand] = {}
-        self._cluster_turn: dict[str, float] = {}
+        self._cluster_turn: dict[str, tuple[float, float]] = {}   # (free at, next turn)
         self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -348,16 +348,22 @@ class Shaper:
         if demand is None:
             demand = self._demand[name] = _Demand(now)
         count = batch_size(rate, demand.add(now))
+        free_at, turn = self._cluster_turn.get(name, (0.0, 0.0))
+        if now < free_at:
+            # The cluster said when its next slot is free: no round trip before then.
+            # This daemon's refused messages come back one interval apart.
+            turn = max(free_at, turn)
+            self._cluster_turn[name] = (free_at, turn + rate.interval)
+            return turn, False
         reservation = await self._cluster.reserve(name, rate, count)
         if reservation is None:
             return None
         if reservation.granted:
             slots.extend(now + i * rate.interval for i in range(1, reservation.granted))
             return now, True
-        # Refused: ask again when the cluster's next slot is free; this daemon's refused
-        # messages come back one interval apart rather than together.
-        turn = max(now + reservation.wait, self._cluster_turn.get(name, 0.0))
-        self._cluster_turn[name] = turn + rate.interval
+        free_at = now + reservation.wait
+        turn = max(free_at, turn)
+        self._cluster_turn[name] = (free_at, turn + rate.interval)
         return turn, False
 
     # -- replies ----------------------------------------------------------------
