@@ -66,6 +66,7 @@ DEFAULT_TRANSACTION_SECONDS = 1.0
 MIN_TRANSACTION_SECONDS = 0.05
 _EWMA = 0.2
 _MAX_REMEMBERED = 10_000
+_MAX_BOOKINGS = 200_000
 
 
 def suspended_reason(destination: str) -> str:
@@ -152,6 +153,7 @@ class Shaper:
         self.limiter = Limiter(spool, share=share, clock=clock)
         self._targets: dict[tuple[str, str], Target] = {}
         self._bookings: dict[tuple[str, str], float] = {}
+        self._pruned_at = -math.inf
         self._connection_turn: dict[str, float] = {}
         self._transaction_seconds: dict[str, float] = {}
         self._remote_suspensions: dict[str, tuple[float, float]] = {}
@@ -329,10 +331,14 @@ class Shaper:
         return now + wait
 
     def _book(self, key: tuple[str, str], at: float) -> None:
-        if len(self._bookings) >= _MAX_REMEMBERED:
+        if len(self._bookings) >= _MAX_BOOKINGS:
             now = self.clock()
-            self._bookings = {k: t for k, t in self._bookings.items()
-                              if t + BOOKING_GRACE >= now}
+            if now - self._pruned_at >= 1.0:   # a scan at most once a second
+                self._pruned_at = now
+                self._bookings = {k: t for k, t in self._bookings.items()
+                                  if t + BOOKING_GRACE >= now}
+            if len(self._bookings) >= _MAX_BOOKINGS:
+                return   # unbooked, it is simply refused again when it comes back
         self._bookings[key] = at
 
     async def _cluster_slot(self, name: str, rate: Rate, now: float
