@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mxsend.cluster import Cluster  # noqa: E402
-from mxsend.config_shaping import ShapingConfig  # noqa: E402
-from mxsend.shaper import Shaper  # noqa: E402
-from mxsend.shaping import Shape, parse_rate  # noqa: E402
-from tests.fixtures.redis_server import RedisServer  # noqa: E402
+from mxsend.cluster import Cluster
+from mxsend.config_shaping import ShapingConfig
+from mxsend.shaper import Shaper
+from mxsend.shaping import Shape, parse_rate
+from tests.fixtures.redis_server import RedisServer
 
 # The shaped destination: 1000 messages a second, across the cluster.
 SHAPE = Shape(name="big", hosts=("*.big.example",), rate=parse_rate("1000/s", "rate"))
