@@ -123,6 +123,11 @@ class Limiter:
             state.suspended_until = found.until if found else 0.0
         return state.suspended_until if state.suspended_until > now else 0.0
 
+    def recheck(self) -> None:
+        """Read every suspension file afresh at its next use (`queue resume` ran)."""
+        for state in self._state.values():
+            state.checked_at = -math.inf
+
     def suspend(self, destination: str, seconds: float, reply: str) -> Suspension:
         now = self._clock()
         suspension = Suspension(destination, now + seconds, reply)

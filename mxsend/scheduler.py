@@ -254,6 +254,8 @@ class Daemon:
             self.rt.wake.set()
 
         def rescan() -> None:
+            if self._shaper is not None:
+                self._shaper.recheck()   # `queue resume` may have lifted a suspension
             self._rescan_requested = True
             self.rt.wake.set()
 

@@ -217,6 +217,12 @@ class Shaper:
             self._remote_suspensions[name] = (now, until)
         return until if until > now else 0.0
 
+    def recheck(self) -> None:
+        """`queue resume` (a rescan request): look at every suspension afresh, so mail
+        it made due is not held back by what this daemon last knew."""
+        self.limiter.recheck()
+        self._remote_suspensions.clear()
+
     # -- connections -------------------------------------------------------------
 
     async def admit_connection(self, target: Target) -> Lease | float:

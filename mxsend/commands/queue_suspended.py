@@ -91,6 +91,9 @@ def resume(spool: Spool, args: argparse.Namespace, config: Config, now: float,
     if not lifted:
         print(f"mxsend: {destination} is not suspended", file=sys.stderr)
         return EXIT_FAILED
+    # Daemons forget what they knew of suspensions on a rescan request: first that, then
+    # the waiting mail made due (and a rescan to pick it up at once).
+    spool.request_rescan()
     made = _make_waiting_due(spool, destination, now)
     spool.request_rescan()
     out.line(f"{destination}: resumed ({made} waiting message{'s' * (made != 1)} due now)")
