@@ -60,6 +60,15 @@ def bounce_phases(outcomes: Iterable[RecipientOutcome]) -> dict[str, Phase]:
             if o.status is DeliveryStatus.BOUNCED and o.phase is not None}
 
 
+def split_waiting(outcomes: Iterable[RecipientOutcome]
+                  ) -> tuple[list[RecipientOutcome], RecipientOutcome | None]:
+    """The outcomes of recipients tried, and of those that had to wait for their
+    destination (shaper.py) the one that may go soonest (None: none waited)."""
+    tried = [o for o in outcomes if o.wait_until is None]
+    waits = [o for o in outcomes if o.wait_until is not None]
+    return tried, min(waits, key=lambda o: o.wait_until or 0.0, default=None)
+
+
 def _resolve(futures: Iterable[asyncio.Future[None]]) -> None:
     for future in futures:
         if not future.done():
@@ -175,14 +184,6 @@ class Workers:
             await self._recorder.release_untouched(
                 claim, apply_outcomes(durable, sent, time.time()), delay=INTERRUPTED_RETRY)
             raise
-        if outcomes and all(o.hold is not None for o in outcomes):
-            # Contract §9: the server rules held or skipped every destination; nothing
-            # was tried, so the attempt is not counted.
-            hold = max(o.hold or 0.0 for o in outcomes)
-            event("skipped", claim.id, reason=outcomes[0].response)
-            await self._recorder.release_untouched(
-                claim, job.state, delay=hold or rt.config.queue.scan_interval)
-            return
         await self._record(job, state, outcomes)
 
     async def _record(self, job: Job, state: MessageState,
@@ -190,6 +191,19 @@ class Workers:
         """The end of an attempt: the next try or giving up, then the Recorder."""
         config = self._rt.config
         now = time.time()
+        outcomes, waiting = split_waiting(outcomes)
+        wait_until = waiting.wait_until if waiting is not None else None
+        if waiting is not None and wait_until is not None and not outcomes:
+            # Every destination made it wait (contract §9: a shape, a suspension, or
+            # the server rules' hold or skip): not an attempt; back when its destination
+            # is expected to take it, with the reason for `queue list` (and `queue
+            # resume`, which makes it due). Nothing was recorded mid-way, since only a
+            # server's acceptance is.
+            event("skipped", job.claim.id, reason=waiting.response)
+            await self._recorder.release_untouched(
+                job.claim, dataclasses.replace(job.state, last_error=waiting.response),
+                delay=max(0.0, wait_until - now))
+            return
         state = apply_outcomes(state, outcomes, now)
         relayed = {o.address for o in outcomes
                    if o.status is DeliveryStatus.SENT and o.dsn_relayed}
@@ -203,6 +217,8 @@ class Workers:
             if decision.give_up is not None:
                 state = self._recorder.give_up(job.claim.id, state, decision.give_up, now)
             next_try = decision.next_try
+            if wait_until is not None and next_try is not None:
+                next_try = min(next_try, wait_until)
         await self._recorder.finish(job.claim, state, job.message, now, before=job.state,
                                     next_try=next_try, relayed=relayed,
                                     phases=bounce_phases(outcomes))
@@ -225,8 +241,8 @@ class Workers:
             # Contract §5: 8-bit data to a server without 8BITMIME is sent anyway, noted.
             log.warning("message %s has 8-bit data; a server did not offer 8BITMIME", queue_id)
         for outcome in outcomes:
-            if outcome.hold is not None:
-                continue  # not an attempt (contract §9): logged as `skipped` if all are
+            if outcome.wait_until is not None:
+                continue  # not an attempt (contract §9): no `delivery` event
             event("delivery", queue_id, recipient=outcome.address, status=str(outcome.status),
                   relay=outcome.relay, tls=outcome.tls, dsn=outcome.dsn,
                   response=outcome.response, attempt=attempt,

@@ -144,6 +144,18 @@ class Cluster:
             return None
         return max(0.0, int(result) / 1000.0)
 
+    async def suspensions(self) -> list[tuple[str, float, str]] | None:
+        """Every suspension in force: (destination, seconds left, reply); None: unknown."""
+        async def listing() -> list[tuple[str, float, str]]:
+            found = []
+            prefix = f"{PREFIX}suspend:"
+            async for key in self._redis.scan_iter(match=f"{prefix}*", count=500):
+                reply, left = await self._redis.get(key), await self._redis.pttl(key)
+                if reply is not None and int(left) > 0:
+                    found.append((str(key)[len(prefix):], int(left) / 1000.0, str(reply)))
+            return found
+        return await self._call(listing)
+
     async def resume(self, destination: str) -> bool | None:
         result = await self._call(lambda: self._redis.delete(f"{PREFIX}suspend:{destination}"))
         return None if result is None else bool(result)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mxsend.config_shaping import SECTIONS as SHAPING_SECTIONS
+from mxsend.config_shaping import ShapingConfig, shaping_from_mapping
 from mxsend.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/mxsend/mxsend.toml")
@@ -204,6 +206,7 @@ class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)  # §9: shapes, rules, cluster
     source: Path | None = None  # the file this came from; None for built-in defaults
 
 
@@ -539,7 +542,7 @@ def config_from_mapping(
 ) -> Config:
     """Validate an already-parsed TOML document."""
     known = {"spool", "script", "dns", "smtp", "queue", "batv", "log", "dkim", "listen",
-             "metrics", "tls"}
+             "metrics", "tls", *SHAPING_SECTIONS}
     for name in data:
         if name not in known:
             raise ConfigError(f"{name}: unknown section")
@@ -644,9 +647,11 @@ def config_from_mapping(
     if tls.tlsrpt and not tls.report_from:
         raise ConfigError("tls.report_from: required when tls.tlsrpt is true")
 
+    shaping = shaping_from_mapping(data, parse_duration)
+
     return Config(
         spool=spool, script=script, dns=dns, smtp=smtp, queue=queue, batv=batv, log=log,
-        dkim=dkim, listen=listen, metrics=metrics, tls=tls, source=source,
+        dkim=dkim, listen=listen, metrics=metrics, tls=tls, shaping=shaping, source=source,
     )
 
 

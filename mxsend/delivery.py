@@ -39,14 +39,15 @@ from mxsend.outcome import (
     Where,
     after_every_host,
     failure_outcomes,
-    held_outcomes,
     should_try_next_host,
     transaction_outcomes,
+    waiting_outcomes,
 )
 from mxsend.policy import Policy, ReturnPathRequest
 from mxsend.pool import Backoff, ConnectionPool, PoolEntry, backoff_worthy
 from mxsend.reply import Reply
 from mxsend.requiretls import DSN_REQUIRETLS
+from mxsend.shaper import Lease, Shaper, Target, suspended_reason
 from mxsend.smtp import HandshakeFailed, ReplyHook, SmtpConnection
 from mxsend.smtp_rules import ClientSettings, Transaction, choose_return_path
 from mxsend.tls import TlsFailure
@@ -107,7 +108,8 @@ class Deliverer:
     def __init__(self, config: Config, resolver: ResolverLike, *, batv_key: bytes | None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time,
-                 hooks: Policy | None = None, tls: TlsGuard | None = None) -> None:
+                 hooks: Policy | None = None, tls: TlsGuard | None = None,
+                 shaper: Shaper | None = None) -> None:
         smtp = config.smtp
         # The script's VPOP3 8.8 hooks (ReturnCodeHandler, ModifyReturnPath and
         # mxserverrules.lua); None: none of them.
@@ -124,8 +126,12 @@ class Deliverer:
         self.tls = tls  # None: no receiving-domain policies (unit tests, tools)
         self._clock = clock
         self._wall_clock = wall_clock
+        # CheckServer skipping every server: the message is looked at again at the next
+        # scan, as a CheckFile SkipSend is (contract §9).
+        self._scan_interval = config.queue.scan_interval
         self._ids = itertools.count(1)
         self.backoff = Backoff()
+        self.shaper = shaper  # None: nothing shaped, no per-destination checks at all
         # The limits are the contract's two: per recipient domain and in total, as
         # Postfix's per-destination concurrency is per domain for MX delivery. An extra
         # per-address cap equal to the per-domain one (what we had) throttled every
@@ -175,9 +181,10 @@ class Deliverer:
                                                    attempt.retries, size)
                 if verdict.hold_minutes > 0:
                     # Contract §9: held, whatever Allowed says; not an attempt.
-                    return held_outcomes(addresses, verdict.hold_minutes * 60, (
+                    return waiting_outcomes(
+                        addresses, self._wall_clock() + verdict.hold_minutes * 60,
                         f"held for {verdict.hold_minutes:g} minutes by CheckServer"
-                        f" ({host.name})"))
+                        f" ({host.name})")
                 if not verdict.allowed:
                     continue
             allowed += 1
@@ -202,7 +209,8 @@ class Deliverer:
                 tried.append(outcomes)
         if not allowed:
             # Every server skipped by CheckServer: queued, no error, not an attempt.
-            return held_outcomes(addresses, 0.0, "CheckServer skipped every server")
+            return waiting_outcomes(addresses, self._wall_clock() + self._scan_interval,
+                                    "CheckServer skipped every server")
         if refused and not tried:
             # RFC 8689 §5: no server qualified; the message must not go to the domain.
             return failure_outcomes(addresses, PermanentFailure(
@@ -213,7 +221,12 @@ class Deliverer:
             return failure_outcomes(addresses, TemporaryFailure(
                 f"{domain}: {why}", dsn="4.7.5" if skipped else "4.4.4",
                 phase=Phase.CONNECT if skipped else Phase.DNS, host=domain))
-        return after_every_host(tried)
+        # A destination that made us wait is no answer when another host gave one.
+        answered = [outcomes for outcomes in tried if outcomes[0].wait_until is None]
+        if not answered:
+            soonest = min(outcomes[0].wait_until or 0.0 for outcomes in tried)
+            return next(o for o in tried if o[0].wait_until == soonest)
+        return after_every_host(answered)
 
     async def _host_tls(self, dom: DomainTls | None, mx_host: str) -> HostTls:
         if self.tls is None or dom is None:
@@ -288,6 +301,14 @@ class Deliverer:
             raise RequireTlsRefused(
                 "REQUIRETLS: the MX host was not found through DNSSEC or an enforced "
                 "MTA-STS policy", dsn=DSN_REQUIRETLS, phase=Phase.CONNECT, host=dest.name)
+        target = None
+        if self.shaper is not None:
+            # Before the backoff: a suspension (a reply rule) is the stronger word, and
+            # waiting for it is no attempt, where a backoff deferral is one.
+            target = self.shaper.target(dest.name, domain)
+            suspended = await self.shaper.suspended_until(target)
+            if suspended:
+                return waiting_outcomes(addresses, suspended, suspended_reason(target.name))
         key = (dest.ip, dest.port)
         until = self.backoff.blocked_until(key, self._clock())
         if until is not None:
@@ -326,13 +347,29 @@ class Deliverer:
                 continue
             entry.connection.reply_hook = hook
             self._check_requiretls(entry, tls, requiretls)
+            if target is not None:
+                wait = await self._admit_message(target, queue_id, entry)
+                if wait:
+                    self.pool.give_back(entry)
+                    return waiting_outcomes(addresses, wait, f"waiting: destination "
+                                            f"{target.name} is at its rate")
+            started = self._clock()
             outcomes = await self._send(entry, tx, addresses, recorded)
             if outcomes is not None:
-                return outcomes
+                return await self._shaped(target, outcomes, started)
             # The pooled session had died while idle: nothing was sent; try again.
+        lease = None
+        if target is not None:
+            admitted = await self._admit_connection(target, queue_id, dest, domain)
+            if not isinstance(admitted, Lease):
+                return waiting_outcomes(addresses, admitted, f"waiting: destination "
+                                        f"{target.name} is at its connection limits")
+            lease = admitted
         try:
             entry = await self._open(dest, actions, domain, connid, hook, tls)
         except DeliveryError as exc:
+            if lease is not None:
+                lease.release()
             if backoff_worthy(exc):
                 self.backoff.failed(key, self._clock())
             if isinstance(exc, TlsFailure):
@@ -340,13 +377,53 @@ class Deliverer:
                 if requiretls:
                     raise RequireTlsRefused(f"REQUIRETLS: {exc.message}", dsn=DSN_REQUIRETLS,
                                             phase=Phase.STARTTLS, host=dest.name) from exc
-            return failure_outcomes(addresses, exc, Where(dest.relay, dest.name))
+            return await self._shaped(target, failure_outcomes(
+                addresses, exc, Where(dest.relay, dest.name)))
+        entry.lease = lease
         self.backoff.succeeded(key)
         await self._record_session(tls, entry.connection)
         self._check_requiretls(entry, tls, requiretls)
+        started = self._clock()
         outcomes = await self._send(entry, tx, addresses, recorded, fresh=True)
         assert outcomes is not None
-        return outcomes
+        return await self._shaped(target, outcomes, started)
+
+    # -- traffic shaping (contract §9; the decisions are shaper.py's) -------------------
+
+    async def _admit_message(self, target: Target, queue_id: str, entry: PoolEntry) -> float:
+        """0.0: go on this pooled session; else when to come back (epoch seconds)."""
+        assert self.shaper is not None
+        if isinstance(entry.lease, Lease):
+            await self.shaper.renew(entry.lease)
+        return await self.shaper.admit_message(target, queue_id)
+
+    async def _admit_connection(self, target: Target, queue_id: str, dest: Destination,
+                                domain: str) -> Lease | float:
+        """A lease and a rate slot for a new session in the room the pool reserved,
+        or when to come back (the room is given back then)."""
+        assert self.shaper is not None
+        admitted = await self.shaper.admit_connection(target)
+        if not isinstance(admitted, Lease) and self.pool.evict_idle(
+                lambda e: isinstance(e.lease, Lease) and e.lease.target == target):
+            # An idle session of this destination (other ServerActions) held its place.
+            admitted = await self.shaper.admit_connection(target)
+        if isinstance(admitted, Lease):
+            wait = await self.shaper.admit_message(target, queue_id)
+            if not wait:
+                return admitted
+            admitted.release()
+            admitted = wait
+        self.pool.unreserve(domain, (dest.ip, dest.port))
+        return admitted
+
+    async def _shaped(self, target: Target | None, outcomes: list[RecipientOutcome],
+                      started: float | None = None) -> list[RecipientOutcome]:
+        """The reply rules, applied to what the server said; the transaction's time."""
+        if target is None or self.shaper is None:
+            return outcomes
+        if started is not None:
+            self.shaper.observed(target, self._clock() - started)
+        return await self.shaper.apply_reply_rules(target, outcomes)
 
     async def _return_path(self, queue_id: str, message: Message,
                            recipients: Sequence[Recipient], actions: ServerActions,

@@ -123,6 +123,11 @@ class Limiter:
             state.suspended_until = found.until if found else 0.0
         return state.suspended_until if state.suspended_until > now else 0.0
 
+    def recheck(self) -> None:
+        """Read every suspension file afresh at its next use (`queue resume` ran)."""
+        for state in self._state.values():
+            state.checked_at = -math.inf
+
     def suspend(self, destination: str, seconds: float, reply: str) -> Suspension:
         now = self._clock()
         suspension = Suspension(destination, now + seconds, reply)
@@ -161,6 +166,15 @@ class Limiter:
         state.open += 1
         return 0.0
 
+    def opened(self, destination: str) -> None:
+        """Count a connection another authority (the cluster) admitted, so that the
+        local limit is right if this daemon has to fall back on it."""
+        self._of(destination).open += 1
+
+    def throttled(self, destination: str) -> bool:
+        state = self._state.get(destination)
+        return state is not None and state.throttled_until > self._clock()
+
     def closed(self, destination: str) -> None:
         state = self._of(destination)
         state.open = max(0, state.open - 1)
@@ -174,6 +188,17 @@ class Limiter:
         if decision.allowed:
             state.message_tat = decision.tat
         return decision.wait
+
+    def book_send(self, destination: str, shape: Shape | None) -> float:
+        """Like may_send, but a refused caller gets the next free slot booked for it:
+        0.0 to start now, else the seconds until its own slot. Each waiting message
+        then comes back once, at its slot, instead of all of them at the first one."""
+        if shape is None or shape.rate is None:
+            return 0.0
+        state, now = self._of(destination), self._clock()
+        slot = max(state.message_tat, now)
+        state.message_tat = slot + self._scaled(shape.rate).interval
+        return slot - now
 
     def _scaled(self, rate: Rate) -> Rate:
         """This daemon's part of a rate: the spool's daemons together keep to the whole."""

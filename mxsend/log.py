@@ -28,6 +28,8 @@ EVENTS: Mapping[str, tuple[str, ...]] = {
     "quarantined": ("reason",),
     "script_error": ("function", "error"),
     "script_log": ("message",),
+    "suspended": ("destination", "until", "reply"),   # contract §9, shaper.py
+    "cluster": ("state",),                            # contract §9, cluster.py
 }
 
 

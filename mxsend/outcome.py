@@ -50,12 +50,23 @@ class RecipientOutcome:
     dsn_relayed: bool = False  # NOTIFY=SUCCESS asked but server lacked DSN (RFC 3461 §4.1)
     # 8-bit data sent to a server that did not offer 8BITMIME (contract §5: send, log).
     eight_bit_unadvertised: bool = False
-    # Not an attempt (contract §9, mxserverrules.lua's CheckServer): nothing was tried;
-    # the message waits this many seconds (0: until the next scan) and its attempt is
-    # not counted. None for every outcome of a real attempt.
-    hold: float | None = None
     # The receiving domain's TLS policy for that server (contract §8), None if none reached.
     tls_policy: str | None = None
+    # Not tried: its destination is suspended or at its limits, or the server rules held
+    # or skipped it, until then (epoch seconds; contract §9). Not an attempt: the message
+    # waits, uncounted, until then.
+    wait_until: float | None = None
+
+
+def waiting_outcomes(addresses: Sequence[str], until: float,
+                     reason: str) -> list[RecipientOutcome]:
+    """Recipients that must wait for their destination (contract §9): not an attempt."""
+    return [
+        RecipientOutcome(address=address, status=DeliveryStatus.DEFERRED, dsn="4.4.5",
+                         response=reason, phase=None, relay=None, remote_mta=None, tls=None,
+                         wait_until=until)
+        for address in addresses
+    ]
 
 
 def status_of(code: int) -> DeliveryStatus:
@@ -79,17 +90,6 @@ def failure_outcomes(
             address=address, status=status, dsn=dsn, response=response, phase=error.phase,
             relay=where.relay, remote_mta=where.remote_mta, tls=where.tls,
         )
-        for address in addresses
-    ]
-
-
-def held_outcomes(addresses: Sequence[str], seconds: float, reason: str
-                  ) -> list[RecipientOutcome]:
-    """Recipients not attempted now, by the server rules' choice (contract §9)."""
-    return [
-        RecipientOutcome(address=address, status=DeliveryStatus.DEFERRED, dsn="4.4.0",
-                         response=reason, phase=None, relay=None, remote_mta=None,
-                         tls=None, hold=seconds)
         for address in addresses
     ]
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter, deque
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 from mxsend.actions import ServerActions
 from mxsend.errors import DeliveryError, DestinationRefused, Phase
@@ -71,6 +72,14 @@ def backoff_worthy(error: DeliveryError) -> bool:
 PoolKey = tuple[str, int, ServerActions]
 
 
+class Lease(Protocol):
+    """A connection counted against a shaped destination (shaper.Lease)."""
+
+    @property
+    def max_transactions(self) -> int | None: ...
+    def release(self) -> None: ...
+
+
 @dataclass(slots=True)
 class PoolEntry:
     connection: SmtpConnection
@@ -79,6 +88,9 @@ class PoolEntry:
     # The last message whose end of data this session sent, until the caller has
     # recorded its outcome: the next message's final `.` waits for it (contract §1).
     unrecorded: asyncio.Future[None] | None = None
+    # Traffic shaping (contract §9): given back when the session closes; its shape's
+    # max_messages_per_connection ends the session sooner than MAX_TRANSACTIONS.
+    lease: Lease | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -222,6 +234,18 @@ class ConnectionPool:
         self._close(oldest)
         return True
 
+    def evict_idle(self, belongs: Callable[[PoolEntry], bool]) -> bool:
+        """Close the oldest idle session `belongs` picks (a shaped destination at its
+        limit, with a session idle for other ServerActions); False if none."""
+        candidates = [entry for entries in self._idle.values() for entry in entries
+                      if belongs(entry)]
+        if not candidates:
+            return False
+        oldest = min(candidates, key=lambda entry: entry.connection.last_used)
+        self._remove_idle(oldest)
+        self._close(oldest)
+        return True
+
     def unreserve(self, domain: str, destination: tuple[str, int]) -> None:
         self._total -= 1
         self._per_domain[domain] -= 1
@@ -231,7 +255,10 @@ class ConnectionPool:
     def give_back(self, entry: PoolEntry) -> None:
         """A busy session is idle again (already RSET), or gone if it is not alive."""
         conn = entry.connection
-        if not conn.alive or conn.transactions >= MAX_TRANSACTIONS:
+        limit = MAX_TRANSACTIONS
+        if entry.lease is not None and entry.lease.max_transactions is not None:
+            limit = entry.lease.max_transactions   # then QUIT and reconnect
+        if not conn.alive or conn.transactions >= limit:
             self._close(entry)
             return
         key = (conn.destination.ip, conn.destination.port, conn.actions)
@@ -287,6 +314,8 @@ class ConnectionPool:
 
     def _forget(self, entry: PoolEntry) -> None:
         conn = entry.connection
+        if entry.lease is not None:
+            entry.lease.release()
         self.unreserve(entry.domain, (conn.destination.ip, conn.destination.port))
 
     @property

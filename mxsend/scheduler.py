@@ -43,6 +43,7 @@ from mxsend.mx import Resolver
 from mxsend.policy import Policy
 from mxsend.record import Recorder, recover_claims
 from mxsend.runtime import Runtime
+from mxsend.shaper import Shaper
 from mxsend.spool import GroupCommit, Spool
 from mxsend.tlsdelivery import TlsGuard
 from mxsend.watch import Watcher
@@ -83,6 +84,7 @@ class Daemon:
         self._watcher: Watcher | None = None
         self._batv_key: bytes | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._shaper: Shaper | None = None
         self._assemble()
 
     def _assemble(self) -> None:
@@ -120,8 +122,12 @@ class Daemon:
             self.rt.committer = Committer(spool, self._commit_thread)
             self._assemble()
         self.rt.policy = Policy(config)
+        self._shaper = Shaper.configured(
+            config.shaping, config.spool.path, processes=config.queue.processes,
+            per_domain=config.smtp.max_connections_per_domain)
         self.rt.deliverer = Deliverer(config, Resolver(config.dns), batv_key=self._batv_key,
-                                      hooks=self.rt.policy, tls=TlsGuard(config))
+                                      hooks=self.rt.policy, tls=TlsGuard(config),
+                                      shaper=self._shaper)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
@@ -159,6 +165,8 @@ class Daemon:
         await self.workers.stop(self.config.queue.shutdown_grace)
         if self.rt.deliverer is not None:
             await self.rt.deliverer.close()
+        if self._shaper is not None:
+            await self._shaper.close()
         if self.rt.policy is not None:
             self.rt.policy.stop_watching()
             self.rt.policy.close()
@@ -200,8 +208,12 @@ class Daemon:
                 old_policy.stop_watching()
         rt.config = config
         self._batv_key = batv_key
+        if self._shaper is not None:
+            self._shaper.reconfigure(config.shaping)
+        elif config.shaping.active:
+            log.warning("SIGHUP: traffic shaping takes effect at the next restart")
         rt.deliverer = Deliverer(config, Resolver(config.dns), batv_key=batv_key,
-                                 hooks=rt.policy, tls=TlsGuard(config))
+                                 hooks=rt.policy, tls=TlsGuard(config), shaper=self._shaper)
         task = asyncio.get_running_loop().create_task(self._retire(old_policy, old_deliverer))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -252,6 +264,8 @@ class Daemon:
             self.rt.wake.set()
 
         def rescan() -> None:
+            if self._shaper is not None:
+                self._shaper.recheck()   # `queue resume` may have lifted a suspension
             self._rescan_requested = True
             self.rt.wake.set()
 

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from mxsend import bounce
+from mxsend.commands import queue_suspended
 from mxsend.commands.queue_args import ALL, STDIN
 from mxsend.commands.queue_format import (
     envelope_document,
@@ -445,6 +446,8 @@ _ACTIONS: dict[str, Callable[[Spool, argparse.Namespace, Config, float, Output],
     "bounce": _bounce,
     "hold": _hold,
     "release": _release,
+    "suspended": queue_suspended.suspended,
+    "resume": queue_suspended.resume,
 }
 
 

@@ -56,3 +56,9 @@ def add_queue_actions(actions: argparse._SubParsersAction[Any],
     ):
         parser = action(name, help_text)
         parser.add_argument("ids", metavar="ID", nargs="+", help=_IDS_HELP)
+
+    suspended = action("suspended", "destinations a reply rule suspended, and until when")
+    suspended.add_argument("--json", action="store_true", help="one JSON document")
+    resume = action("resume", "lift a destination's suspension on every daemon (and host)")
+    resume.add_argument("destination", metavar="DEST",
+                        help="the destination as `queue suspended` lists it")
