@@ -22,8 +22,9 @@ import dataclasses
 import time
 from collections.abc import Iterable
 
-from mxsend import bounce, schedule
+from mxsend import schedule
 from mxsend.actions import ServerActions, ServerParameters
+from mxsend.delivery_event import AttemptInfo, attempt_info, delivery_fields
 from mxsend.dispatch import Dispatcher, Job
 from mxsend.envelope import Message, Recipient, header_lines
 from mxsend.errors import Phase
@@ -125,9 +126,13 @@ class Workers:
 
     async def _run_attempt(self, job: Job, deliveries: _Deliveries) -> None:
         claim, message, rt = job.claim, job.message, self._rt
+        started = time.time()
         state = dataclasses.replace(job.state, attempts=job.state.attempts + 1,
-                                    last_try=time.time())
-        deliveries.update(self._start_deliveries(claim.id, message, state))
+                                    last_try=started)
+        headers = header_lines(message.data)
+        info = attempt_info(message.envelope, headers, attempt=state.attempts,
+                            created=state.created, started=started)
+        deliveries.update(self._start_deliveries(claim.id, message, state, headers))
         running = set(deliveries)
         outcomes: list[RecipientOutcome] = []
         # What may be recorded before the attempt ends: only what servers accepted. A
@@ -146,7 +151,7 @@ class Workers:
                 else:
                     done, running = await asyncio.wait(running,
                                                        return_when=asyncio.FIRST_COMPLETED)
-                finished = self._collect(claim.id, done, state.attempts)
+                finished = self._collect(claim.id, done, info)
                 outcomes += finished
                 if not running:
                     break  # the record at the end covers everything
@@ -165,15 +170,15 @@ class Workers:
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
-            sent = [o for o in self._collect(claim.id, running, state.attempts)
+            sent = [o for o in self._collect(claim.id, running, info)
                     if o.status is DeliveryStatus.SENT]
             await self._recorder.release_untouched(
                 claim, apply_outcomes(durable, sent, time.time()), delay=INTERRUPTED_RETRY)
             raise
-        await self._record(job, state, outcomes)
+        await self._record(job, state, outcomes, info)
 
     async def _record(self, job: Job, state: MessageState,
-                      outcomes: list[RecipientOutcome]) -> None:
+                      outcomes: list[RecipientOutcome], info: AttemptInfo) -> None:
         """The end of an attempt: the next try or giving up, then the Recorder."""
         config = self._rt.config
         now = time.time()
@@ -188,7 +193,8 @@ class Workers:
                 force_last_try=job.actions.force_last_try,
             )
             if decision.give_up is not None:
-                state = self._recorder.give_up(job.claim.id, state, decision.give_up, now)
+                state = self._recorder.give_up(job.claim.id, state, decision.give_up, now,
+                                               info)
             next_try = decision.next_try
         await self._recorder.finish(job.claim, state, job.message, now, before=job.state,
                                     next_try=next_try, relayed=relayed,
@@ -196,7 +202,7 @@ class Workers:
 
     def _collect(
         self, queue_id: str, tasks: Iterable[asyncio.Task[list[RecipientOutcome]]],
-        attempt: int,
+        info: AttemptInfo,
     ) -> list[RecipientOutcome]:
         """The outcomes of finished domain tasks, each logged as a `delivery` event."""
         outcomes: list[RecipientOutcome] = []
@@ -211,21 +217,18 @@ class Workers:
         if any(outcome.eight_bit_unadvertised for outcome in outcomes):
             # Contract §5: 8-bit data to a server without 8BITMIME is sent anyway, noted.
             log.warning("message %s has 8-bit data; a server did not offer 8BITMIME", queue_id)
+        now = time.time()
         for outcome in outcomes:
-            event("delivery", queue_id, recipient=outcome.address, status=str(outcome.status),
-                  relay=outcome.relay, tls=outcome.tls, dsn=outcome.dsn,
-                  response=outcome.response, attempt=attempt,
-                  command=bounce.command_of(outcome.phase))
+            event("delivery", queue_id, **delivery_fields(outcome, info, now))
         return outcomes
 
     def _start_deliveries(
-        self, queue_id: str, message: Message, state: MessageState
+        self, queue_id: str, message: Message, state: MessageState, headers: list[str]
     ) -> _Deliveries:
         """One task per recipient domain, each with the future its record resolves."""
         policy, deliverer = self._rt.policy, self._rt.deliverer
         assert deliverer is not None and policy is not None
         pending = {r.address for r in state.pending()}
-        headers = header_lines(message.data)
 
         async def server_details(params: ServerParameters) -> ServerActions:
             return await policy.server_details(queue_id, params, headers)

@@ -14,11 +14,13 @@ ServerActions; one aborted half-way is RSET first (RFC 5321 §4.1.1.5).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+from mxsend import metrics
 from mxsend.actions import ServerActions, ServerParameters
 from mxsend.batv import BatvKey, sign
 from mxsend.config import Config
@@ -53,6 +55,27 @@ class ResolverLike(Protocol):
     async def resolve(self, domain: str) -> Sequence[HostLike]: ...
 
 
+@dataclasses.dataclass(slots=True)
+class _Session:
+    """What the `delivery` event says of the transaction that decided (contract §10)."""
+
+    transfer: float = 0.0  # seconds of the transaction, MAIL to the final reply
+    tls_cipher: str | None = None
+    verified: bool = False
+
+
+def stamped(outcomes: list[RecipientOutcome], elapsed: float, session: _Session
+            ) -> list[RecipientOutcome]:
+    """The outcomes with their times: setup is everything before the transaction
+    (DNS, ServerDetails, connecting, greeting, EHLO, TLS, other hosts tried), as the
+    `c` of Postfix's delays=a/b/c/d."""
+    setup = max(0.0, elapsed - session.transfer)
+    return [dataclasses.replace(o, setup=setup, transfer=session.transfer,
+                                tls_cipher=session.tls_cipher if o.tls else None,
+                                verified=session.verified if o.tls else False)
+            for o in outcomes]
+
+
 # --- the deliverer -----------------------------------------------------------------------
 
 
@@ -70,6 +93,7 @@ class Deliverer:
             source_address=smtp.source_address,
             ca_file=smtp.ca_file,
             allowed_destinations=smtp.allowed_destinations,
+            debug_peers=config.log.debug_peers,
         )
         self._batv = BatvKey(batv_key) if batv_key else None
         self._clock = clock
@@ -98,6 +122,15 @@ class Deliverer:
         Never raises for a delivery problem: DNS errors and local misconfiguration (a
         script asking for BATV without a key) come back as outcomes too.
         """
+        started = self._clock()
+        session = _Session()
+        outcomes = await self._deliver(message, recipients, domain, server_details,
+                                       recorded, session)
+        return stamped(outcomes, self._clock() - started, session)
+
+    async def _deliver(self, message: Message, recipients: Sequence[Recipient], domain: str,
+                       server_details: ServerDetailsFn, recorded: asyncio.Future[None] | None,
+                       session: _Session) -> list[RecipientOutcome]:
         addresses = [r.address for r in recipients]
         if not recipients:
             return []
@@ -113,7 +146,7 @@ class Deliverer:
             for ip in host.addresses:
                 destination = Destination(host.name, ip, self._port)
                 outcomes = await self._try(destination, message, recipients, domain,
-                                           server_details, recorded)
+                                           server_details, recorded, session)
                 if not should_try_next_host(outcomes):
                     return outcomes
                 tried.append(outcomes)
@@ -131,7 +164,8 @@ class Deliverer:
 
     async def _try(self, dest: Destination, message: Message, recipients: Sequence[Recipient],
                    domain: str, server_details: ServerDetailsFn,
-                   recorded: asyncio.Future[None] | None) -> list[RecipientOutcome]:
+                   recorded: asyncio.Future[None] | None, session: _Session
+                   ) -> list[RecipientOutcome]:
         addresses = [r.address for r in recipients]
         key = (dest.ip, dest.port)
         until = self.backoff.blocked_until(key, self._clock())
@@ -155,7 +189,7 @@ class Deliverer:
             entry = await self.pool.acquire((dest.ip, dest.port, actions), domain)
             if entry is None:
                 break  # room was reserved for a new session
-            outcomes = await self._send(entry, tx, addresses, recorded)
+            outcomes = await self._send(entry, tx, addresses, recorded, session)
             if outcomes is not None:
                 return outcomes
             # The pooled session had died while idle: nothing was sent; try again.
@@ -166,7 +200,7 @@ class Deliverer:
                 self.backoff.failed(key, self._clock())
             return failure_outcomes(addresses, exc, Where(dest.relay, dest.name))
         self.backoff.succeeded(key)
-        outcomes = await self._send(entry, tx, addresses, recorded, fresh=True)
+        outcomes = await self._send(entry, tx, addresses, recorded, session, fresh=True)
         assert outcomes is not None
         return outcomes
 
@@ -207,13 +241,14 @@ class Deliverer:
         return PoolEntry(conn, domain)
 
     async def _send(self, entry: PoolEntry, tx: Transaction, addresses: list[str],
-                    recorded: asyncio.Future[None] | None, *, fresh: bool = False
-                    ) -> list[RecipientOutcome] | None:
+                    recorded: asyncio.Future[None] | None, session: _Session, *,
+                    fresh: bool = False) -> list[RecipientOutcome] | None:
         """Run the transaction; give the session back. None: a stale pooled session."""
         conn = entry.connection
         where = Where(conn.destination.relay, conn.destination.name, conn.tls_version)
         if entry.unrecorded is not None and entry.unrecorded.done():
             entry.unrecorded = None
+        started = self._clock()
         try:
             result = await conn.send(tx, before_end_of_data=entry.unrecorded)
         except DeliveryError as exc:
@@ -222,10 +257,12 @@ class Deliverer:
             if stale:
                 self.pool.discard(entry)
                 return None
+            self._timed(session, conn, started)
             if exc.code == 421:
                 self.backoff.failed((conn.destination.ip, conn.destination.port), self._clock())
             await self._recycle(entry)
             return failure_outcomes(addresses, exc, where)
+        self._timed(session, conn, started)
         if isinstance(result.final, DeliveryError) and result.final.code == 421:
             self.backoff.failed((conn.destination.ip, conn.destination.port), self._clock())
         if isinstance(result.final, Reply) and result.final_phase is Phase.DATAEND:
@@ -243,6 +280,11 @@ class Deliverer:
             final_phase=result.final_phase, relayed=result.relayed,
             eight_bit_unadvertised=result.eight_bit_unadvertised,
         )
+
+    def _timed(self, session: _Session, conn: SmtpConnection, started: float) -> None:
+        session.transfer = self._clock() - started
+        session.tls_cipher, session.verified = conn.tls_cipher, conn.verified
+        metrics.transaction(session.transfer)
 
     async def _recycle(self, entry: PoolEntry) -> None:
         if await entry.connection.reset():

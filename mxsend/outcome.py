@@ -50,6 +50,13 @@ class RecipientOutcome:
     dsn_relayed: bool = False  # NOTIFY=SUCCESS asked but server lacked DSN (RFC 3461 §4.1)
     # 8-bit data sent to a server that did not offer 8BITMIME (contract §5: send, log).
     eight_bit_unadvertised: bool = False
+    # For the `delivery` event (contract §10), stamped by Deliverer.deliver: seconds of
+    # connection setup (DNS, ServerDetails, connect, greeting, EHLO, TLS) and of the
+    # transaction, the TLS cipher, and whether the server's certificate was verified.
+    setup: float = 0.0
+    transfer: float = 0.0
+    tls_cipher: str | None = None
+    verified: bool = False
 
 
 def status_of(code: int) -> DeliveryStatus:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from aiosmtplib.esmtp import parse_esmtp_extensions
 
+from mxsend import metrics
 from mxsend.actions import ServerActions
 from mxsend.destination import Destination, refusal
 from mxsend.envelope import dot_stuff
@@ -53,6 +54,7 @@ from mxsend.smtp_rules import (
     rcpt_params,
 )
 from mxsend.tls import CertificateCheckFailed, check_certificate, client_context
+from mxsend.transcript import tap
 from mxsend.wire import Wire
 
 # Data is written in blocks so that the §4.5.3.2.5 data-block timeout means something:
@@ -149,9 +151,23 @@ class SmtpConnection:
         self.destination = destination
         self.actions = actions
         self.tls_version = tls_version
+        # For the `delivery` event (contract §10): the cipher, and whether the chain
+        # was verified (verifyCert: CERT_REQUIRED against smtp.ca_file or the store).
+        self.tls_cipher: str | None = None
+        self.verified = False
+        if tls_version is not None:
+            ssl_object = wire.extra("ssl_object")
+            if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+                cipher = ssl_object.cipher()
+                self.tls_cipher = cipher[0] if cipher else None
+                self.verified = ssl_object.context.verify_mode == ssl.CERT_REQUIRED
         self.connid = connid
         self.transactions = 0
         self.last_used = time.monotonic()
+        self._counted = True
+        metrics.connection_opened()
+        if tls_version is not None:
+            metrics.tls_session(tls_version)
 
     @property
     def alive(self) -> bool:
@@ -182,7 +198,7 @@ class SmtpConnection:
         with _phase(Phase.CONNECT, host):
             sock = await _connect_socket(destination, settings.source_address, timeouts.connect)
             try:
-                wire = await Wire.connect(sock)
+                wire = await Wire.connect(sock, tap(destination, settings.debug_peers))
             except BaseException:
                 sock.close()
                 raise
@@ -388,14 +404,14 @@ class SmtpConnection:
         offsets = range(0, len(payload), DATA_BLOCK)
         with _phase(Phase.DATA, host):
             for offset in offsets[:-1]:
-                self._wire.write(payload[offset:offset + DATA_BLOCK], 0)
+                self._wire.write(payload[offset:offset + DATA_BLOCK], 0, body=True)
                 # Each block must drain within the data-block timeout (§4.5.3.2.5).
                 await self._wire.drain(timeouts.datablock)
             last = payload[offsets[-1]:] if offsets else b""
             if not waiting:
-                self._wire.write(last, 1)
+                self._wire.write(last, 1, body=True)
                 return await self._reply(Phase.DATAEND, timeouts.dataend)
-            self._wire.write(last, 0)
+            self._wire.write(last, 0, body=True)
         assert before_end is not None
         # The server waits for more data meanwhile; the data-block timeout bounds the
         # pause as it bounds any other stretch without progress (§4.5.3.2.5).
@@ -436,6 +452,9 @@ class SmtpConnection:
 
     def close(self) -> None:
         self._wire.close()
+        if self._counted:
+            self._counted = False
+            metrics.connection_closed()
 
 
 
