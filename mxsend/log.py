@@ -15,6 +15,7 @@ batch ending with the event loop's turn (docs/operations.md, "Logs").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -54,6 +55,8 @@ _buffered = False
 def _format_value(value: object) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"  # as in the JSON format
     if isinstance(value, list | tuple):
         value = ",".join(str(item) for item in value)
     text = str(value)
@@ -187,14 +190,16 @@ def setup_logging(fmt: str = "text", level: str = "info", *, buffered: bool | No
         _buffered = buffered
     if process is not None:
         _process = process
-    for old in _logger.handlers:
-        old.flush()
-    handler: logging.Handler
+    flush()
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
     if _buffered:
-        sys.stderr.flush()
-        handler = BufferedWriter(sys.stderr.fileno())
-    else:
-        handler = logging.StreamHandler(sys.stderr)
+        try:
+            fd = sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):
+            pass  # stderr replaced by an object without a file (a test's capture)
+        else:
+            sys.stderr.flush()
+            handler = BufferedWriter(fd)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     _logger.handlers[:] = [handler]
     _logger.setLevel(level.upper())
@@ -204,7 +209,8 @@ def setup_logging(fmt: str = "text", level: str = "info", *, buffered: bool | No
 def flush() -> None:
     """Write out what is buffered (before exit, or before printing to stderr)."""
     for handler in _logger.handlers:
-        handler.flush()
+        with contextlib.suppress(OSError, ValueError):  # a stream closed under us
+            handler.flush()
 
 
 def observe(observer: Observer) -> None:
