@@ -151,8 +151,11 @@ class SmtpConnection:
         self.destination = destination
         self.actions = actions
         self.tls_version = tls_version
-        # For the `delivery` event (contract §10): the cipher, and whether the chain
-        # was verified (verifyCert: CERT_REQUIRED against smtp.ca_file or the store).
+        # For the `delivery` event (contract §10): the cipher, and whether the
+        # certificate was verified, as Postfix's "Verified TLS connection": the chain
+        # (verifyCert: CERT_REQUIRED against smtp.ca_file or the store) or a pinned
+        # thumbprint that matched (checked before we got here). A name alone
+        # (checkCertName) on an unverified chain proves nothing.
         self.tls_cipher: str | None = None
         self.verified = False
         if tls_version is not None:
@@ -160,7 +163,8 @@ class SmtpConnection:
             if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
                 cipher = ssl_object.cipher()
                 self.tls_cipher = cipher[0] if cipher else None
-                self.verified = ssl_object.context.verify_mode == ssl.CERT_REQUIRED
+                self.verified = (ssl_object.context.verify_mode == ssl.CERT_REQUIRED
+                                 or bool(actions.check_cert_thumbprint))
         self.connid = connid
         self.transactions = 0
         self.last_used = time.monotonic()

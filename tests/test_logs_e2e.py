@@ -7,10 +7,13 @@ scraped over HTTP.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import smtplib
 import socket
+import ssl
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -116,6 +119,44 @@ end
     assert tls["tls"] == "TLSv1.3" and tls["verified"] is True
     assert isinstance(tls["tls_cipher"], str) and tls["tls_cipher"]
     assert plain["tls"] is None and plain["tls_cipher"] is None and plain["verified"] is False
+
+
+def _peer_certificate(host: str, port: int) -> bytes:
+    """The DER certificate a receiver presents after STARTTLS (not verified here)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP(host, port, timeout=10) as client:
+        client.starttls(context=context)
+        sock = client.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        der = sock.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+@pytest.mark.parametrize(("check", "verified"), [("thumbprint", True), ("name", False)])
+def test_verified_with_a_pin_but_not_with_a_name_alone(
+        tmp_path: Path, dns: DnsTestServer, smtp_receivers: ReceiverGroup,
+        daemon: Start, check: str, verified: bool) -> None:
+    # Postfix says "Verified" for a matching fingerprint; a name on a chain nobody
+    # checked proves nothing. No verifyCert here: the chain is not checked.
+    smtp_receivers.start("127.0.0.3", tls=True, cert_names=("mx2.d2.test",))
+    der = _peer_certificate("127.0.0.3", smtp_receivers.port)
+    setting = (f'Actions.checkCertThumbprint = "{hashlib.sha256(der).hexdigest()}"'
+               if check == "thumbprint" else 'Actions.checkCertName = "mx2.d2.test"')
+    (tmp_path / "mxout.lua").write_text(f"""
+function ServerDetails(Parameters, HeaderLines, Actions)
+  {setting}
+  return Actions
+end
+""")
+    drop(tmp_path / "spool", "m1", "alice@src.test", "carol@d2.test")
+    process = daemon(config_for(tmp_path, dns, smtp_receivers), "--once")
+    assert process.wait(60) == 0, process.output()
+    [event] = process.find("delivery", recipient="carol@d2.test")
+    assert event["status"] == "sent" and event["tls"] == "TLSv1.3"
+    assert event["tls_cipher"] and event["verified"] is verified
 
 
 def test_a_recipient_without_a_server_still_gets_the_fields(
