@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -122,6 +123,7 @@ class BufferedWriter(logging.Handler):
     """
 
     MAX_LINES = 256
+    MAX_WAITS = 5  # seconds without room in a full non-blocking stderr: the batch is dropped
 
     def __init__(self, fd: int) -> None:
         super().__init__()
@@ -172,11 +174,20 @@ class BufferedWriter(logging.Handler):
         data = ("\n".join(self._lines) + "\n").encode("utf-8", "replace")
         self._lines.clear()
         view = memoryview(data)
-        try:
-            while view:
+        waited = 0
+        while view:
+            try:
                 view = view[os.write(self._fd, view):]
-        except OSError:
-            pass  # stderr closed or full: logging must never stop the daemon
+            except BlockingIOError:
+                # A non-blocking stderr (some runtimes hand one over) that is full: wait
+                # for the reader a little, never for ever.
+                _, writable, _ = select.select([], [self._fd], [], 1.0)
+                if not writable:
+                    waited += 1
+                    if waited >= self.MAX_WAITS:
+                        return
+            except OSError:
+                return  # stderr closed: logging must never stop the daemon
 
 
 def setup_logging(fmt: str = "text", level: str = "info", *, buffered: bool | None = None,

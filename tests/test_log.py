@@ -175,3 +175,48 @@ def test_transcript_lines_never_show_data_and_redact_auth() -> None:
                     (">", "[message data: 11 bytes]"), (">", "."), (">", ".")]
     assert _reply_text(250, "mx.test\nPIPELINING\nSIZE 10") == \
         "250-mx.test\n250-PIPELINING\n250 SIZE 10"
+
+
+def test_a_full_non_blocking_stderr_is_waited_for(
+        packets: tuple[socket.socket, log.BufferedWriter]) -> None:
+    # One batch of ~200 KB into a non-blocking pipe of 4 KB: its write meets EAGAIN
+    # and waits for room instead of dropping the lines.
+    import fcntl
+    import os
+    import threading
+
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # one page: full at every write
+    os.set_blocking(write_end, False)
+    handler = log.BufferedWriter(write_end)
+    handler.setFormatter(log.JsonFormatter())
+    log.get_logger().handlers[:] = [handler]
+    received = bytearray()
+
+    def drain() -> None:
+        # Not a byte read until the pipe is full: the writer has met EAGAIN by then.
+        import struct
+        import termios
+        import time
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            waiting = fcntl.ioctl(read_end, termios.FIONREAD, b"\0\0\0\0")
+            if struct.unpack("i", waiting)[0] >= 4096:
+                break
+            time.sleep(0.001)
+        while chunk := os.read(read_end, 4096):
+            received.extend(chunk)
+
+    async def main() -> None:
+        for n in range(200):
+            log.event("script_log", f"q{n}", message="x" * 1000)
+        await asyncio.sleep(0)  # the end of the turn: one write of the whole batch
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    asyncio.run(main())
+    os.close(write_end)
+    reader.join(timeout=10)
+    os.close(read_end)
+    assert received.count(b"\n") == 200
