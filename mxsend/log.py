@@ -151,14 +151,7 @@ class BufferedWriter(logging.Handler):
             self._write()  # no loop in this thread: nothing would flush it
             return
         self._loop = loop
-        loop.call_soon(self._scheduled)
-
-    def _scheduled(self) -> None:
-        self.acquire()
-        try:
-            self._write()
-        finally:
-            self.release()
+        loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.acquire()
