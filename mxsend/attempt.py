@@ -22,9 +22,9 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable
 
-from mxsend import bounce, dkim_spool, schedule
+from mxsend import dkim_spool, schedule
 from mxsend.actions import ServerActions, ServerParameters
-from mxsend.delivery import AttemptInfo
+from mxsend.delivery_event import AttemptInfo, attempt_info, delivery_fields
 from mxsend.dispatch import Dispatcher, Job
 from mxsend.envelope import Message, Recipient, header_lines
 from mxsend.errors import Phase
@@ -138,9 +138,13 @@ class Workers:
         # DKIM (contract §7): signed once, durable before the first byte goes out.
         job.state = await dkim_spool.decide(rt, claim, job.state, message,
                                             job.actions.dkim_domain)
+        started = time.time()
         state = dataclasses.replace(job.state, attempts=job.state.attempts + 1,
-                                    last_try=time.time())
-        deliveries.update(self._start_deliveries(claim.id, message, state))
+                                    last_try=started)
+        headers = header_lines(message.data)
+        info = attempt_info(message.envelope, headers, attempt=state.attempts,
+                            created=state.created, started=started, dkim=state.dkim)
+        deliveries.update(self._start_deliveries(claim.id, message, state, headers, info))
         running = set(deliveries)
         outcomes: list[RecipientOutcome] = []
         # What may be recorded before the attempt ends: only what servers accepted. A
@@ -159,7 +163,7 @@ class Workers:
                 else:
                     done, running = await asyncio.wait(running,
                                                        return_when=asyncio.FIRST_COMPLETED)
-                finished = self._collect(claim.id, done, state.attempts, state.dkim)
+                finished = self._collect(claim.id, done, info)
                 outcomes += finished
                 if not running:
                     break  # the record at the end covers everything
@@ -178,16 +182,15 @@ class Workers:
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
-            sent = [o for o in self._collect(claim.id, running, state.attempts,
-                                                      state.dkim)
+            sent = [o for o in self._collect(claim.id, running, info)
                     if o.status is DeliveryStatus.SENT]
             await self._recorder.release_untouched(
                 claim, apply_outcomes(durable, sent, time.time()), delay=INTERRUPTED_RETRY)
             raise
-        await self._record(job, state, outcomes)
+        await self._record(job, state, outcomes, info)
 
     async def _record(self, job: Job, state: MessageState,
-                      outcomes: list[RecipientOutcome]) -> None:
+                      outcomes: list[RecipientOutcome], info: AttemptInfo) -> None:
         """The end of an attempt: the next try or giving up, then the Recorder."""
         config = self._rt.config
         now = time.time()
@@ -215,7 +218,8 @@ class Workers:
                 force_last_try=job.actions.force_last_try,
             )
             if decision.give_up is not None:
-                state = self._recorder.give_up(job.claim.id, state, decision.give_up, now)
+                state = self._recorder.give_up(job.claim.id, state, decision.give_up, now,
+                                               info)
             next_try = decision.next_try
             if wait_until is not None and next_try is not None:
                 next_try = min(next_try, wait_until)
@@ -225,7 +229,7 @@ class Workers:
 
     def _collect(
         self, queue_id: str, tasks: Iterable[asyncio.Task[list[RecipientOutcome]]],
-        attempt: int, dkim: str | None = None,
+        info: AttemptInfo,
     ) -> list[RecipientOutcome]:
         """The outcomes of finished domain tasks, each logged as a `delivery` event."""
         outcomes: list[RecipientOutcome] = []
@@ -240,25 +244,21 @@ class Workers:
         if any(outcome.eight_bit_unadvertised for outcome in outcomes):
             # Contract §5: 8-bit data to a server without 8BITMIME is sent anyway, noted.
             log.warning("message %s has 8-bit data; a server did not offer 8BITMIME", queue_id)
+        now = time.time()
         for outcome in outcomes:
             if outcome.wait_until is not None:
                 continue  # not an attempt (contract §9): no `delivery` event
-            event("delivery", queue_id, recipient=outcome.address, status=str(outcome.status),
-                  relay=outcome.relay, tls=outcome.tls, dsn=outcome.dsn,
-                  response=outcome.response, attempt=attempt,
-                  command=bounce.command_of(outcome.phase), dkim=dkim,
-                  tls_policy=outcome.tls_policy)
+            event("delivery", queue_id, **delivery_fields(outcome, info, now))
         return outcomes
 
     def _start_deliveries(
-        self, queue_id: str, message: Message, state: MessageState
+        self, queue_id: str, message: Message, state: MessageState, headers: list[str],
+        info: AttemptInfo,
     ) -> _Deliveries:
         """One task per recipient domain, each with the future its record resolves."""
         policy, deliverer = self._rt.policy, self._rt.deliverer
         assert deliverer is not None and policy is not None
         pending = {r.address for r in state.pending()}
-        headers = header_lines(message.data)
-        attempt = AttemptInfo(retries=state.attempts - 1, created=state.created)
         sent = dkim_spool.as_sent(message, state)  # the same bytes on every attempt
 
         async def server_details(params: ServerParameters,
@@ -273,7 +273,7 @@ class Workers:
             recorded: asyncio.Future[None] = loop.create_future()
             task = asyncio.create_task(deliverer.deliver(
                 queue_id, sent, recipients, domain, server_details, recorded=recorded,
-                attempt=attempt))
+                attempt=info))
             deliveries[task] = recorded
         return deliveries
 

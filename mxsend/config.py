@@ -156,6 +156,9 @@ class DkimConfig:
 class LogConfig:
     format: str = "text"
     level: str = "info"
+    # SMTP transcripts for these servers (host names, .parent domains, IPs, networks),
+    # as Postfix's debug_peer_list: docs/operations.md.
+    debug_peers: tuple[str, ...] = ()
 
 
 # RFC 5321 §4.5.3.2.7: a server waits at least 5 minutes for the next command.
@@ -466,6 +469,24 @@ def _dns_name(value: object, key: str) -> str:
     return text
 
 
+def _debug_peers(value: object, key: str) -> tuple[str, ...]:
+    """Host names, `.domain` (every host under it), addresses or CIDR networks."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of host names or addresses, got {value!r}")
+    peers: list[str] = []
+    for item in value:
+        text = _str(item, key).strip()
+        try:
+            peers.append(str(ipaddress.ip_network(text, strict=False)))
+            continue
+        except ValueError:
+            pass
+        suffix = text.startswith(".")
+        name = _dns_name(text[1:] if suffix else text, key)
+        peers.append("." + name if suffix else name)
+    return tuple(peers)
+
+
 def _dkim_headers(value: object, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{key}: expected a non-empty list of header names, got {value!r}")
@@ -626,6 +647,7 @@ def config_from_mapping(
     log = LogConfig(
         format=s.get("format", defaults.log.format, _choice("text", "json")),
         level=s.get("level", defaults.log.level, _choice("debug", "info", "warning", "error")),
+        debug_peers=s.get("debug_peers", defaults.log.debug_peers, _debug_peers),
     )
     s.finish()
 

@@ -26,9 +26,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from mxsend import metrics
 from mxsend.actions import ServerActions, ServerParameters
 from mxsend.batv import BatvKey, sign
 from mxsend.config import Config
+from mxsend.delivery_event import AttemptInfo
 from mxsend.destination import Destination
 from mxsend.envelope import Message, Recipient
 from mxsend.errors import DeliveryError, PermanentFailure, Phase, TemporaryFailure
@@ -64,14 +66,6 @@ class RequireTlsRefused(TemporaryFailure):
 
 
 @dataclass(frozen=True, slots=True)
-class AttemptInfo:
-    """What the VPOP3 8.8 hooks are told about the attempt (contract §9)."""
-
-    retries: int = 0  # attempts before this one
-    created: float = 0.0  # epoch seconds the message was queued
-
-
-@dataclass(frozen=True, slots=True)
 class Route:
     """A smart host of GetOverrides with its addresses and port (contract §9)."""
 
@@ -99,6 +93,27 @@ class FreshResolver(Protocol):
                              ) -> tuple[str, ...]: ...
 
 
+@dataclasses.dataclass(slots=True)
+class _Session:
+    """What the `delivery` event says of the transaction that decided (contract §10)."""
+
+    transfer: float = 0.0  # seconds of the transaction, MAIL to the final reply
+    tls_cipher: str | None = None
+    verified: bool = False
+
+
+def stamped(outcomes: list[RecipientOutcome], elapsed: float, session: _Session
+            ) -> list[RecipientOutcome]:
+    """The outcomes with their times: setup is everything before the transaction
+    (DNS, ServerDetails, connecting, greeting, EHLO, TLS, other hosts tried), as the
+    `c` of Postfix's delays=a/b/c/d."""
+    setup = max(0.0, elapsed - session.transfer)
+    return [dataclasses.replace(o, setup=setup, transfer=session.transfer,
+                                tls_cipher=session.tls_cipher if o.tls else None,
+                                verified=session.verified if o.tls else False)
+            for o in outcomes]
+
+
 # --- the deliverer -----------------------------------------------------------------------
 
 
@@ -121,6 +136,7 @@ class Deliverer:
             source_address=smtp.source_address,
             ca_file=smtp.ca_file,
             allowed_destinations=smtp.allowed_destinations,
+            debug_peers=config.log.debug_peers,
         )
         self._batv = BatvKey(batv_key) if batv_key else None
         self.tls = tls  # None: no receiving-domain policies (unit tests, tools)
@@ -143,7 +159,7 @@ class Deliverer:
     async def deliver(self, queue_id: str, message: Message, recipients: Sequence[Recipient],
                       domain: str, server_details: ServerDetailsFn, *,
                       recorded: asyncio.Future[None] | None = None,
-                      attempt: AttemptInfo = AttemptInfo()) -> list[RecipientOutcome]:
+                      attempt: AttemptInfo | None = None) -> list[RecipientOutcome]:
         """One transaction for these recipients of `domain`; one outcome per recipient.
 
         `recorded`: the caller resolves it (set_result, always, also on failure or
@@ -155,14 +171,25 @@ class Deliverer:
         Never raises for a delivery problem: DNS errors and local misconfiguration (a
         script asking for BATV without a key) come back as outcomes too.
         """
+        started = self._clock()
+        session = _Session()
+        outcomes = await self._deliver(queue_id, message, recipients, domain, server_details,
+                                       recorded, session, attempt)
+        return stamped(outcomes, self._clock() - started, session)
+
+    async def _deliver(self, queue_id: str, message: Message, recipients: Sequence[Recipient],
+                       domain: str, server_details: ServerDetailsFn,
+                       recorded: asyncio.Future[None] | None, session: _Session,
+                       attempt: AttemptInfo | None) -> list[RecipientOutcome]:
         addresses = [r.address for r in recipients]
         if not recipients:
             return []
         rules = self.hooks.rules if self.hooks is not None else None
         size = len(message.data)
+        retries = attempt.retries if attempt is not None else 0
         try:
             if rules is not None and rules.active:
-                hosts = await self._ruled_hosts(queue_id, domain, attempt.retries, size)
+                hosts = await self._ruled_hosts(queue_id, domain, retries, size)
             else:
                 hosts = await self._resolver.resolve(domain)
         except DeliveryError as exc:
@@ -178,7 +205,7 @@ class Deliverer:
         for host in hosts:
             if rules is not None and rules.active:
                 verdict = await rules.check_server(queue_id, domain, host.name,
-                                                   attempt.retries, size)
+                                                   retries, size)
                 if verdict.hold_minutes > 0:
                     # Contract §9: held, whatever Allowed says; not an attempt.
                     return waiting_outcomes(
@@ -199,7 +226,8 @@ class Deliverer:
                 destination = Destination(host.name, ip, port)
                 try:
                     outcomes = await self._try(queue_id, destination, message, recipients,
-                                               domain, server_details, recorded, tls, attempt)
+                                               domain, server_details, recorded, session,
+                                               tls, attempt)
                 except RequireTlsRefused as exc:
                     refused.append(f"{destination.relay}: {exc.message}")
                     continue
@@ -285,8 +313,9 @@ class Deliverer:
 
     async def _try(self, queue_id: str, dest: Destination, message: Message,
                    recipients: Sequence[Recipient], domain: str, server_details: ServerDetailsFn,
-                   recorded: asyncio.Future[None] | None, tls: HostTls = NO_POLICY,
-                   attempt: AttemptInfo = AttemptInfo()) -> list[RecipientOutcome]:
+                   recorded: asyncio.Future[None] | None, session: _Session,
+                   tls: HostTls = NO_POLICY, attempt: AttemptInfo | None = None
+                   ) -> list[RecipientOutcome]:
         """One address of one MX host. Raises RequireTlsRefused only."""
         addresses = [r.address for r in recipients]
         if tls.tempfail:
@@ -354,7 +383,7 @@ class Deliverer:
                     return waiting_outcomes(addresses, wait, f"waiting: destination "
                                             f"{target.name} is at its rate")
             started = self._clock()
-            outcomes = await self._send(entry, tx, addresses, recorded)
+            outcomes = await self._send(entry, tx, addresses, recorded, session)
             if outcomes is not None:
                 return await self._shaped(target, outcomes, started)
             # The pooled session had died while idle: nothing was sent; try again.
@@ -384,7 +413,7 @@ class Deliverer:
         await self._record_session(tls, entry.connection)
         self._check_requiretls(entry, tls, requiretls)
         started = self._clock()
-        outcomes = await self._send(entry, tx, addresses, recorded, fresh=True)
+        outcomes = await self._send(entry, tx, addresses, recorded, session, fresh=True)
         assert outcomes is not None
         return await self._shaped(target, outcomes, started)
 
@@ -427,7 +456,7 @@ class Deliverer:
 
     async def _return_path(self, queue_id: str, message: Message,
                            recipients: Sequence[Recipient], actions: ServerActions,
-                           attempt: AttemptInfo) -> str:
+                           attempt: AttemptInfo | None) -> str:
         """returnAddressModifier's choice, then ModifyReturnPath's (contract §9)."""
         env = message.envelope
         computed = choose_return_path(env.sender, actions)
@@ -443,7 +472,8 @@ class Deliverer:
         chosen = await hooks.modify_return_path(queue_id, ReturnPathRequest(
             computed=computed, mail_from=env.sender, original=env.sender,
             auth=env.auth or "", recipients=tuple(r.address for r in recipients),
-            created=attempt.created, data=message.data, sender_ip="", subject=subject,
+            created=attempt.created if attempt is not None else 0.0, data=message.data,
+            sender_ip="", subject=subject,
             all_recipients=tuple(r.address for r in env.recipients)))
         return computed if chosen is None else chosen
 
@@ -513,13 +543,14 @@ class Deliverer:
         return PoolEntry(conn, domain)
 
     async def _send(self, entry: PoolEntry, tx: Transaction, addresses: list[str],
-                    recorded: asyncio.Future[None] | None, *, fresh: bool = False
-                    ) -> list[RecipientOutcome] | None:
+                    recorded: asyncio.Future[None] | None, session: _Session, *,
+                    fresh: bool = False) -> list[RecipientOutcome] | None:
         """Run the transaction; give the session back. None: a stale pooled session."""
         conn = entry.connection
         where = Where(conn.destination.relay, conn.destination.name, conn.tls_version)
         if entry.unrecorded is not None and entry.unrecorded.done():
             entry.unrecorded = None
+        started = self._clock()
         try:
             result = await conn.send(tx, before_end_of_data=entry.unrecorded)
         except DeliveryError as exc:
@@ -528,10 +559,12 @@ class Deliverer:
             if stale:
                 self.pool.discard(entry)
                 return None
+            self._timed(session, conn, started)
             if exc.code == 421:
                 self.backoff.failed((conn.destination.ip, conn.destination.port), self._clock())
             await self._recycle(entry)
             return failure_outcomes(addresses, exc, where)
+        self._timed(session, conn, started)
         if isinstance(result.final, DeliveryError) and result.final.code == 421:
             self.backoff.failed((conn.destination.ip, conn.destination.port), self._clock())
         if isinstance(result.final, Reply) and result.final_phase is Phase.DATAEND:
@@ -549,6 +582,11 @@ class Deliverer:
             final_phase=result.final_phase, relayed=result.relayed,
             eight_bit_unadvertised=result.eight_bit_unadvertised,
         )
+
+    def _timed(self, session: _Session, conn: SmtpConnection, started: float) -> None:
+        session.transfer = self._clock() - started
+        session.tls_cipher, session.verified = conn.tls_cipher, conn.verified
+        metrics.transaction(session.transfer)
 
     async def _recycle(self, entry: PoolEntry) -> None:
         if await entry.connection.reset():

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 from mxsend import schedule
 from mxsend.actions import FileActions
+from mxsend.delivery_event import attempt_info
 from mxsend.dkim_spool import domain_in
-from mxsend.envelope import Message
+from mxsend.envelope import Message, header_lines
 from mxsend.errors import MxsendError
 from mxsend.log import event, get_logger
 from mxsend.policy import CheckFileRequest
@@ -139,7 +140,10 @@ class Dispatcher:
             return None
         now = time.time()
         if schedule.expired(state.created, now, rt.config.queue.max_age):
-            expired = self._recorder.give_up(queue_id, state, schedule.GiveUp.EXPIRED, now)
+            info = attempt_info(message.envelope, header_lines(message.data),
+                                attempt=state.attempts, created=state.created, started=now)
+            expired = self._recorder.give_up(queue_id, state, schedule.GiveUp.EXPIRED, now,
+                                             info)
             await self._recorder.finish(claim, expired, message, now, before=state,
                                         next_try=None)
             return None

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mxsend import metrics
 from mxsend.durable import make_dirs, write_atomic
 from mxsend.shaping import Rate, Shape, gcra, throttled_limit
 
@@ -134,6 +135,9 @@ class Limiter:
         state = self._of(destination)
         state.suspended_until, state.checked_at = suspension.until, now
         write_suspension(self._spool, suspension)
+        # mxsend_suspended_destinations: the spool's suspensions in force (each daemon
+        # sees them all; the gauge takes the largest, metrics.py).
+        metrics.suspended(len(read_suspensions(self._spool, now)))
         return suspension
 
     def throttle(self, destination: str, seconds: float) -> None:

@@ -2,7 +2,9 @@
 
 The daemon calls the module's functions (`delivered("sent")`, `bounce("failure")`,
 `transaction(0.8)`, ...); they do nothing until metrics are on, so the calls cost one
-function call when `[metrics] listen` is "".
+function call when `[metrics] listen` is "". The counters of logged events (`delivery`,
+`bounce`, `script_error`) are fed by `observe_event`, which log.py calls for every
+event once metrics are on: each logged event is counted once, whatever `log.level`.
 
 Several daemons (`queue.processes > 1`) are summed with prometheus-client's
 multiprocess mode: each process writes its counters into an mmap'ed file of its own in
@@ -26,10 +28,11 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from mxsend import log
 from mxsend.config import Config, split_host_port
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -155,6 +158,31 @@ class _Recorder(_Null):
 _sink: _Null = _Null()
 
 
+def observe_event(name: str, message_id: str | None, fields: Mapping[str, Any]) -> None:
+    """log.py's observer: each `delivery`, `bounce` and `script_error` event counted."""
+    if name == "delivery":
+        _sink.delivered(str(fields.get("status")))
+    elif name == "bounce":
+        _sink.bounce(str(fields.get("kind")))
+    elif name == "script_error":
+        _sink.script_error(str(fields.get("function")))
+
+
+def _record() -> None:
+    """Metrics on in this process: a recorder, and the log's events counted."""
+    global _sink
+    if not isinstance(_sink, _Recorder):
+        _sink = _Recorder()
+    log.unobserve(observe_event)
+    log.observe(observe_event)
+
+
+def _stop_recording() -> None:
+    global _sink
+    _sink = _Null()
+    log.unobserve(observe_event)
+
+
 # --- the recording API (the daemon's side) -----------------------------------------------
 
 
@@ -204,12 +232,10 @@ def delivery(seconds: float) -> None:
 
 def join_from_environment(config: Config) -> bool:
     """A daemon started by a serving process records into its directory; True if so."""
-    global _sink
     directory = os.environ.get(MULTIPROC_ENV)
     if not config.metrics.listen or not directory or not os.path.isdir(directory):
         return False
-    if not isinstance(_sink, _Recorder):
-        _sink = _Recorder()
+    _record()
     return True
 
 
@@ -316,11 +342,10 @@ class MetricsServer:
         return int(self._server.server_address[1])
 
     async def close(self) -> None:
-        global _sink
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
-        _sink = _Null()
+        _stop_recording()
         if os.environ.get(MULTIPROC_ENV) == self.directory:
             del os.environ[MULTIPROC_ENV]
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -330,11 +355,10 @@ def start_metrics_server(config: Config) -> MetricsServer:
     """Serve /metrics on `metrics.listen` and record this process's own metrics; the
     daemons started after this inherit the directory (join_from_environment).
     OSError naming the key if the address cannot be bound."""
-    global _sink
     host, port = split_host_port(config.metrics.listen, 0)
     directory = tempfile.mkdtemp(prefix="mxsend-metrics-")
     os.environ[MULTIPROC_ENV] = directory
-    _sink = _Recorder()  # every family at zero from the start, before any daemon runs
+    _record()  # every family at zero from the start, before any daemon runs
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry()
@@ -342,7 +366,7 @@ def start_metrics_server(config: Config) -> MetricsServer:
     try:
         server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
-        _sink = _Null()
+        _stop_recording()
         shutil.rmtree(directory, ignore_errors=True)
         del os.environ[MULTIPROC_ENV]
         raise OSError(exc.errno, f"metrics.listen: cannot listen on {config.metrics.listen}: "
@@ -358,6 +382,7 @@ __all__ = [
     "delivered",
     "delivery",
     "join_from_environment",
+    "observe_event",
     "script_error",
     "start_metrics_server",
     "suspended",

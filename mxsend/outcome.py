@@ -57,6 +57,14 @@ class RecipientOutcome:
     # waits, uncounted, until then.
     wait_until: float | None = None
 
+    # For the `delivery` event (contract §10), stamped by Deliverer.deliver: seconds of
+    # connection setup (DNS, ServerDetails, connect, greeting, EHLO, TLS) and of the
+    # transaction, the TLS cipher, and whether the server's certificate was verified.
+    setup: float = 0.0
+    transfer: float = 0.0
+    tls_cipher: str | None = None
+    verified: bool = False
+
 
 def waiting_outcomes(addresses: Sequence[str], until: float,
                      reason: str) -> list[RecipientOutcome]:

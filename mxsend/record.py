@@ -24,7 +24,8 @@ import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from mxsend import bounce, schedule
+from mxsend import bounce, metrics, schedule
+from mxsend.delivery_event import AttemptInfo, given_up_fields
 from mxsend.envelope import Envelope, Message, Recipient, serialise_bsmtp
 from mxsend.errors import MxsendError, Phase
 from mxsend.log import event, get_logger
@@ -229,14 +230,15 @@ class Recorder:
             rt.claimed.discard(claim.id)
 
     def give_up(
-        self, queue_id: str, state: MessageState, reason: schedule.GiveUp, now: float
+        self, queue_id: str, state: MessageState, reason: schedule.GiveUp, now: float,
+        info: AttemptInfo | None = None,
     ) -> MessageState:
         """Bounce what is still pending, with a `delivery` event each (relay null)."""
         final = give_up(state, reason, now)
         for rcpt in newly_bounced(state, final):
-            event("delivery", queue_id, recipient=rcpt.address, status="bounced",
-                  relay=None, tls=None, dsn=rcpt.dsn, response=rcpt.response,
-                  attempt=state.attempts, command=None, dkim=state.dkim)
+            event("delivery", queue_id, **given_up_fields(
+                rcpt.address, rcpt.dsn, rcpt.response, info, state.attempts, now,
+                state.created, state.dkim))
         return final
 
     async def finish(
@@ -267,6 +269,7 @@ class Recorder:
                     state = _with_status(state, notified, delay_notified=True)
             if state.is_final():
                 await rt.committer.run(rt.spool.complete_steps(claim, state))
+                metrics.delivery(now - state.created)  # its last recipient is final
             else:
                 if next_try is None:
                     next_try = schedule.next_try(queue.retry, state.attempts, now)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from mxsend import batv, dkim_spool, heartbeat, sdnotify, tlsrpt_daily
+from mxsend import batv, dkim_spool, heartbeat, sdnotify, summary, tlsrpt_daily
 from mxsend.attempt import Workers
 from mxsend.committer import Committer
 from mxsend.config import Config, load_config
@@ -38,7 +38,7 @@ from mxsend.dispatch import Dispatcher
 from mxsend.errors import ConfigError, MxsendError
 from mxsend.hostname import helo_name, helo_name_problem
 from mxsend.intake import Intake
-from mxsend.log import get_logger, setup_logging
+from mxsend.log import get_logger, observe, setup_logging, unobserve
 from mxsend.mx import Resolver
 from mxsend.policy import Policy
 from mxsend.record import Recorder, recover_claims
@@ -368,4 +368,15 @@ def read_batv_key(config: Config) -> bytes | None:
 
 async def run_daemon(config: Config, *, once: bool = False,
                      position: tuple[int, int] = (0, 1)) -> int:
-    return await Daemon(config, once=once, position=position).run()
+    """The daemon; with `once`, its `summary` last (summary.py)."""
+    if not once:
+        return await Daemon(config, once=once, position=position).run()
+    started = time.monotonic()
+    tally = summary.Tally()
+    observe(tally)
+    try:
+        code = await Daemon(config, once=once, position=position).run()
+    finally:
+        unobserve(tally)
+    summary.report(tally, time.monotonic() - started)
+    return code

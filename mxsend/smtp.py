@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from aiosmtplib.esmtp import parse_esmtp_extensions
 
 from mxsend import dane as dane_checks
+from mxsend import metrics
 from mxsend.actions import ServerActions
 from mxsend.destination import Destination, refusal
 from mxsend.envelope import dot_stuff
@@ -62,6 +63,7 @@ from mxsend.tls import (
     client_context,
     handshake_result_type,
 )
+from mxsend.transcript import tap
 from mxsend.wire import Wire
 
 # VPOP3 8.8's ReturnCodeHandler (contract §9): (LastCommand, code, text) -> a
@@ -163,11 +165,29 @@ class SmtpConnection:
         self.destination = destination
         self.actions = actions
         self.tls_version = tls_version
+        # For the `delivery` event (contract §10): the cipher, and whether the
+        # certificate was verified, as Postfix's "Verified TLS connection": the chain
+        # (verifyCert: CERT_REQUIRED against smtp.ca_file or the store) or a pinned
+        # thumbprint that matched (checked before we got here). A name alone
+        # (checkCertName) on an unverified chain proves nothing.
+        self.tls_cipher: str | None = None
+        self.verified = False
+        if tls_version is not None:
+            ssl_object = wire.extra("ssl_object")
+            if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+                cipher = ssl_object.cipher()
+                self.tls_cipher = cipher[0] if cipher else None
+                self.verified = (ssl_object.context.verify_mode == ssl.CERT_REQUIRED
+                                 or bool(actions.check_cert_thumbprint))
         self.connid = connid
         self.dane_verified = False  # the chain was authenticated by TLSA records
         self.transactions = 0
         self.last_used = time.monotonic()
         self.reply_hook: ReplyHook | None = None  # set per transaction by the deliverer
+        self._counted = True
+        metrics.connection_opened()
+        if tls_version is not None:
+            metrics.tls_session(tls_version)
 
     @property
     def alive(self) -> bool:
@@ -210,7 +230,7 @@ class SmtpConnection:
         with _phase(Phase.CONNECT, host):
             sock = await _connect_socket(destination, settings.source_address, timeouts.connect)
             try:
-                wire = await Wire.connect(sock)
+                wire = await Wire.connect(sock, tap(destination, settings.debug_peers))
             except BaseException:
                 sock.close()
                 raise
@@ -238,6 +258,9 @@ class SmtpConnection:
         connection = cls(wire, destination, actions, extensions=extensions,
                          tls_version=tls_version, connid=connid)
         connection.dane_verified = dane_required
+        # A chain that matched its TLSA records is verified too (RFC 7672 §3.1), as
+        # Postfix logs DANE sessions "Verified".
+        connection.verified = connection.verified or dane_required
         return connection
 
     async def send(self, tx: Transaction, *,
@@ -423,14 +446,14 @@ class SmtpConnection:
         offsets = range(0, len(payload), DATA_BLOCK)
         with _phase(Phase.DATA, host):
             for offset in offsets[:-1]:
-                self._wire.write(payload[offset:offset + DATA_BLOCK], 0)
+                self._wire.write(payload[offset:offset + DATA_BLOCK], 0, body=True)
                 # Each block must drain within the data-block timeout (§4.5.3.2.5).
                 await self._wire.drain(timeouts.datablock)
             last = payload[offsets[-1]:] if offsets else b""
             if not waiting:
-                self._wire.write(last, 1)
+                self._wire.write(last, 1, body=True)
                 return await self._reply(Phase.DATAEND, timeouts.dataend)
-            self._wire.write(last, 0)
+            self._wire.write(last, 0, body=True)
         assert before_end is not None
         # The server waits for more data meanwhile; the data-block timeout bounds the
         # pause as it bounds any other stretch without progress (§4.5.3.2.5).
@@ -471,6 +494,9 @@ class SmtpConnection:
 
     def close(self) -> None:
         self._wire.close()
+        if self._counted:
+            self._counted = False
+            metrics.connection_closed()
 
 
 

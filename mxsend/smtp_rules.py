@@ -27,6 +27,7 @@ class ClientSettings:
     source_address: str = ""
     ca_file: Path | None = None
     allowed_destinations: tuple[IpNetwork, ...] = ()  # contract §10
+    debug_peers: tuple[str, ...] = ()  # log.debug_peers: transcripts (transcript.py)
 
 
 @dataclass(frozen=True, slots=True)

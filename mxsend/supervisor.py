@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mxsend import heartbeat, sdnotify
+from mxsend import heartbeat, sdnotify, summary
 from mxsend.config import Config
 from mxsend.log import get_logger
 
@@ -81,6 +81,8 @@ class Supervisor:
         self._stopping = asyncio.Event()
         self._children: dict[int, _Child] = {}
         self._beating = True
+        # run --once: the read end of each daemon's summary pipe (summary.py).
+        self._summaries: list[int] = []
 
     def _command(self) -> list[str]:
         source = self.config.source
@@ -98,11 +100,18 @@ class Supervisor:
                if k not in (sdnotify.NOTIFY_ENV, "WATCHDOG_PID")}
         env[CHILD_ENV] = f"{index}/{self.count}"
         env[sdnotify.READY_FD_ENV] = str(write_end)
+        passed = [write_end]
+        if self.once:
+            summary_read, summary_write = os.pipe()
+            self._summaries.append(summary_read)
+            env[summary.SUMMARY_FD_ENV] = str(summary_write)
+            passed.append(summary_write)
         try:
             process = await asyncio.create_subprocess_exec(
-                *self._command(), env=env, pass_fds=(write_end,), stdin=asyncio.subprocess.DEVNULL)
+                *self._command(), env=env, pass_fds=passed, stdin=asyncio.subprocess.DEVNULL)
         finally:
-            os.close(write_end)
+            for fd in passed:
+                os.close(fd)
         self._children[index] = _Child(index, process, time.monotonic(), failures)
         loop = asyncio.get_running_loop()
         try:
@@ -126,6 +135,16 @@ class Supervisor:
         self._signal_all(signum)
 
     async def run(self) -> int:
+        started = time.monotonic()
+        try:
+            return await self._run()
+        finally:
+            if self.once:
+                # Every daemon has exited (their lines are all out): the one summary, last.
+                totals = summary.add(summary.read_report(fd) for fd in self._summaries)
+                summary.log_summary(totals, time.monotonic() - started)
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop, signum)

@@ -20,6 +20,7 @@ import re
 import socket
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import cast
 
 from mxsend.reply import MAX_REPLY_BUFFER, take_reply
@@ -28,6 +29,9 @@ from mxsend.reply import MAX_REPLY_BUFFER, take_reply
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # The same plus any white space, for single tokens such as a HELO name.
 CONTROL_OR_SPACE = re.compile(r"[\x00-\x1f\x7f\s]")
+
+# log.debug_peers: called with ">" and each command line written, "<" and each reply.
+Transcript = Callable[[str, str], None]
 
 
 def has_control(text: str, *, spaces: bool = True) -> bool:
@@ -38,8 +42,9 @@ def has_control(text: str, *, spaces: bool = True) -> bool:
 class Wire(asyncio.Protocol):
     """Commands out, replies in order; see the module doc."""
 
-    def __init__(self) -> None:
+    def __init__(self, transcript: Transcript | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        self._transcript = transcript
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._replies: deque[tuple[int, str]] = deque()
@@ -51,10 +56,11 @@ class Wire(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None  # set while writing is paused
 
     @classmethod
-    async def connect(cls, sock: socket.socket) -> Wire:
-        """Take over a connected socket."""
+    async def connect(cls, sock: socket.socket, transcript: Transcript | None = None) -> Wire:
+        """Take over a connected socket; `transcript` hears every command and reply
+        from the greeting on."""
         loop = asyncio.get_running_loop()
-        _, wire = await loop.create_connection(cls, sock=sock)
+        _, wire = await loop.create_connection(lambda: cls(transcript), sock=sock)
         return wire
 
     @property
@@ -66,10 +72,13 @@ class Wire(asyncio.Protocol):
         """Transport information, such as "ssl_object" once TLS is up."""
         return self._transport.get_extra_info(name) if self._transport is not None else None
 
-    def write(self, data: bytes, replies: int) -> None:
-        """Send `data`, which asks for `replies` replies."""
+    def write(self, data: bytes, replies: int, *, body: bool = False) -> None:
+        """Send `data`, which asks for `replies` replies; `body`: message data, which a
+        transcript shows as its size only."""
         if not self.alive or self._transport is None:
             raise self._error or ConnectionResetError("connection lost")
+        if self._transcript is not None:
+            _tell_written(self._transcript, data, body)
         self._expected += replies
         self._transport.write(data)
 
@@ -143,6 +152,8 @@ class Wire(asyncio.Protocol):
                 return
             self._expected -= 1
             self._replies.append(reply)
+            if self._transcript is not None:
+                self._transcript("<", _reply_text(*reply))
         if len(buffer) > MAX_REPLY_BUFFER:
             self._abort(ValueError("reply too long"))
             return
@@ -178,6 +189,33 @@ class Wire(asyncio.Protocol):
             self._error = error
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+def _tell_written(transcript: Transcript, data: bytes, body: bool) -> None:
+    """Commands line by line, AUTH's argument redacted (aiosmtpd's rule); message data
+    as its size, never its content, then the final `.` if this write ends it."""
+    if body:
+        ends = data == b".\r\n" or data.endswith(b"\r\n.\r\n")
+        size = len(data) - (3 if ends else 0)
+        if size > 0:
+            transcript(">", f"[message data: {size} bytes]")
+        if ends:
+            transcript(">", ".")
+        return
+    for raw in data.split(b"\r\n"):
+        if not raw:
+            continue
+        line = raw.decode("utf-8", "replace")
+        if line[:5].upper() == "AUTH ":
+            mechanism = line[5:].split(" ", 1)[0]
+            line = f"AUTH {mechanism} [redacted]"
+        transcript(">", line)
+
+
+def _reply_text(code: int, text: str) -> str:
+    lines = text.split("\n")
+    last = len(lines) - 1
+    return "\n".join(f"{code}{'-' if i < last else ' '}{line}" for i, line in enumerate(lines))
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from mxsend import batv, metrics
+from mxsend import batv, log, metrics
 from mxsend.config import Config
 from mxsend.errors import SpoolError
 from mxsend.log import get_logger, setup_logging
@@ -33,7 +33,25 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    setup_logging(config.log.format, config.log.level)
+    try:
+        return _run(args, config)
+    finally:
+        log.flush()
+
+
+def _process_name(child: str | None, config: Config) -> str | None:
+    """The `process` field of every line: "i/n" for daemon i of n (from 1),
+    "supervisor" for the supervisor, none for the only daemon (docs/operations.md)."""
+    if child:
+        index, count = child_position(child)
+        return f"{index + 1}/{count}"
+    return "supervisor" if config.queue.processes > 1 else None
+
+
+def _run(args: argparse.Namespace, config: Config) -> int:
+    child = os.environ.get(CHILD_ENV)
+    setup_logging(config.log.format, config.log.level, buffered=True,
+                  process=_process_name(child, config))
     # A script that does not compile would leave the daemon on defaults, silently
     # dropping rules such as a partner's forceTLS: refuse to start (exit 2, one line
     # naming the file and line as Lua does), before any daemon or supervisor starts.
@@ -75,5 +93,6 @@ def run(args: argparse.Namespace, config: Config) -> int:
         return _event_loop_runner()(serving(config, daemon, serve=serve))
     except (SpoolError, OSError) as exc:
         # The spool is unusable (the daemon retried what it could): one clear line.
+        log.flush()
         print(f"mxsend: {exc}", file=sys.stderr)
         return 1
