@@ -160,6 +160,12 @@ class Cluster:
         result = await self._call(lambda: self._redis.delete(f"{PREFIX}suspend:{destination}"))
         return None if result is None else bool(result)
 
+    async def probe(self) -> None:
+        """While unreachable, ask again (at most every RETRY_SECONDS), so that an idle
+        daemon also sees the server return and says so (`cluster` state=reachable)."""
+        if not self._reachable:
+            await self._call(self._redis.ping)
+
     async def close(self) -> None:
         await self._redis.aclose()
 

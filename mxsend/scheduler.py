@@ -238,6 +238,8 @@ class Daemon:
             await asyncio.sleep(interval)
             await self._beat()
             sdnotify.notify("WATCHDOG=1")
+            if self._shaper is not None:
+                await self._shaper.probe()
 
     async def _beat(self) -> None:
         """Prove we are alive in owners/, then take back what dead processes held."""

@@ -217,6 +217,11 @@ class Shaper:
             self._remote_suspensions[name] = (now, until)
         return until if until > now else 0.0
 
+    async def probe(self) -> None:
+        """The daemon's heartbeat: an unreachable cluster is asked again."""
+        if self._cluster is not None:
+            await self._cluster.probe()
+
     def recheck(self) -> None:
         """`queue resume` (a rescan request): look at every suspension afresh, so mail
         it made due is not held back by what this daemon last knew."""

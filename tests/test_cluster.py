@@ -152,3 +152,26 @@ async def test_a_blackholed_server_costs_at_most_the_deadline() -> None:
                                                            (3, 0.1, 1)])
 def test_local_share(limit: int, share: float, expected: int) -> None:
     assert local_limit(limit, share) == expected
+
+
+async def test_an_idle_daemon_sees_the_server_return(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("mxsend.cluster.RETRY_SECONDS", 0.1)
+    cluster = Cluster(redis_server.url)
+    caplog.set_level(logging.INFO, logger="mxsend")
+    try:
+        redis_server.stop()
+        assert await cluster.acquire("d", "a", 5) is None
+        assert not cluster.reachable
+        redis_server.start()
+        deadline = time.monotonic() + 10
+        while not cluster.reachable:          # nothing but the heartbeat's probe
+            assert time.monotonic() < deadline, "the probe never saw the server return"
+            await cluster.probe()
+            await asyncio.sleep(0.05)
+        states = [r.__dict__["fields"]["state"] for r in caplog.records
+                  if getattr(r, "event", None) == "cluster"]
+        assert states == ["unreachable", "reachable"]
+    finally:
+        await cluster.close()
