@@ -45,7 +45,7 @@ from mxsend.outcome import (
     transaction_outcomes,
     waiting_outcomes,
 )
-from mxsend.policy import Policy, ReturnPathRequest
+from mxsend.policy import Policy, return_path_request
 from mxsend.pool import Backoff, ConnectionPool, PoolEntry, backoff_worthy
 from mxsend.reply import Reply
 from mxsend.requiretls import DSN_REQUIRETLS
@@ -458,23 +458,13 @@ class Deliverer:
                            recipients: Sequence[Recipient], actions: ServerActions,
                            attempt: AttemptInfo | None) -> str:
         """returnAddressModifier's choice, then ModifyReturnPath's (contract §9)."""
-        env = message.envelope
-        computed = choose_return_path(env.sender, actions)
+        computed = choose_return_path(message.envelope.sender, actions)
         hooks = self.hooks
         if hooks is None or not hooks.defines("ModifyReturnPath"):
             return computed
-        header = message.data.split(b"\r\n\r\n", 1)[0]
-        subject = ""
-        for line in header.split(b"\r\n"):
-            if line[:8].lower() == b"subject:":
-                subject = line[8:].strip().decode("utf-8", errors="replace")
-                break
-        chosen = await hooks.modify_return_path(queue_id, ReturnPathRequest(
-            computed=computed, mail_from=env.sender, original=env.sender,
-            auth=env.auth or "", recipients=tuple(r.address for r in recipients),
-            created=attempt.created if attempt is not None else 0.0, data=message.data,
-            sender_ip="", subject=subject,
-            all_recipients=tuple(r.address for r in env.recipients)))
+        chosen = await hooks.modify_return_path(queue_id, return_path_request(
+            message, [r.address for r in recipients], computed,
+            attempt.created if attempt is not None else 0.0))
         return computed if chosen is None else chosen
 
     async def _record_session(self, tls: HostTls, conn: SmtpConnection) -> None:

@@ -20,12 +20,14 @@ hooks"):
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mxsend.envelope import validate_mailbox
 from mxsend.errors import EnvelopeError, Phase
+from mxsend.luavalues import FieldError, vpop3_flag
 from mxsend.wire import has_control
 
 # Phase -> LastCommand, for replies whose command is fixed by the phase.
@@ -39,6 +41,12 @@ _COMMANDS = {
 }
 _REPLACEMENT = re.compile(r"^([0-9]{3})(?:[ -]|$)")
 MAX_REPLACEMENT = 4096  # a reply the script writes is capped like one a server writes
+
+
+class ListResult(str):
+    """A Lua table returned by a hook: its array items joined by "\\n"."""
+
+    __slots__ = ()
 
 
 def command_of(phase: Phase, line: bytes = b"") -> str:
@@ -70,14 +78,16 @@ def replacement(value: object) -> tuple[int, str] | None:
     lines may carry the code each ("450-a\\r\\n450 b"); the text comes back as the
     wire parser gives it, lines joined by "\\n" without their codes.
     """
-    if not isinstance(value, str):
-        return None
+    if not isinstance(value, str) or isinstance(value, ListResult):
+        return None  # a table is not a string, whatever its items say
     match = _REPLACEMENT.match(value)
     if match is None:
         return None
     code = int(match.group(1))
     lines = []
-    for raw in value[:MAX_REPLACEMENT].replace("\r\n", "\n").split("\n"):
+    # A final line end ends the last line; it starts no empty one.
+    body = value[:MAX_REPLACEMENT].replace("\r\n", "\n").rstrip("\r\n")
+    for raw in body.split("\n"):
         if raw[:3] == match.group(1) and raw[3:4] in (" ", "-", ""):
             raw = raw[4:]
         # Nothing the script returns may smuggle a control character into a log line
@@ -98,6 +108,8 @@ def return_path(value: object) -> str | None:
     """
     if value is None:
         return None
+    if isinstance(value, ListResult):
+        raise BadReturnPath("returned a table, not a string")
     if not isinstance(value, str):
         raise BadReturnPath(f"returned a {type(value).__name__}, not a string")
     chosen = value.strip()
@@ -193,6 +205,23 @@ class Overrides:
     proceed: bool = True
 
 
+def read_overrides(servers: object, proceed: object) -> Overrides:
+    """GetOverrides' two results (None for nil, ListResult for a table) as Overrides.
+
+    Only `false` itself stops (a Lua `Continue == false`); nil, a lone Servers and
+    anything else go on. nil, false or an empty list keeps the MX records. Raises
+    ValueError for Servers that cannot be a list of servers (the caller logs a
+    script_error and uses the MX records).
+    """
+    if proceed is False:
+        return Overrides(proceed=False)
+    if servers is None or servers is False:
+        return Overrides()
+    if not isinstance(servers, str):
+        raise ValueError(f"Servers is a {type(servers).__name__}, not a list or a string")
+    return Overrides(servers=smart_hosts(servers))
+
+
 @dataclass(frozen=True, slots=True)
 class ServerVerdict:
     """CheckServer's answer for one server."""
@@ -201,17 +230,48 @@ class ServerVerdict:
     hold_minutes: float = 0.0  # > 0: hold the message that long, not an attempt
 
 
+HOLD_CAP = 60.0 * 24 * 365  # minutes; a year, so "inf" is a long hold, not an overflow
+
+
 def hold_minutes(value: object) -> float:
-    """HoldMinutes: a positive number of minutes, anything else 0 (no hold)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
+    """HoldMinutes: a positive number of minutes (a number or a numeric string), capped
+    at HOLD_CAP; anything else (nil, a boolean, a table, NaN, zero, negative) 0: no hold.
+    """
+    if isinstance(value, bool | ListResult) or not isinstance(value, int | float | str):
         return 0.0
     try:
         minutes = float(value)
     except ValueError:
         return 0.0
-    if minutes != minutes or minutes <= 0:  # NaN, zero, negative: no hold
+    if math.isnan(minutes) or minutes <= 0:
         return 0.0
-    return min(minutes, 60.0 * 24 * 365)
+    return min(minutes, HOLD_CAP)
+
+
+def allowed(value: object, default: bool) -> bool:
+    """Allowed, read as a VPOP3 flag (0, "0", false, "false", "no" are false).
+
+    nil, NaN, a table or a word that is no flag ("maybe") keeps DefaultResult: a script
+    that says nothing clear changes nothing.
+    """
+    if value is None or isinstance(value, ListResult):
+        return default
+    if isinstance(value, float) and math.isnan(value):
+        return default
+    try:
+        return vpop3_flag(value)
+    except FieldError:
+        return default
+
+
+def read_verdict(allowed_: object, hold: object, default: bool = True) -> ServerVerdict:
+    """CheckServer's two results as a ServerVerdict (a hold wins over Allowed: §9)."""
+    return ServerVerdict(allowed=allowed(allowed_, default), hold_minutes=hold_minutes(hold))
+
+
+def use_cache(value: object) -> bool:
+    """GetCheckCache: only a clear false (a VPOP3 flag) resolves afresh."""
+    return allowed(value, True)
 
 
 def lua_list(items: Sequence[str]) -> bytes:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from mxsend.actions import FileActions, ServerActions, ServerParameters
 from mxsend.config import Config
+from mxsend.envelope import Message
 from mxsend.hooks import BadReturnPath, full_response, lua_list, replacement, return_path
 from mxsend.hostname import helo_name
 from mxsend.log import event
@@ -40,7 +41,8 @@ from mxsend.script_file import LOAD, SCRIPT_ERROR, ScriptFile
 from mxsend.server_rules import ServerRules, hook_results
 from mxsend.watch import Watcher
 
-__all__ = ["LOAD", "CheckFileRequest", "Policy", "ReturnPathRequest", "lua_time"]
+__all__ = ["LOAD", "CheckFileRequest", "Policy", "ReturnPathRequest", "lua_time",
+           "return_path_request"]
 
 CHECKFILE = "CheckFile"
 SERVERDETAILS = "ServerDetails"
@@ -83,6 +85,26 @@ class ReturnPathRequest:
     sender_ip: str  # "": mxsend does not know who submitted the message
     subject: str
     all_recipients: tuple[str, ...]  # every recipient of the message
+
+
+def return_path_request(message: Message, recipients: Sequence[str], computed: str,
+                        created: float) -> ReturnPathRequest:
+    """ModifyReturnPath's arguments for one transaction of `message` to `recipients`.
+
+    The daemon (delivery.py) and `check-script` build it the same way, so what the
+    operator sees is what the daemon asks.
+    """
+    env = message.envelope
+    header = message.data.split(b"\r\n\r\n", 1)[0]
+    subject = ""
+    for line in header.split(b"\r\n"):
+        if line[:8].lower() == b"subject:":
+            subject = line[8:].strip().decode("utf-8", errors="replace")
+            break
+    return ReturnPathRequest(
+        computed=computed, mail_from=env.sender, original=env.sender, auth=env.auth or "",
+        recipients=tuple(recipients), created=created, data=message.data, sender_ip="",
+        subject=subject, all_recipients=tuple(r.address for r in env.recipients))
 
 
 def _lua_text(text: str) -> bytes:

@@ -17,21 +17,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mxsend.config import Config
-from mxsend.hooks import Overrides, ServerVerdict, hold_minutes, smart_hosts
+from mxsend.hooks import (
+    ListResult,
+    Overrides,
+    ServerVerdict,
+    read_overrides,
+    read_verdict,
+    use_cache,
+)
 from mxsend.log import event
-from mxsend.luavalues import FieldError, text_value, vpop3_flag
+from mxsend.luavalues import text_value
 from mxsend.script_file import SCRIPT_ERROR, ScriptFile
 
 GETCHECKCACHE = "GetCheckCache"
 GETOVERRIDES = "GetOverrides"
 CHECKSERVER = "CheckServer"
 RULE_FUNCTIONS = (GETCHECKCACHE, GETOVERRIDES, CHECKSERVER)
-
-
-class ListResult(str):
-    """A Lua table returned by a hook: its array items joined by "\\n"."""
-
-    __slots__ = ()
 
 
 def hook_results(values: Sequence[object]) -> tuple[object, object]:
@@ -72,9 +73,7 @@ class ServerRules(ScriptFile):
     async def check_cache(self, queue_id: str, domain: str, retries: int, size: int) -> bool:
         """GetCheckCache: True (the default) lets cached DNS answers be used."""
         results = await self._ask(GETCHECKCACHE, queue_id, domain, retries, size)
-        if results is None or results[0] is None:
-            return True
-        return _flag(results[0], True)
+        return True if results is None else use_cache(results[0])
 
     async def overrides(self, queue_id: str, domain: str, retries: int, size: int
                         ) -> Overrides:
@@ -82,18 +81,8 @@ class ServerRules(ScriptFile):
         results = await self._ask(GETOVERRIDES, queue_id, domain, retries, size)
         if results is None:
             return Overrides()
-        servers, proceed = results
-        if proceed is False:  # only false itself: nil (one result) goes on
-            return Overrides(proceed=False)
-        if servers is None or servers is False:
-            return Overrides()
-        if not isinstance(servers, str):
-            event(SCRIPT_ERROR, queue_id, function=GETOVERRIDES,
-                  error=f"Servers is a {type(servers).__name__}, not a list or a string;"
-                        " using the MX records")
-            return Overrides()
         try:
-            return Overrides(servers=smart_hosts(servers))
+            return read_overrides(*results)
         except ValueError as exc:
             event(SCRIPT_ERROR, queue_id, function=GETOVERRIDES,
                   error=f"{exc}; using the MX records")
@@ -106,9 +95,7 @@ class ServerRules(ScriptFile):
                                   default)
         if results is None:
             return ServerVerdict(allowed=default)
-        allowed, hold = results
-        return ServerVerdict(allowed=default if allowed is None else _flag(allowed, default),
-                             hold_minutes=hold_minutes(hold))
+        return read_verdict(*results, default)
 
     async def _ask(self, function: str, queue_id: str, domain: str, retries: int,
                    size: int, server: str = "", default: bool = True
@@ -120,10 +107,3 @@ class ServerRules(ScriptFile):
             server.encode(), default))
         return None if values is None else hook_results(values)
 
-
-def _flag(value: object, default: bool) -> bool:
-    """A VPOP3 flag; something that is none (a table, "maybe") keeps the default."""
-    try:
-        return vpop3_flag(value)
-    except FieldError:
-        return default

@@ -185,3 +185,90 @@ def test_a_reload_that_does_not_compile_is_an_error_and_keeps_the_script(
     assert record.levelno == logging.ERROR
     fields = record.fields  # type: ignore[attr-defined]
     assert fields["function"] == "load" and "mxout.lua:2:" in fields["error"]
+
+
+HOOKS = """
+function CheckFile(Filename, Actions) return Actions end
+
+function ServerDetails(params, headers, actions)
+  actions.returnAddressModifier = 1
+  actions.defaultReturnAddress = "bounces@example.com"
+  return actions
+end
+
+function ReturnCodeHandler(LastCommand, FullResponse, LastLine)
+  return nil
+end
+
+function ModifyReturnPath(ComputedMailFrom, MailFrom, OriginalMailFrom, AuthSender,
+                          Recipients, CreationTime, Headers, Size, SenderIPAddress,
+                          Subject, AllRecipients)
+  if Subject == "keep" then return nil end
+  if Subject == "broken" then return "no address" end
+  local user, domain = string.match(MailFrom, "^(.*)@(.*)$")
+  return "srs0=" .. user .. "=" .. domain .. "=" .. #Recipients .. "@" .. ComputedMailFrom
+      :match("@(.*)$")
+end
+"""
+
+
+def _hooks(files: tuple[Path, Path, Path], subject: str) -> None:
+    script, message, _ = files
+    script.write_text(HOOKS)
+    message.write_text(MESSAGE.replace("Subject: hello", f"Subject: {subject}"))
+
+
+def test_modify_return_path_answer_is_shown(files: tuple[Path, Path, Path],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    _hooks(files, "rewrite")
+    _, message, config = files
+    main(["-c", str(config), "check-script", "--message", str(message)])
+    out = capsys.readouterr().out
+    assert "ReturnCodeHandler: defined" in out
+    # ComputedMailFrom is returnAddressModifier's choice; the answer becomes MAIL FROM.
+    assert ('ModifyReturnPath: ComputedMailFrom "bounces@example.com" -> MAIL FROM'
+            ' "srs0=alice=example.com=2@example.com"') in out, out
+
+
+def test_modify_return_path_in_json(files: tuple[Path, Path, Path],
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    _hooks(files, "rewrite")
+    _, message, config = files
+    main(["-c", str(config), "check-script", "--message", str(message), "--json"])
+    hooks = json.loads(capsys.readouterr().out)["hooks"]
+    assert hooks == {
+        "ReturnCodeHandler": {"defined": True},
+        "ModifyReturnPath": {"defined": True, "computed": "bounces@example.com",
+                             "result": "srs0=alice=example.com=2@example.com",
+                             "sender": "srs0=alice=example.com=2@example.com",
+                             "error": ""},
+    }
+
+
+def test_modify_return_path_nil_keeps_and_a_bad_answer_is_a_script_error(
+        files: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    _hooks(files, "keep")
+    _, message, config = files
+    assert main(["-c", str(config), "check-script", "--message", str(message)]) == 0
+    out = capsys.readouterr().out
+    assert ('ModifyReturnPath: ComputedMailFrom "bounces@example.com" -> keeps it;'
+            ' MAIL FROM "bounces@example.com"') in out, out
+    _hooks(files, "broken")
+    code = main(["-c", str(config), "check-script", "--message", str(message), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 1  # a script_error, as the daemon would log it
+    assert doc["hooks"]["ModifyReturnPath"]["sender"] == "bounces@example.com"
+    [error] = [e for e in doc["events"] if e["event"] == "script_error"]
+    assert error["function"] == "ModifyReturnPath" and "not valid" in error["error"]
+
+
+def test_a_script_without_hooks_says_so(files: tuple[Path, Path, Path],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    _, message, config = files
+    main(["-c", str(config), "check-script", "--message", str(message)])
+    out = capsys.readouterr().out
+    assert "ReturnCodeHandler: not defined (no call per reply)" in out
+    assert "ModifyReturnPath: not defined" in out
+    main(["-c", str(config), "check-script", "--json"])
+    assert json.loads(capsys.readouterr().out)["hooks"] == {
+        "ReturnCodeHandler": {"defined": False}, "ModifyReturnPath": {"defined": False}}

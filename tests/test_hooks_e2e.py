@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mxsend.spool import Spool
-from tests.fixtures.daemon import REPO, DaemonProcess, write_config
+from tests.fixtures.daemon import REPO, DaemonProcess, wait_until, write_config
 from tests.fixtures.dns_server import DnsTestServer
 from tests.fixtures.smtp_receiver import Behaviour, ReceiverGroup
 from tests.test_daemon_e2e import drop
@@ -227,13 +227,18 @@ def test_server_rules_reload_on_change(tmp_path: Path, dns: DnsTestServer,
     process = daemon(config)
     drop(spool, "m1", "alice@src.test", "carol@smart.test")
     process.wait_event("delivery", recipient="carol@smart.test", status="deferred")
-    (tmp_path / "mxserverrules.lua").write_text(RULES % {"port": smtp.port})
-    # The new version routes smart.test: a flush makes the message due now.
-    deadline = time.monotonic() + 20
-    while not smart.messages and time.monotonic() < deadline:
-        subprocess.run([sys.executable, "-m", "mxsend", "-c", str(config), "queue", "flush",
-                        "m1"], cwd=REPO, capture_output=True, timeout=30)
-        if smart.messages:
-            break
-        time.sleep(0.5)
+    rules = tmp_path / "mxserverrules.lua"
+
+    def reloads() -> int:
+        return sum(f"{rules} reloaded" in line for line in list(process.lines))
+
+    before = reloads()
+    rules.write_text(RULES % {"port": smtp.port})
+    # The watch reloads the new version (its own log line names the file), then a
+    # flush makes the deferred message due now and the new version routes it.
+    wait_until(lambda: reloads() > before, timeout=20,
+               message=lambda: "no reload of mxserverrules.lua\n" + process.output())
+    subprocess.run([sys.executable, "-m", "mxsend", "-c", str(config), "queue", "flush",
+                    "m1"], cwd=REPO, capture_output=True, timeout=30, check=True)
+    process.wait_event("delivery", recipient="carol@smart.test", status="sent")
     assert [m.rcpts for m in smart.messages] == [["carol@smart.test"]], process.output()

@@ -183,3 +183,86 @@ def test_without_a_script_the_defaults_are_shown(
     assert doc["server_details_from"].startswith("built-in defaults (")
     assert doc["server_details_from"].endswith("absent.lua not found)")
     assert doc["hosts"][0]["server_details"]["HELOname"] == "relay.test"
+
+
+RULES = """\
+function GetOverrides(Domain, Retries, Size)
+  if Domain == "example.test" then
+    return "[127.0.0.3]:2600, smart.example.test  nowhere.example.test:2700", true
+  end
+  if Domain == "stop.test" then return nil, false end
+  return nil
+end
+
+function CheckServer(Domain, MXServer, Retries, Size, DefaultResult)
+  if MXServer == "smart.example.test" then return false, 0 end
+  if MXServer == "mx2.example.test" then return true, 30 end
+  return DefaultResult, 0
+end
+"""
+
+
+@pytest.fixture
+def rules_config(config_file: Path, tmp_path: Path) -> Path:
+    (tmp_path / "mxserverrules.lua").write_text(RULES)
+    config_file.write_text(config_file.read_text().replace(
+        "[script]\n", f'[script]\nserver_rules_path = "{tmp_path / "mxserverrules.lua"}"\n'))
+    return config_file
+
+
+def test_get_overrides_smart_hosts_keep_their_ports_and_check_server_is_shown(
+    capsys: pytest.CaptureFixture[str], rules_config: Path, two_mx: DnsTestServer
+) -> None:
+    two_mx.add_a("smart.example.test", "127.0.0.4")
+    code, out, err = resolve(capsys, rules_config, "example.test")
+    assert code == 0, err
+    # The smart host that does not resolve is passed over, as the daemon does.
+    assert "example.test: 2 server(s)" in out
+    assert "GetOverrides: [127.0.0.3]:2600 smart.example.test:2525 " \
+           "nowhere.example.test:2700" in out
+    # Each smart host's connection is on its own port; a port-less one on smtp.port.
+    assert "connection: [127.0.0.3][127.0.0.3]:2600" in out
+    assert "connection: smart.example.test[127.0.0.4]:2525" in out
+    checks = [line.strip() for line in out.splitlines() if "CheckServer:" in line]
+    assert checks == ["CheckServer: allowed", "CheckServer: skipped"]
+    assert "mx1.example.test" not in out  # the overrides replace the MX records
+
+    code, out, err = resolve(capsys, rules_config, "example.test", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["server_rules"]["overrides"] == [
+        "[127.0.0.3]:2600", "smart.example.test:2525", "nowhere.example.test:2700"]
+    assert doc["server_rules"]["continue"] is True
+    assert [(h["name"], h["connection"], h["check_server"]["allowed"])
+            for h in doc["hosts"]] == [
+        ("[127.0.0.3]", "[127.0.0.3][127.0.0.3]:2600", True),
+        ("smart.example.test", "smart.example.test[127.0.0.4]:2525", False)]
+
+
+def test_check_server_hold_on_the_mx_records_and_continue_false(
+    capsys: pytest.CaptureFixture[str], rules_config: Path, two_mx: DnsTestServer
+) -> None:
+    two_mx.add_mx("other.test", 10, "mx2.example.test")
+    code, out, err = resolve(capsys, rules_config, "other.test", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["server_rules"]["overrides"] == []  # nil: the MX records
+    [host] = doc["hosts"]
+    assert host["connection"] == "mx2.example.test[127.0.0.12]:2525"
+    assert host["check_server"] == {"allowed": True, "hold_minutes": 30.0,
+                                    "decision": "hold 30 minutes (not an attempt)"}
+
+    code, out, err = resolve(capsys, rules_config, "stop.test")
+    assert code == 0, err
+    assert "stop.test: 0 server(s)" in out
+    assert "GetOverrides: Continue=false (deferred: no MX, no address)" in out
+
+
+def test_without_server_rules_nothing_is_said_about_them(
+    capsys: pytest.CaptureFixture[str], config_file: Path, two_mx: DnsTestServer
+) -> None:
+    code, out, _ = resolve(capsys, config_file, "example.test", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["server_rules"] is None
+    assert all(h["check_server"] is None for h in doc["hosts"])

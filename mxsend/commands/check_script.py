@@ -1,8 +1,11 @@
 """`mxsend check-script [SCRIPT] [--message FILE] [--server HOST] [--domain D] [--json]`.
 
 Compiles the script and, for a spool file, shows what CheckFile and ServerDetails
-decide, without sending anything. Exit 0 when the script compiled and ran without a
-script_error, 1 otherwise (a compile failure prints the Lua error with its line).
+decide, without sending anything; also which VPOP3 8.8 hooks it defines and, for a
+spool file, the envelope sender ModifyReturnPath gives the transaction (contract §9).
+ReturnCodeHandler needs a server's reply, so only its presence is shown. Exit 0 when
+the script compiled and ran without a script_error, 1 otherwise (a compile failure
+prints the Lua error with its line).
 """
 
 from __future__ import annotations
@@ -21,10 +24,17 @@ from mxsend.actions import LUA_NAME, FileActions, ServerActions, ServerParameter
 from mxsend.config import Config
 from mxsend.dkim import Signer, describe, split_message
 from mxsend.envelope import domain_of, header_lines, parse_bsmtp
-from mxsend.errors import EnvelopeError
+from mxsend.errors import DeliveryError, EnvelopeError
 from mxsend.log import get_logger
 from mxsend.luasandbox import compile_check
-from mxsend.policy import CheckFileRequest, Policy
+from mxsend.policy import (
+    MODIFYRETURNPATH,
+    RETURNCODEHANDLER,
+    CheckFileRequest,
+    Policy,
+    return_path_request,
+)
+from mxsend.smtp_rules import choose_return_path
 
 
 class _Collect(logging.Handler):
@@ -127,6 +137,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         title = f"ServerDetails (server={sd['server']}, domain={sd['domain']})"
         print("\n".join(_table(title, _rows(report["server_details_actions"],
                                             report["server_defaults"]))))
+    print()
+    print("\n".join(_hook_lines(report["hooks"])))
     if collect.events:
         print()
         for item in collect.events:
@@ -136,6 +148,30 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if "check_file" in report or "server_details" in report:
         print("\n(* = changed by the script)")
     return 1 if failed else 0
+
+
+def _hook_lines(hooks: dict[str, Any]) -> list[str]:
+    """VPOP3 8.8's hooks in mxout.lua: defined or not, and ModifyReturnPath's answer."""
+    lines = ["VPOP3 8.8 hooks"]
+    reply = hooks[RETURNCODEHANDLER]
+    lines.append(f"    {RETURNCODEHANDLER}: " + (
+        "defined (asked about every server reply; a reply is needed to show more)"
+        if reply["defined"] else "not defined (no call per reply)"))
+    path = hooks[MODIFYRETURNPATH]
+    if not path["defined"]:
+        lines.append(f"    {MODIFYRETURNPATH}: not defined")
+    elif "sender" not in path:
+        lines.append(f"    {MODIFYRETURNPATH}: defined (give --message to see its answer)")
+    else:
+        computed = json.dumps(path["computed"])
+        if path["error"]:
+            answer = f"{path['error']}; MAIL FROM {json.dumps(path['sender'])}"
+        elif path["result"] is None:
+            answer = f"keeps it; MAIL FROM {computed}"
+        else:
+            answer = f"MAIL FROM {json.dumps(path['sender'])}"
+        lines.append(f"    {MODIFYRETURNPATH}: ComputedMailFrom {computed} -> {answer}")
+    return lines
 
 
 def _dkim_lines(dkim: dict[str, Any]) -> list[str]:
@@ -158,6 +194,8 @@ async def _decide(
     signer = Signer.from_config(config.dkim.keys)[0] if message is not None else Signer()
     policy = Policy(config)
     try:
+        # Loaded first, so that which hooks this version defines is known.
+        await policy.load()
         data = message.data if message else b""
         if message is not None:
             request = CheckFileRequest(
@@ -196,6 +234,12 @@ async def _decide(
                                         **dataclasses.asdict(server_actions)}
             report["server_details_actions"] = server_actions
             report["server_defaults"] = defaults
+            if message is not None:
+                report["hooks"] = {MODIFYRETURNPATH: await _return_path(
+                    policy, message, domain, server_actions, mtime)}
+        report.setdefault("hooks", {MODIFYRETURNPATH: {
+            "defined": policy.defines(MODIFYRETURNPATH)}})
+        report["hooks"][RETURNCODEHANDLER] = {"defined": policy.defines(RETURNCODEHANDLER)}
     finally:
         policy.close()
     if message is not None:
@@ -205,3 +249,24 @@ async def _decide(
             "domains": sorted({domain_of(r.address) for r in message.envelope.recipients}),
         }
     return report
+
+
+async def _return_path(policy: Policy, message: Any, domain: str, actions: ServerActions,
+                       created: float) -> dict[str, Any]:
+    """What the daemon would send as MAIL FROM to `domain`'s recipients: the sender after
+    returnAddressModifier, then ModifyReturnPath's answer (before BATV signing)."""
+    defined = policy.defines(MODIFYRETURNPATH)
+    try:
+        computed = choose_return_path(message.envelope.sender, actions)
+    except DeliveryError as exc:
+        # The daemon defers such a transaction before ModifyReturnPath is asked.
+        return {"defined": defined, "computed": message.envelope.sender, "result": None,
+                "sender": message.envelope.sender, "error": exc.message}
+    result = None
+    if defined:
+        every = [r.address for r in message.envelope.recipients]
+        recipients = [a for a in every if domain_of(a) == domain] or every
+        result = await policy.modify_return_path("check-script", return_path_request(
+            message, recipients, computed, created))
+    return {"defined": defined, "computed": computed, "result": result,
+            "sender": computed if result is None else result, "error": ""}

@@ -2,7 +2,9 @@
 
 Prints the MX hosts in the order a delivery would try them (contract §5), each with its
 addresses and what ServerDetails decides for it (contract §4), so an operator can see
-what the daemon would do for a domain before any mail goes there. With `--message`, the
+what the daemon would do for a domain before any mail goes there. With
+`script.server_rules_path` (contract §9), GetOverrides' smart hosts (each on its own
+port) replace the MX hosts, and each host shows CheckServer's verdict. With `--message`, the
 script sees that spool file's envelope, size and header; without, an empty message from
 the null sender.
 
@@ -25,6 +27,7 @@ from mxsend.actions import SERVER_FIELDS, TIMEOUT_FIELDS, ServerActions, ServerP
 from mxsend.config import Config
 from mxsend.envelope import Message, domain_of, header_lines, parse_bsmtp
 from mxsend.errors import DeliveryError, EnvelopeError
+from mxsend.hooks import ServerVerdict
 from mxsend.log import setup_logging
 from mxsend.mx import MxHost, Resolver
 from mxsend.policy import Policy
@@ -40,6 +43,42 @@ class PlanRow:
     host: MxHost
     params: ServerParameters
     actions: ServerActions
+    verdict: ServerVerdict | None = None  # CheckServer's; None: no mxserverrules.lua
+
+
+@dataclass(frozen=True, slots=True)
+class RulesSummary:
+    """What mxserverrules.lua's GetOverrides said for the domain."""
+
+    path: str
+    servers: tuple[str, ...] = ()  # "host:port" in order; (): the MX records
+    proceed: bool = True  # Continue
+
+    def lines(self) -> list[str]:
+        lines = [f"server rules ({self.path})"]
+        if not self.proceed:
+            lines.append("  GetOverrides: Continue=false (deferred: no MX, no address)")
+        elif self.servers:
+            lines.append("  GetOverrides: " + " ".join(self.servers))
+        return lines
+
+    def as_json(self) -> dict[str, Any]:
+        return {"path": self.path, "overrides": list(self.servers),
+                "continue": self.proceed}
+
+
+def verdict_text(verdict: ServerVerdict) -> str:
+    """CheckServer's verdict as the daemon acts on it (a hold wins over Allowed)."""
+    if verdict.hold_minutes > 0:
+        return f"hold {verdict.hold_minutes:g} minutes (not an attempt)"
+    return "allowed" if verdict.allowed else "skipped"
+
+
+def verdict_json(verdict: ServerVerdict | None) -> dict[str, Any] | None:
+    if verdict is None:
+        return None
+    return {"allowed": verdict.allowed, "hold_minutes": verdict.hold_minutes,
+            "decision": verdict_text(verdict)}
 
 
 # --- pure formatting ------------------------------------------------------------------
@@ -63,14 +102,19 @@ def _text_value(value: object) -> str:
     return str(value)
 
 
-def format_text(domain: str, rows: Sequence[PlanRow], source: str) -> str:
+def format_text(domain: str, rows: Sequence[PlanRow], source: str,
+                rules: RulesSummary | None = None) -> str:
     lines = [f"{domain}: {len(rows)} server(s) to try in this order; ServerDetails: {source}"]
+    if rules is not None:
+        lines.extend(rules.lines())
     for number, row in enumerate(rows, 1):
         host = row.host
         kind = "  (implicit MX: no MX records, the domain's own address)" if host.implicit else ""
         lines.append(f"{number:2d}. {host.preference:5d}  {host.name}{kind}")
         lines.append(f"      addresses: {', '.join(host.addresses)}")
         lines.append(f"      connection: {row.params.connection}")
+        if row.verdict is not None:
+            lines.append(f"      CheckServer: {verdict_text(row.verdict)}")
         table = actions_table(row.actions)
         timeouts = table.pop("timeouts")
         lines.append("      " + " ".join(f"{k}={_text_value(v)}" for k, v in table.items()))
@@ -80,10 +124,12 @@ def format_text(domain: str, rows: Sequence[PlanRow], source: str) -> str:
     return "\n".join(lines)
 
 
-def format_json(domain: str, rows: Sequence[PlanRow], source: str) -> str:
+def format_json(domain: str, rows: Sequence[PlanRow], source: str,
+                rules: RulesSummary | None = None) -> str:
     doc = {
         "domain": domain,
         "server_details_from": source,
+        "server_rules": rules.as_json() if rules is not None else None,
         "hosts": [
             {
                 "preference": row.host.preference,
@@ -91,6 +137,7 @@ def format_json(domain: str, rows: Sequence[PlanRow], source: str) -> str:
                 "addresses": list(row.host.addresses),
                 "implicit": row.host.implicit,
                 "connection": row.params.connection,
+                "check_server": verdict_json(row.verdict),
                 "server_details": actions_table(row.actions),
             }
             for row in rows
@@ -121,7 +168,7 @@ def server_parameters(
 
 async def _plan(
     config: Config, domain: str, message: Message | None, queue_id: str
-) -> tuple[list[PlanRow], str]:
+) -> tuple[list[PlanRow], str, RulesSummary | None]:
     resolved: list[MxHost] | None = None
     if config.script.server_rules_path is None:
         # DNS first: a failure is then one line, before the script says anything.
@@ -129,51 +176,59 @@ async def _plan(
     policy = Policy(config)
     size = len(message.data) if message is not None else 0
     rules = policy.rules
-    notes: list[str] = []
+    summary = RulesSummary(str(config.script.server_rules_path)) if rules else None
     try:
-        hosts: list[MxHost] = []
+        # (host, port): a smart host has its own port, an MX host smtp.port.
+        hosts: list[tuple[MxHost, int]] = []
         stopped = False
         if rules is not None and rules.active:
             overrides = await rules.overrides(queue_id, domain, 0, size)
             stopped = not overrides.proceed
-            if stopped:
-                notes.append("GetOverrides: Continue=false (deferred: no MX, no address)")
-            elif overrides.servers:
-                notes.append("GetOverrides: " + " ".join(
-                    f"{s.name}:{s.port or config.smtp.port}" for s in overrides.servers))
+            summary = RulesSummary(str(config.script.server_rules_path), tuple(
+                f"{s.name}:{s.port or config.smtp.port}" for s in overrides.servers),
+                overrides.proceed)
+            if overrides.servers and not stopped:
                 resolver = Resolver(config.dns)
+                problem: DeliveryError | None = None
                 for server in overrides.servers:
-                    addresses = ((server.host,) if server.literal
-                                 else await resolver.host_addresses(server.host))
-                    hosts.append(MxHost(server.name, 0, addresses))
+                    try:
+                        addresses = ((server.host,) if server.literal
+                                     else await resolver.host_addresses(server.host))
+                    except DeliveryError as exc:
+                        # As the daemon: a smart host that does not resolve is passed
+                        # over; only when none does is it the domain's failure.
+                        problem = exc
+                        continue
+                    hosts.append((MxHost(server.name, 0, addresses),
+                                  server.port or config.smtp.port))
+                if not hosts and problem is not None:
+                    raise problem
         if not hosts and not stopped:
-            hosts = resolved if resolved is not None else await Resolver(
-                config.dns).resolve(domain)
-        if rules is not None and rules.active:
-            for host in hosts:
-                verdict = await rules.check_server(queue_id, domain, host.name, 0, size)
-                notes.append(f"CheckServer {host.name}: allowed={verdict.allowed}"
-                             f" hold_minutes={verdict.hold_minutes:g}")
+            hosts = [(host, config.smtp.port) for host in (
+                resolved if resolved is not None else await Resolver(config.dns).resolve(
+                    domain))]
+        verdicts: list[ServerVerdict | None] = []
+        for host, _ in hosts:
+            verdicts.append(await rules.check_server(queue_id, domain, host.name, 0, size)
+                            if rules is not None and rules.active else None)
     except BaseException:
         policy.close()
         raise
     headers = header_lines(message.data) if message is not None else []
     rows: list[PlanRow] = []
     try:
-        for connid, host in enumerate(hosts, 1):
-            params = server_parameters(message, host, domain, config.smtp.port, connid)
+        for connid, ((host, port), verdict) in enumerate(zip(hosts, verdicts, strict=True),
+                                                       1):
+            params = server_parameters(message, host, domain, port, connid)
             actions = await policy.server_details(queue_id, params, headers)
-            rows.append(PlanRow(host, params, actions))
+            rows.append(PlanRow(host, params, actions, verdict))
     finally:
         policy.close()
     if not policy.has_script:
         source = f"built-in defaults ({config.script.path} not found)"
     else:
         source = f"script {config.script.path}"
-    if notes:
-        source += "\nserver rules (" + str(config.script.server_rules_path) + "):\n  " + \
-            "\n  ".join(notes)
-    return rows, source
+    return rows, source, summary
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -195,12 +250,12 @@ def run(args: argparse.Namespace, config: Config) -> int:
             return EXIT_USAGE
         queue_id = path.name
     try:
-        rows, source = asyncio.run(_plan(config, domain, message, queue_id))
+        rows, source, rules = asyncio.run(_plan(config, domain, message, queue_id))
     except DeliveryError as exc:
         code = f" ({exc.dsn})" if exc.dsn else ""
         # mx.py's messages name the domain already.
         print(f"mxsend: resolve: {exc.message}{code}", file=sys.stderr)
         return EXIT_DNS
     output = format_json if args.json else format_text
-    print(output(domain, rows, source))
+    print(output(domain, rows, source, rules))
     return EXIT_OK
