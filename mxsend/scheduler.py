@@ -260,7 +260,8 @@ class Daemon:
 
     async def _rescan(self) -> None:
         """Re-read queue/ (other processes, the queue CLI, lost events) and new/."""
-        self.rt.plan.replace(await self._spool_io(self.rt.spool.queued))
+        plan = self.rt.plan
+        plan.replace(*await self._spool_io(self.rt.spool.queued_earliest, plan.limit))
         self.intake.book.arrived = True
 
     def _room(self) -> int:
@@ -274,7 +275,8 @@ class Daemon:
         while not self._stopping.is_set():
             wake.clear()
             try:
-                if self._rescan_requested or time.monotonic() >= next_rescan:
+                if (self._rescan_requested or time.monotonic() >= next_rescan
+                        or self.rt.plan.wants_rescan(time.time())):
                     self._rescan_requested = False
                     await self._rescan()
                     next_rescan = time.monotonic() + self.config.queue.scan_interval
