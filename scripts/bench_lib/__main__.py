@@ -209,7 +209,8 @@ def summarize(results: dict[str, Any]) -> list[str]:
         during = big.get("sweep_probe_latency")
         if during:
             sweep = big["sweep"]
-            lines.append(f"  retry sweep (queue flush {sweep['wall_s']:.2f} s): new message "
+            lines.append(f"  retry sweep (all {sweep['made_due']} made due in "
+                         f"{sweep['wall_s']:.2f} s): new message "
                          f"p50 {during['p50_ms']:.1f} ms, p99 {during['p99_ms']:.1f} ms, max "
                          f"{during['max_ms']:.1f} ms; {sweep['tarpit_sessions']} parked "
                          f"attempts meanwhile")
