@@ -1,0 +1,102 @@
+"""Reading every state of a big queue quickly, for `queue list` and `queue stats`.
+
+A million queued messages are a million state files, and reading them is the whole cost
+of these commands (about 20 µs of system time and 30 µs of decoding each, on the 2-core
+test machine). Two things make it cheaper, without changing what is read:
+
+- the files are read in inode order (a scandir gives each name's inode for free): on a
+  cold cache ext4's inode table and the files' blocks are then read mostly in order
+  instead of at random;
+- the work is split over up to MAX_WORKERS forked processes, each reading and folding
+  its share (a qshape count, or list rows) and sending back only the result.
+
+What a file says is exactly what `Spool.entries()` says (the same codec, the same
+"vanished meanwhile: skipped"); the spool is only read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mxsend.errors import SpoolError
+from mxsend.queue_state import MessageState, state_from_json
+
+T = TypeVar("T")
+MAX_WORKERS = 4
+CHUNK = 20_000  # files per task: a worker's result is small against its reads
+INLINE_BELOW = 2 * CHUNK
+READ_SIZE = 1 << 16  # a small queue is read in this process: no fork to pay for
+
+
+def state_files(root: Path) -> list[tuple[str, str]]:
+    """(path, where) of every state file: queue/, hold/, active/*/, in inode order."""
+    found: list[tuple[int, str, str]] = []
+    root_str = os.fspath(root)
+    folders = [(os.path.join(root_str, "queue"), "queue"),
+               (os.path.join(root_str, "hold"), "hold")]
+    with contextlib.suppress(FileNotFoundError):
+        folders += [(os.path.join(root_str, "active", d), "active")
+                    for d in os.listdir(os.path.join(root_str, "active"))]
+    for folder, where in folders:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError), \
+                os.scandir(folder) as it:
+            found += [(entry.inode(), f"{folder}/{entry.name}", where) for entry in it
+                      if not entry.name.startswith(".")]
+    found.sort()
+    return [(path, where) for _ino, path, where in found]
+
+
+def read_states(paths: Iterable[tuple[str, str]]) -> Iterator[tuple[MessageState, str]]:
+    """The states behind `paths`; files gone meanwhile (claimed, removed) are skipped."""
+    for path, where in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            raise SpoolError(f"cannot read {path}: {exc}") from exc
+        try:
+            # One read for a state (a few hundred bytes); a short read is the end.
+            chunks = [os.read(fd, READ_SIZE)]
+            while len(chunks[-1]) == READ_SIZE:
+                chunks.append(os.read(fd, READ_SIZE))
+        except OSError as exc:
+            raise SpoolError(f"cannot read {path}: {exc}") from exc
+        finally:
+            os.close(fd)
+        yield state_from_json(b"".join(chunks)), where
+
+
+_task: Callable[[Iterator[tuple[MessageState, str]]], Any] | None = None
+
+
+def _run_chunk(paths: list[tuple[str, str]]) -> Any:
+    assert _task is not None
+    return _task(read_states(paths))
+
+
+def fold_states(root: Path, task: Callable[[Iterator[tuple[MessageState, str]]], T],
+                workers: int | None = None) -> list[T]:
+    """`task` applied to the states of each share of the queue; one result per share.
+
+    `task` must be a function of its share alone (the shares are read in parallel, in
+    forked processes, when the queue is big); its result must be picklable.
+    """
+    global _task
+    paths = state_files(root)
+    count = workers or min(MAX_WORKERS, os.cpu_count() or 1)
+    if len(paths) < INLINE_BELOW or count < 2 or "fork" not in \
+            multiprocessing.get_all_start_methods():
+        return [task(read_states(paths))]
+    chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    _task = task  # inherited by the forked workers
+    try:
+        with multiprocessing.get_context("fork").Pool(count) as pool:
+            return list(pool.imap(_run_chunk, chunks))
+    finally:
+        _task = None
