@@ -35,49 +35,73 @@ READ_SIZE = 1 << 16  # a small queue is read in this process: no fork to pay for
 
 def state_files(root: Path) -> list[tuple[str, str]]:
     """(path, where) of every state file: queue/, hold/, active/*/, in inode order."""
-    found: list[tuple[int, str, str]] = []
+    folders, names = _listing(root)
+    return [(f"{folders[i][0]}/{name}", folders[i][1]) for i, name in names]
+
+
+def _listing(root: Path) -> tuple[list[tuple[str, str]], list[tuple[int, str]]]:
+    """The folders ((path, where)) and every name in them as (folder index, name), in
+    inode order; a million paths as strings would be some 200 MB, the names a third."""
     root_str = os.fspath(root)
     folders = [(os.path.join(root_str, "queue"), "queue"),
                (os.path.join(root_str, "hold"), "hold")]
     with contextlib.suppress(FileNotFoundError):
         folders += [(os.path.join(root_str, "active", d), "active")
                     for d in os.listdir(os.path.join(root_str, "active"))]
-    for folder, where in folders:
+    found: list[tuple[int, int, str]] = []
+    for index, (folder, _where) in enumerate(folders):
         with contextlib.suppress(FileNotFoundError, NotADirectoryError), \
                 os.scandir(folder) as it:
-            found += [(entry.inode(), f"{folder}/{entry.name}", where) for entry in it
+            found += [(entry.inode(), index, entry.name) for entry in it
                       if not entry.name.startswith(".")]
     found.sort()
-    return [(path, where) for _ino, path, where in found]
+    return folders, [(index, name) for _ino, index, name in found]
 
 
 def read_states(paths: Iterable[tuple[str, str]]) -> Iterator[tuple[MessageState, str]]:
     """The states behind `paths`; files gone meanwhile (claimed, removed) are skipped."""
     for path, where in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError as exc:
-            raise SpoolError(f"cannot read {path}: {exc}") from exc
-        try:
-            # One read for a state (a few hundred bytes); a short read is the end.
-            chunks = [os.read(fd, READ_SIZE)]
-            while len(chunks[-1]) == READ_SIZE:
-                chunks.append(os.read(fd, READ_SIZE))
-        except OSError as exc:
-            raise SpoolError(f"cannot read {path}: {exc}") from exc
-        finally:
-            os.close(fd)
-        yield state_from_json(b"".join(chunks)), where
+        state = read_state(path)
+        if state is not None:
+            yield state, where
+
+
+def read_state(path: str) -> MessageState | None:
+    """One state file; None if it is gone (claimed or removed meanwhile)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise SpoolError(f"cannot read {path}: {exc}") from exc
+    try:
+        # One read for a state (a few hundred bytes); a short read is the end.
+        chunks = [os.read(fd, READ_SIZE)]
+        while len(chunks[-1]) == READ_SIZE:
+            chunks.append(os.read(fd, READ_SIZE))
+    except OSError as exc:
+        raise SpoolError(f"cannot read {path}: {exc}") from exc
+    finally:
+        os.close(fd)
+    return state_from_json(b"".join(chunks))
 
 
 _task: Callable[[Iterator[tuple[MessageState, str]]], Any] | None = None
+_folders: list[tuple[str, str]] = []
 
 
-def _run_chunk(paths: list[tuple[str, str]]) -> Any:
+def _share(names: list[tuple[int, str]]) -> Iterator[tuple[MessageState, str]]:
+    folders = _folders
+    for index, name in names:
+        folder, where = folders[index]
+        state = read_state(f"{folder}/{name}")
+        if state is not None:
+            yield state, where
+
+
+def _run_chunk(names: list[tuple[int, str]]) -> Any:
     assert _task is not None
-    return _task(read_states(paths))
+    return _task(_share(names))
 
 
 def fold_states(root: Path, task: Callable[[Iterator[tuple[MessageState, str]]], T],
@@ -87,16 +111,17 @@ def fold_states(root: Path, task: Callable[[Iterator[tuple[MessageState, str]]],
     `task` must be a function of its share alone (the shares are read in parallel, in
     forked processes, when the queue is big); its result must be picklable.
     """
-    global _task
-    paths = state_files(root)
+    global _task, _folders
+    folders, names = _listing(root)
     count = workers or min(MAX_WORKERS, os.cpu_count() or 1)
-    if len(paths) < INLINE_BELOW or count < 2 or "fork" not in \
-            multiprocessing.get_all_start_methods():
-        return [task(read_states(paths))]
-    chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
-    _task = task  # inherited by the forked workers
+    _task, _folders = task, folders  # inherited by the forked workers
     try:
+        if len(names) < INLINE_BELOW or count < 2 or "fork" not in \
+                multiprocessing.get_all_start_methods():
+            return [_run_chunk(names)]
+        chunks = [names[i:i + CHUNK] for i in range(0, len(names), CHUNK)]
+        del names
         with multiprocessing.get_context("fork").Pool(count) as pool:
             return list(pool.imap(_run_chunk, chunks))
     finally:
-        _task = None
+        _task, _folders = None, []
