@@ -201,6 +201,20 @@ def test_due_plan_fresh_mail_is_not_starved_by_a_sweep() -> None:
     assert plan.take_due(10.0, 2) == ["old3", "old4"]
 
 
+def test_jobs_wait_in_dispatch_order_not_by_age() -> None:
+    # A retry sweep keeps handing over messages older than a new one; ordered by age the
+    # new one would wait for the whole sweep, in dispatch order only for those before it.
+    from mxsend.dispatch import priority_key
+
+    sequence = iter(range(100))
+    parked = [priority_key(50, next(sequence)) for _ in range(3)]
+    new = priority_key(50, next(sequence))
+    later_parked = [priority_key(50, next(sequence)) for _ in range(50)]
+    assert sorted([*later_parked, new, *parked])[3] == new
+    assert priority_key(100, 99) < priority_key(50, 0) < priority_key(1, 0)  # contract §4
+    assert priority_key(500, 7) == priority_key(100, 7)  # clamped
+
+
 def test_due_plan_is_bounded_and_asks_for_a_rescan() -> None:
     plan = DuePlan(limit=10)
     # A rescan that found more than fits: the earliest 10, and where the rest starts.
