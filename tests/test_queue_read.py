@@ -57,3 +57,29 @@ def test_a_file_gone_meanwhile_is_skipped(tmp_path: Path) -> None:
     paths = queue_read.state_files(tmp_path)
     (tmp_path / "queue" / "m000").unlink()
     assert sorted(s.id for s, _ in queue_read.read_states(paths)) == ["m001", "m002"]
+
+
+@pytest.mark.parametrize("address", [
+    "plain@a.test",
+    '"quoted \\"local\\" part"@a.test',  # escapes in the JSON: the full decoder
+    "ünïcode@b.test",
+])
+@pytest.mark.parametrize("held", [False, True])
+def test_the_stats_summary_says_what_the_decoder_says(address: str, held: bool) -> None:
+    from mxsend.queue_state import MessageState, RecipientState, RecipientStatus, state_to_json
+
+    state = MessageState(
+        id="x", created=NOW - 0.25, sender="s@src.test", size=10, held=held,
+        recipients=(RecipientState(address=address),
+                    RecipientState(address="done@c.test", status=RecipientStatus.SENT,
+                                   response='250 ok "queued"'),
+                    RecipientState(address="later@c.test", response="451 later")))
+    assert queue_read.stats_summary(state_to_json(state)) == (
+        NOW - 0.25, held, [address, "later@c.test"])
+
+
+def test_stats_shares_agree_with_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = _fill(tmp_path, 12)
+    monkeypatch.setattr(queue_read, "CHUNK", 5)
+    monkeypatch.setattr(queue_read, "INLINE_BELOW", 0)
+    assert shape_rows(queue_read.stats_shares(tmp_path, NOW)) == shape(spool.entries(), NOW)

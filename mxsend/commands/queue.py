@@ -33,13 +33,12 @@ from mxsend.commands.queue_format import (
     message_rows,
     one_line,
     selection,
-    shape_counts,
     shape_lines,
     shape_rows,
     show_lines,
     table,
 )
-from mxsend.commands.queue_read import fold_states
+from mxsend.commands.queue_read import fold_states, stats_shares
 from mxsend.config import Config, parse_duration
 from mxsend.envelope import Message, Recipient
 from mxsend.errors import ConfigError, MxsendError
@@ -293,7 +292,7 @@ def _cat(spool: Spool, args: argparse.Namespace, config: Config, now: float,
 
 def _stats(spool: Spool, args: argparse.Namespace, config: Config, now: float,
            out: Output) -> int:
-    domains = shape_rows(fold_states(spool.root, lambda entries: shape_counts(entries, now)))
+    domains = shape_rows(stats_shares(spool.root, now))
     if args.json:
         out.line(json.dumps({"domains": domains}, ensure_ascii=False, indent=2))
     else:

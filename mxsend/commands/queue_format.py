@@ -225,13 +225,19 @@ def shape(entries: Iterable[tuple[MessageState, str]], now: float) -> list[dict[
 def shape_counts(entries: Iterable[tuple[MessageState, str]], now: float
                  ) -> dict[str, dict[str, int]]:
     """shape()'s counts of one share of the queue: domain -> age label -> recipients."""
+    return shape_count_summaries(
+        ((s.created, [r.address for r in s.pending()]) for s, where in entries
+         if where != "hold" and not s.held), now)
+
+
+def shape_count_summaries(summaries: Iterable[tuple[float, Sequence[str]]], now: float
+                          ) -> dict[str, dict[str, int]]:
+    """shape_counts() from (created, pending recipient addresses) of messages not held."""
     counts: dict[str, dict[str, int]] = {}
-    for state, where in entries:
-        if where == "hold" or state.held:
-            continue
-        label = age_label(now - state.created)
-        for rcpt in state.pending():
-            domain = domain_of(rcpt.address).lower()
+    for created, pending in summaries:
+        label = age_label(now - created)
+        for address in pending:
+            domain = domain_of(address).lower()
             ages = counts.get(domain)
             if ages is None:
                 ages = counts[domain] = dict.fromkeys(AGE_LABELS, 0)

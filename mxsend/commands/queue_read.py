@@ -19,18 +19,23 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mxsend.commands.queue_format import shape_count_summaries
 from mxsend.errors import SpoolError
 from mxsend.queue_state import MessageState, state_from_json
 
 T = TypeVar("T")
 MAX_WORKERS = 4
 CHUNK = 20_000  # files per task: a worker's result is small against its reads
-INLINE_BELOW = 2 * CHUNK
-READ_SIZE = 1 << 16  # a small queue is read in this process: no fork to pay for
+INLINE_BELOW = 2 * CHUNK  # a small queue is read in this process: no fork to pay for
+READ_SIZE = 1 << 16
+# A state's mtime is its next try, in the future, so under `relatime` every read would
+# also write the inode's atime: a third of the system time of reading them all.
+_open_flags = os.O_RDONLY | getattr(os, "O_NOATIME", 0)
 
 
 def state_files(root: Path) -> list[tuple[str, str]]:
@@ -68,8 +73,21 @@ def read_states(paths: Iterable[tuple[str, str]]) -> Iterator[tuple[MessageState
 
 def read_state(path: str) -> MessageState | None:
     """One state file; None if it is gone (claimed or removed meanwhile)."""
+    raw = read_raw(path)
+    return None if raw is None else state_from_json(raw)
+
+
+def read_raw(path: str) -> bytes | None:
+    """One state file's bytes; None if it is gone (claimed or removed meanwhile)."""
+    global _open_flags
     try:
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, _open_flags)
+        except PermissionError:
+            if _open_flags == os.O_RDONLY:
+                raise
+            _open_flags = os.O_RDONLY  # O_NOATIME is for the files' owner (or root)
+            fd = os.open(path, _open_flags)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
@@ -83,20 +101,52 @@ def read_state(path: str) -> MessageState | None:
         raise SpoolError(f"cannot read {path}: {exc}") from exc
     finally:
         os.close(fd)
-    return state_from_json(b"".join(chunks))
+    return b"".join(chunks)
 
 
-_task: Callable[[Iterator[tuple[MessageState, str]]], Any] | None = None
+# What `queue stats` needs of a state, without decoding all of it. Exact for the
+# files state_to_json writes: with no backslash in the file no string holds a quote, so
+# every `"` is JSON's own and these keys can only be the keys; anything else (an escape,
+# another version, recipients in another key order) takes the full decoder.
+_VERSION = b'{"version":1,'
+_CREATED = re.compile(rb'"created":([-+0-9.eE]+)[,}]')
+_ADDRESS = b'"address":"'
+_RECIPIENT = re.compile(rb'"address":"([^"]*)","status":"([a-z]+)"')
+_HELD = b'"held":true'
+
+
+def stats_summary(raw: bytes) -> tuple[float, bool, list[str]]:
+    """(created, held, pending recipient addresses) of a state file's bytes."""
+    if raw.startswith(_VERSION) and b"\\" not in raw:
+        created = _CREATED.search(raw)
+        recipients = _RECIPIENT.findall(raw)
+        if created and len(recipients) == raw.count(_ADDRESS):
+            return (float(created[1]), _HELD in raw,
+                    [a.decode() for a, status in recipients if status == b"pending"])
+    state = state_from_json(raw)
+    return state.created, state.held, [r.address for r in state.pending()]
+
+
+def stats_shares(root: Path, now: float) -> list[dict[str, dict[str, int]]]:
+    """queue_format.shape_counts of every share of the queue, from stats_summary."""
+    def task(files: Iterator[tuple[bytes, str]]) -> dict[str, dict[str, int]]:
+        summaries = ((*stats_summary(raw), where) for raw, where in files)
+        return shape_count_summaries(((created, pending) for created, held, pending, where
+                                      in summaries if where != "hold" and not held), now)
+    return fold_files(root, task)
+
+
+_task: Callable[[Iterator[tuple[bytes, str]]], Any] | None = None
 _folders: list[tuple[str, str]] = []
 
 
-def _share(names: list[tuple[int, str]]) -> Iterator[tuple[MessageState, str]]:
+def _share(names: list[tuple[int, str]]) -> Iterator[tuple[bytes, str]]:
     folders = _folders
     for index, name in names:
         folder, where = folders[index]
-        state = read_state(f"{folder}/{name}")
-        if state is not None:
-            yield state, where
+        raw = read_raw(f"{folder}/{name}")
+        if raw is not None:
+            yield raw, where
 
 
 def _run_chunk(names: list[tuple[int, str]]) -> Any:
@@ -111,6 +161,14 @@ def fold_states(root: Path, task: Callable[[Iterator[tuple[MessageState, str]]],
     `task` must be a function of its share alone (the shares are read in parallel, in
     forked processes, when the queue is big); its result must be picklable.
     """
+    def decoded(files: Iterator[tuple[bytes, str]]) -> T:
+        return task((state_from_json(raw), where) for raw, where in files)
+    return fold_files(root, decoded, workers)
+
+
+def fold_files(root: Path, task: Callable[[Iterator[tuple[bytes, str]]], T],
+               workers: int | None = None) -> list[T]:
+    """fold_states() on the files' bytes."""
     global _task, _folders
     folders, names = _listing(root)
     count = workers or min(MAX_WORKERS, os.cpu_count() or 1)
