@@ -156,7 +156,7 @@ class Intake:
                       recipients=[r.address for r in envelope.recipients],
                       size=len(result.message.data))
                 self.fresh[result.id] = result
-                self._rt.plan.schedule(result.id, result.state.next_try)
+                self._rt.plan.schedule(result.id, result.state.next_try, fresh=True)
             elif isinstance(result, Quarantined):
                 event("quarantined", result.id, logging.WARNING, reason=result.reason)
             elif isinstance(result, MxsendError):

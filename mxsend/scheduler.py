@@ -56,6 +56,8 @@ T = TypeVar("T")
 IO_THREADS = 1
 # `run --once` stops after this many scans in a row fail (a daemon keeps trying).
 SCAN_FAILURES_ONCE = 5
+# The next full rescan waits at least this many times as long as the last one took.
+RESCAN_COST_FACTOR = 20
 
 
 class Daemon:
@@ -287,7 +289,8 @@ class Daemon:
 
     async def _rescan(self) -> None:
         """Re-read queue/ (other processes, the queue CLI, lost events) and new/."""
-        self.rt.plan.replace(await self._spool_io(self.rt.spool.queued))
+        plan = self.rt.plan
+        plan.replace(*await self._spool_io(self.rt.spool.queued_earliest, plan.limit))
         self.intake.book.arrived = True
 
     def _room(self) -> int:
@@ -301,10 +304,16 @@ class Daemon:
         while not self._stopping.is_set():
             wake.clear()
             try:
-                if self._rescan_requested or time.monotonic() >= next_rescan:
+                if (self._rescan_requested or time.monotonic() >= next_rescan
+                        or self.rt.plan.wants_rescan(time.time())):
                     self._rescan_requested = False
+                    started = time.monotonic()
                     await self._rescan()
-                    next_rescan = time.monotonic() + self.config.queue.scan_interval
+                    # A million files in queue/ take seconds to list: rescans of a big
+                    # queue keep to a twentieth of the time (issue 16 item 7).
+                    took = time.monotonic() - started
+                    next_rescan = time.monotonic() + max(self.config.queue.scan_interval,
+                                                         RESCAN_COST_FACTOR * took)
                 accepted = await self.intake.accept_incoming(self._room())
                 dispatched = await self.dispatcher.dispatch_due(self._stopping)
                 failures = 0

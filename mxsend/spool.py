@@ -19,6 +19,7 @@ attribute (never `from os import`), so the crash test can interpose on them.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -216,6 +217,12 @@ class Spool:
         hold/ is not looked at: a held message is never attempted.
         """
         return _scan_mtimes(self._queue)
+
+    def queued_earliest(self, limit: int) -> tuple[list[tuple[float, str]], float | None]:
+        """The `limit` earliest of queued(), and the earliest next_try of those left out
+        (None if none were): one scandir, memory for `limit` entries however big queue/ is.
+        """
+        return _scan_earliest(self._queue, limit)
 
     def claim(self, id: str) -> Claim | None:
         """Move queue/ID into active/<owner>/; None if it is not there (someone else has it)."""
@@ -453,6 +460,31 @@ def _scan_mtimes(folder: str) -> list[tuple[float, str]]:
     except FileNotFoundError:
         return []
     return sorted(item for item in found if item[0] >= 0)
+
+
+def _scan_earliest(folder: str, limit: int) -> tuple[list[tuple[float, str]], float | None]:
+    """_scan_mtimes's `limit` earliest, streamed through a bounded heap (max at the top,
+    by negated times), and the earliest time of what did not fit."""
+    worst: list[tuple[float, str]] = []  # (-mtime, name): the latest kept on top
+    rest: float | None = None
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                name = entry.name
+                if name.startswith("."):
+                    continue
+                when = mtime(entry)
+                if when < 0:
+                    continue  # vanished meanwhile (claimed)
+                if len(worst) < limit:
+                    heapq.heappush(worst, (-when, name))
+                    continue
+                # the latest of the kept and this one goes (this one, if it is later)
+                out = -heapq.heappushpop(worst, (-when, name))[0]
+                rest = out if rest is None else min(rest, out)
+    except FileNotFoundError:
+        return [], None
+    return sorted((-negated, name) for negated, name in worst), rest
 
 
 def _read_state(path: Path) -> MessageState | None:

@@ -2,8 +2,11 @@
 
 Rules of this module:
 
-* Only two kinds of change count: a file written and closed (IN_CLOSE_WRITE) and a file
-  renamed into the folder (IN_MOVED_TO). Opening or reading a file is not a change: the
+* Only three kinds of change count: a file written and closed (IN_CLOSE_WRITE), a file
+  renamed into the folder (IN_MOVED_TO) and a name made in it (IN_CREATE: the writers'
+  protocol hands a file over by link() into new/, which is neither; the listener and
+  `mxsend enqueue` do, and their messages waited for the next rescan, up to
+  queue.scan_interval). Opening or reading a file is not a change: the
   daemon reads its own script on every reload, and counting those reads made each
   reload schedule the next one, forever (issue 10).
 * A callback runs on the event loop and only means "look again"; it gets no event
@@ -31,11 +34,12 @@ from typing import Any
 IN_ATTRIB = 0x00000004
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
 IN_MASK_ADD = 0x20000000
 IN_Q_OVERFLOW = 0x00004000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
-MASK = IN_CLOSE_WRITE | IN_MOVED_TO
+MASK = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE
 # struct inotify_event: int wd; uint32 mask, cookie, len; char name[len].
 _EVENT = struct.Struct("iIII")
 

@@ -190,6 +190,59 @@ def test_due_plan_replace_starts_over() -> None:
     assert plan.take_due(10.0, 10) == ["y", "x"]
 
 
+def test_due_plan_fresh_mail_is_not_starved_by_a_sweep() -> None:
+    # A retry sweep: thousands of old messages due before the new one (issue 16 item 7).
+    plan = DuePlan()
+    for i in range(1000):
+        plan.schedule(f"old{i}", 1.0 + i / 1000)
+    plan.schedule("new", 5.0, fresh=True)
+    # the lanes in turn: new mail waits half a batch at most, then the sweep goes on
+    assert plan.take_due(10.0, 4) == ["new", "old0", "old1", "old2"]
+    assert plan.take_due(10.0, 2) == ["old3", "old4"]
+
+
+def test_jobs_wait_in_dispatch_order_not_by_age() -> None:
+    # A retry sweep keeps handing over messages older than a new one; ordered by age the
+    # new one would wait for the whole sweep, in dispatch order only for those before it.
+    from mxsend.dispatch import priority_key
+
+    sequence = iter(range(100))
+    parked = [priority_key(50, next(sequence)) for _ in range(3)]
+    new = priority_key(50, next(sequence))
+    later_parked = [priority_key(50, next(sequence)) for _ in range(50)]
+    assert sorted([*later_parked, new, *parked])[3] == new
+    assert priority_key(100, 99) < priority_key(50, 0) < priority_key(1, 0)  # contract §4
+    assert priority_key(500, 7) == priority_key(100, 7)  # clamped
+
+
+def test_due_plan_is_bounded_and_asks_for_a_rescan() -> None:
+    plan = DuePlan(limit=10)
+    # A rescan that found more than fits: the earliest 10, and where the rest starts.
+    plan.replace([(float(i), f"m{i}") for i in range(10)], rest=10.0)
+    assert len(plan) == 10 and plan.complete_until == 10.0
+    # A retry planned after complete_until is left to the rescan that will list it.
+    plan.schedule("later", 50.0)
+    assert "later" not in plan
+    assert not plan.wants_rescan(5.0)  # nothing left out is due yet
+    assert plan.next_due() == 0.0
+    assert plan.take_due(20.0, 100) == [f"m{i}" for i in range(10)]
+    assert plan.next_due() == 10.0 and plan.wants_rescan(20.0)
+    # Schedules beyond twice the limit trim the plan back to its earliest.
+    plan = DuePlan(limit=10)
+    for i in range(21):
+        plan.schedule(f"x{i:02d}", float(100 - i))
+    assert len(plan) == 10 and plan.complete_until == 90.0
+    assert plan.take_due(1000.0, 100) == [f"x{i:02d}" for i in range(20, 10, -1)]
+
+
+def test_due_plan_rescan_keeps_fresh_mail_in_front() -> None:
+    plan = DuePlan()
+    plan.schedule("new", 9.0, fresh=True)
+    plan.replace([(1.0, "old"), (9.0, "new"), (2.0, "older")])
+    assert len(plan) == 3
+    assert plan.take_due(10.0, 1) == ["new"]
+
+
 # --- the reports an attempt owes ------------------------------------------------------
 
 def _envelope(*recipients: Recipient) -> Envelope:

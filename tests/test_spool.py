@@ -220,6 +220,17 @@ def test_bad_names_do_not_overwrite_each_other(spool: Spool) -> None:
 # --- scheduling and claims ------------------------------------------------------------
 
 
+def test_queued_earliest_keeps_a_bounded_part(spool: Spool) -> None:
+    assert spool.queued_earliest(2) == ([], None)
+    for i, name in enumerate("dacb"):
+        accepted(spool, name, now=NOW + 10 * (4 - i))  # d latest ... b earliest
+    everything = spool.queued()
+    assert spool.queued_earliest(10) == (everything, None)
+    # the two earliest, and when the first one left out is due
+    assert spool.queued_earliest(2) == (everything[:2], everything[2][0])
+    assert spool.queued_earliest(1) == (everything[:1], everything[1][0])
+
+
 def test_queued_follows_next_try(spool: Spool) -> None:
     assert spool.queued() == []
     a = accepted(spool, "a").state

@@ -60,6 +60,19 @@ async def test_a_rename_into_the_folder_wakes(tmp_path: Path, watcher: Watcher) 
     await until(lambda: len(wakes) > before)
 
 
+async def test_a_link_into_the_folder_wakes(tmp_path: Path, watcher: Watcher) -> None:
+    # The writers' protocol of `mxsend enqueue` and the listener: tmp/, fsync, link()
+    # into new/. A link is neither a closed write nor a rename (IN_CREATE only).
+    new, tmp = tmp_path / "new", tmp_path / "tmp"
+    new.mkdir()
+    tmp.mkdir()
+    (tmp / "m1").write_bytes(b"x")
+    wakes: list[int] = []
+    watcher.add(new, lambda: wakes.append(1))
+    os.link(tmp / "m1", new / "m1")
+    await until(lambda: len(wakes) >= 1)
+
+
 async def test_reading_a_file_is_no_change(tmp_path: Path, watcher: Watcher) -> None:
     script = tmp_path / "mxout.lua"
     script.write_text("-- v1\n")

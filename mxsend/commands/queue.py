@@ -20,23 +20,26 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from mxsend import bounce
 from mxsend.commands import queue_suspended
 from mxsend.commands.queue_args import ALL, STDIN
 from mxsend.commands.queue_format import (
+    LIST_HEADER,
     envelope_document,
     format_span,
-    list_rows,
     message_document,
+    message_rows,
     one_line,
     selection,
-    shape,
     shape_lines,
+    shape_rows,
     show_lines,
     table,
 )
+from mxsend.commands.queue_read import fold_states, stats_shares
 from mxsend.config import Config, parse_duration
 from mxsend.envelope import Message, Recipient
 from mxsend.errors import ConfigError, MxsendError
@@ -221,24 +224,32 @@ def _list(spool: Spool, args: argparse.Namespace, config: Config, now: float,
           out: Output) -> int:
     older = parse_duration(args.older_than, "--older-than") if args.older_than else None
     chosen = selection(args.domain, args.sender, older)
-    entries = sorted((e for e in spool.entries() if chosen.takes(e[0], now)),
-                     key=lambda e: (e[0].created, e[0].id))
+
+    def share(entries: Iterable[tuple[MessageState, str]]) -> list[tuple[Any, ...]]:
+        # Each share of the queue (read in parallel when big) into sortable results.
+        if args.json:
+            return [(s.created, s.id, message_document(s, w, now)) for s, w in entries
+                    if chosen.takes(s, now)]
+        return [(s.created, s.id, message_rows(s, w, now, chosen)) for s, w in entries
+                if chosen.takes(s, now)]
+
+    found = sorted((item for part in fold_states(spool.root, share) for item in part),
+                   key=lambda item: (item[0], item[1]))
     # Files not yet accepted have no state to show, but an operator whose daemon is down
     # must not be told the queue is empty while new/ fills up.
     incoming = spool.incoming()
     if args.json:
-        doc = {"messages": [message_document(s, w, now) for s, w in entries],
-               "incoming": incoming}
+        doc = {"messages": [item[2] for item in found], "incoming": incoming}
         out.line(json.dumps(doc, ensure_ascii=False, indent=2))
         return EXIT_OK
-    rows = list_rows(entries, now, chosen)
+    rows = [list(LIST_HEADER), *(row for item in found for row in item[2])]
     if len(rows) > 1:
         for line in table(rows):
             out.line(line)
             if out.closed:
                 return EXIT_OK
         pending = len(rows) - 1
-        out.line(f"-- {len(entries)} message{'s' * (len(entries) != 1)}, "
+        out.line(f"-- {len(found)} message{'s' * (len(found) != 1)}, "
                  f"{pending} recipient{'s' * (pending != 1)} pending")
     elif not incoming:
         out.line("The queue is empty.")
@@ -285,7 +296,7 @@ def _cat(spool: Spool, args: argparse.Namespace, config: Config, now: float,
 
 def _stats(spool: Spool, args: argparse.Namespace, config: Config, now: float,
            out: Output) -> int:
-    domains = shape(spool.entries(), now)
+    domains = shape_rows(stats_shares(spool.root, now))
     if args.json:
         out.line(json.dumps({"domains": domains}, ensure_ascii=False, indent=2))
     else:

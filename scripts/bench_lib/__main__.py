@@ -19,12 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_lib import mxsend_side, postfix_side
+from bench_lib import deferred_side, listener_side, mxsend_side, postfix_side
 from bench_lib.dnsserver import DnsServer
-from bench_lib.workload import make_messages
+from bench_lib.sink import sink_hosts
+from bench_lib.workload import DOMAINS, make_messages
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("mxsend", "postfix", "latency", "deferred")
+PARTS = ("mxsend", "postfix", "latency", "deferred", "listener")
+DEFAULT_PARTS = ("mxsend", "postfix", "latency", "deferred")  # --listener adds its part
+ROUTINGS = ("per-domain", "one-hop")
 
 
 def _processes(text: str) -> int | str:
@@ -58,6 +61,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--processes", type=_processes, default="auto",
                     help='mxsend\'s queue.processes for the throughput part: a number or '
                          '"auto" (the default, as mxsend ships: one per core, at most 4)')
+    ap.add_argument("--routing", choices=(*ROUTINGS, "both"), default="per-domain",
+                    help="per-domain (the default): each recipient domain its own next hop "
+                         "and sink address (127.0.0.2-5), for Postfix (transport map) and "
+                         "mxsend (MX records) alike; one-hop: every domain to one sink, "
+                         "where Postfix merges a message's domains into one transaction; "
+                         "both: each rep runs both, reported apart")
+    ap.add_argument("--one-hop", action="store_const", const="one-hop", dest="routing",
+                    help="the same as --routing one-hop")
+    ap.add_argument("--mta-sts", choices=("on", "off"), default="on",
+                    help="mxsend's tls.mta_sts: on is the shipped default and the plain "
+                         "figure (no policy is published: one cached TXT lookup per "
+                         "domain); off prices it")
+    ap.add_argument("--shape", action="store_true",
+                    help="one [[shape]] over the sink hosts, counted in a redis-server the "
+                         "harness starts ([cluster] redis); needs the shaping feature")
+    ap.add_argument("--listener", action="store_true",
+                    help="add the listener part: smtp-source into mxsend's [listen], then "
+                         "delivery (messages/s end to end)")
+    ap.add_argument("--parked-spool", type=Path, default=None,
+                    help="the deferred part's spool: parked there if missing, reused if a "
+                         "previous run parked the same count (kept after the run)")
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="deferred part: skip the retry sweep of the whole queue")
     ap.add_argument("--same-domain", action="store_true",
                     help="both recipients of a message in one domain (one transaction each)")
     ap.add_argument("--dkim", choices=tuple(mxsend_side.DKIM_MODES), default=None,
@@ -69,7 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=600.0, help="bound for every wait, s")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out", help="where results go")
     args = ap.parse_args(argv)
-    parts = set(PARTS if args.parts is None else args.parts.split(","))
+    parts = set(DEFAULT_PARTS if args.parts is None else args.parts.split(","))
+    if args.listener:
+        parts.add("listener")
     unknown = parts - set(PARTS)
     if unknown:
         ap.error(f"--parts: unknown {', '.join(sorted(unknown))} (choose from {PARTS})")
@@ -85,6 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.latency_messages = args.latency_messages or 200
     args.deferred = args.deferred if args.deferred is not None else 100000
     args.parts = [p for p in PARTS if p in parts]
+    args.routings = list(ROUTINGS) if args.routing == "both" else [args.routing]
     if min(args.messages, args.latency_messages, args.reps, args.probes) < 1:
         ap.error("counts must be at least 1")
     return args
@@ -125,26 +154,34 @@ def median(values: list[float]) -> float | None:
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
+def _throughput_table(mx_runs: list[dict[str, Any]], pf_runs: list[dict[str, Any]]
+                      ) -> list[str]:
+    def med(runs: list[dict[str, Any]], key: str) -> float | None:
+        return median([r[key] for r in runs if r.get(key) is not None])
+
+    rows = [("messages/s", "msgs_per_s", ".0f"), ("CPU ms/message", "cpu_ms_per_msg", ".2f"),
+            ("peak memory MB", "peak_pss_mb", ".1f"), ("wall s", "wall_s", ".2f")]
+    lines = [f"{'':18}{'mxsend':>12}{'Postfix':>12}{'mxsend/Postfix':>16}"]
+    for label, key, spec in rows:
+        a, b = med(mx_runs, key), med(pf_runs, key)
+        lines.append(f"{label:18}{fmt(a, spec):>12}{fmt(b, spec):>12}"
+                     f"{fmt(ratio(a, b), '.2f'):>16}")
+    return lines
+
+
 def summarize(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
-    mx_runs = results.get("mxsend", [])
-    pf_runs = results.get("postfix", [])
-    if mx_runs or pf_runs:
-        def med(runs: list[dict[str, Any]], key: str) -> float | None:
-            return median([r[key] for r in runs if r.get(key) is not None])
-
-        rows = [("messages/s", "msgs_per_s", ".0f"), ("CPU ms/message", "cpu_ms_per_msg", ".2f"),
-                ("peak memory MB", None, ".1f"), ("wall s", "wall_s", ".2f")]
-        lines.append(f"{'':18}{'mxsend':>12}{'Postfix':>12}{'mxsend/Postfix':>16}")
-        for label, key, spec in rows:
-            if key is None:  # peak PSS sums of each side's processes, sampled alike
-                a, b = med(mx_runs, "peak_pss_mb"), med(pf_runs, "peak_pss_mb")
-            else:
-                a, b = med(mx_runs, key), med(pf_runs, key)
-            lines.append(f"{label:18}{fmt(a, spec):>12}{fmt(b, spec):>12}"
-                         f"{fmt(ratio(a, b), '.2f'):>16}")
-        lines.append("  (memory: peak PSS sum over each side's processes, sampled every 0.5 s, "
-                     "as in the baseline; mxsend's own peak RSS is in the JSON)")
+    mx_all = results.get("mxsend", [])
+    pf_all = results.get("postfix", [])
+    for routing in results.get("routings", ["per-domain"]):
+        mx_runs = [r for r in mx_all if r.get("routing", routing) == routing]
+        pf_runs = [r for r in pf_all if r.get("routing", routing) == routing]
+        if not (mx_runs or pf_runs):
+            continue
+        lines.append(f"routing {routing}:")
+        lines += _throughput_table(mx_runs, pf_runs)
+        lines.append("  (memory: peak PSS sum over each side's processes, sampled every "
+                     "0.5 s, as in the baseline; mxsend's own peak RSS is in the JSON)")
         for name, runs in (("mxsend", mx_runs), ("Postfix", pf_runs)):
             for r in runs:
                 want = r.get("expected_transactions", r.get("n"))
@@ -161,17 +198,110 @@ def summarize(results: dict[str, Any]) -> list[str]:
                      f"over {lat['nproc']} processes; "
                      f"{'OK' if lat['ok'] else 'NOT OK'}")
     big = results.get("deferred")
-    if big:
+    if big and "probe_latency" in big:
         probe = big["probe_latency"]
         lines.append(f"{big['deferred']} deferred: start to READY {big['start_to_ready_s']:.2f} s "
-                     f"({big['cpu_to_ready_s']:.2f} s CPU, all processes), largest RSS at "
-                     f"READY {big['rss_at_ready_mb']:.0f} MB, PSS sum "
-                     f"{big['pss_sum_at_ready_mb']:.0f} over {big['nproc_at_ready']} processes, "
-                     f"largest peak {big['peak_rss_mb']:.0f} MB; "
-                     f"{big['cpu_total_s']:.2f} s CPU in all; "
-                     f"new message p50 {probe['p50_ms']:.1f} ms, max {probe['max_ms']:.1f} ms "
-                     f"over {probe['count']}; {'OK' if big['ok'] else 'NOT OK'}")
+                     f"({big['cpu_to_ready_s']:.2f} s CPU, all processes), PSS sum at READY "
+                     f"{big['pss_sum_at_ready_mb']:.0f} MB over {big['nproc_at_ready']} "
+                     f"processes, peak {big['peak_pss_sum_mb']:.0f} MB; largest RSS at READY "
+                     f"{big['rss_at_ready_mb']:.0f} MB; {big['cpu_total_s']:.2f} s CPU in all")
+        lines.append(f"  new message p50 {probe['p50_ms']:.1f} ms, p99 {probe['p99_ms']:.1f} ms, "
+                     f"max {probe['max_ms']:.1f} ms over {probe['count']}; queue stats "
+                     f"{big['queue_stats']['wall_s']:.2f} s, queue list "
+                     f"{big['queue_list']['wall_s']:.2f} s ({big['queue_list']['lines']} lines)")
+        during = big.get("sweep_probe_latency")
+        if during:
+            sweep = big["sweep"]
+            lines.append(f"  retry sweep (all {sweep['made_due']} made due in "
+                         f"{sweep['wall_s']:.2f} s): new message "
+                         f"p50 {during['p50_ms']:.1f} ms, p99 {during['p99_ms']:.1f} ms, max "
+                         f"{during['max_ms']:.1f} ms; {sweep['tarpit_sessions']} parked "
+                         f"attempts meanwhile")
+        lines.append(f"  {'OK' if big['ok'] else 'NOT OK'}")
+    lis = results.get("listener")
+    if lis and "msgs_per_s" in lis:
+        lines.append(f"listener ({lis['n']} messages, smtp-source, {lis['sessions']} sessions): "
+                     f"{lis['msgs_per_s']:.0f} msg/s end to end, {lis['cpu_ms_per_msg']:.2f} "
+                     f"ms CPU/msg (mxsend), peak PSS {lis['peak_pss_mb']:.0f} MB; "
+                     f"{'OK' if lis['ok'] else 'NOT OK'}")
     return lines
+
+
+def run_throughput(args: argparse.Namespace, msgs: list[Any], workdir: Path, routing: str,
+                   nameserver: str, hosts: list[str], extra: str, results: dict[str, Any],
+                   failures: list[str]) -> None:
+    """The interleaved reps of the throughput parts for one routing."""
+    for rep in range(args.reps):
+        tag = f"{routing} rep {rep}"
+        if "mxsend" in args.parts:
+            rundir = workdir / f"mxsend-{routing}-{rep}"
+            rundir.mkdir()
+            r = mxsend_side.run_once(msgs, rundir, nameserver, args.timeout,
+                                     processes=args.processes, sink_hosts=hosts,
+                                     mta_sts=args.mta_sts == "on", extra_toml=extra,
+                                     dkim=args.dkim)
+            r["routing"] = routing
+            results.setdefault("mxsend", []).append(r)
+            print(f"mxsend  {tag}: {r['msgs_per_s']:.0f} msg/s, "
+                  f"{r['cpu_ms_per_msg']:.2f} ms CPU/msg, peak PSS "
+                  f"{r['peak_pss_mb']:.0f} MB (own RSS {r['peak_rss_mb']:.0f}), "
+                  f"sink {r['sink_counted']}/"
+                  f"{r['expected_transactions']}, exit {r['exit_code']}, "
+                  f"left {r['leftovers'] or 'nothing'}", flush=True)
+            if not r["ok"]:
+                failures.append(f"mxsend {tag}: log {r['log']}")
+        if "postfix" in args.parts:
+            rundir = workdir / f"postfix-{routing}-{rep}"
+            rundir.mkdir()
+            r = postfix_side.run_delivery(msgs, rundir, args.timeout, sink_hosts=hosts)
+            r["routing"] = routing
+            results.setdefault("postfix", []).append(r)
+            print(f"Postfix {tag}: {r['msgs_per_s']:.0f} msg/s, "
+                  f"{r['cpu_ms_per_msg']:.2f} ms CPU/msg, peak PSS "
+                  f"{r['peak_pss_mb']:.0f} MB (RSS sum {r['peak_rss_mb']:.0f}), "
+                  f"sink {r['sink_counted']}/{r['expected_transactions']}, "
+                  f"log {r['log']}", flush=True)
+            if not r["ok"]:
+                failures.append(f"Postfix {tag}: {r['log']}")
+
+
+def run_others(args: argparse.Namespace, workdir: Path, nameserver: str, hosts: list[str],
+               extra: str, results: dict[str, Any], failures: list[str]) -> None:
+    """Latency, the big deferred queue and the listener, with the first routing."""
+    if "latency" in args.parts:
+        lat_msgs = make_messages(args.latency_messages, seed=7, same_domain=args.same_domain)
+        rundir = workdir / "latency"
+        rundir.mkdir()
+        r = mxsend_side.run_latency(lat_msgs, rundir, nameserver, args.timeout,
+                                    sink_hosts=hosts)
+        results["latency"] = r
+        if not r["ok"]:
+            failures.append(f"latency: {r['leftovers']} {r['log']}")
+    if "deferred" in args.parts:
+        probes = make_messages(args.probes, seed=13, start=10**7,
+                               same_domain=args.same_domain)
+        rundir = workdir / "deferred"
+        rundir.mkdir()
+        print(f"deferred: {args.deferred} parked messages...", flush=True)
+        parked = args.parked_spool.resolve() if args.parked_spool else None
+        r = deferred_side.run_deferred(args.deferred, probes, rundir, nameserver,
+                                       args.timeout, sink_hosts=hosts, parked_spool=parked,
+                                       sweep=not args.no_sweep, processes=args.processes)
+        results["deferred"] = r
+        if not r["ok"]:
+            failures.append(f"deferred: {r['leftovers']} {r['log']}")
+    if "listener" in args.parts:
+        rundir = workdir / "listener"
+        rundir.mkdir()
+        r = listener_side.run_listener(args.messages, rundir, nameserver, args.timeout,
+                                       sink_hosts=hosts, mta_sts=args.mta_sts == "on",
+                                       extra_toml=extra)
+        results["listener"] = r
+        print(f"listener: {r['msgs_per_s']:.0f} msg/s end to end, "
+              f"{r['cpu_ms_per_msg']:.2f} ms CPU/msg, peak PSS {r['peak_pss_mb']:.0f} MB, "
+              f"sink {r['sink_counted']}/{r['n']}", flush=True)
+        if not r["ok"]:
+            failures.append(f"listener: {r['leftovers']} {r['source_errors']} {r['log']}")
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -191,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["scripts/bench", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(), "parts": args.parts, "n": args.messages,
         "same_domain": args.same_domain, "processes": args.processes, "dkim": args.dkim,
+        "routings": args.routings, "mta_sts": args.mta_sts, "shape": args.shape,
     }
     failures: list[str] = []
     out_file = args.out / f"bench-{stamp}.json"
@@ -198,54 +329,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scripts/bench: {', '.join(args.parts)}; N={args.messages}; work in {workdir}",
           flush=True)
     try:
-        with DnsServer(ROOT, workdir) as dns:
-            for rep in range(args.reps):
-                if "mxsend" in args.parts:
-                    rundir = workdir / f"mxsend-{rep}"
-                    rundir.mkdir()
-                    r = mxsend_side.run_once(msgs, rundir, dns.nameserver, args.timeout,
-                                             processes=args.processes, dkim=args.dkim)
-                    results.setdefault("mxsend", []).append(r)
-                    print(f"mxsend  rep {rep}: {r['msgs_per_s']:.0f} msg/s, "
-                          f"{r['cpu_ms_per_msg']:.2f} ms CPU/msg, peak PSS "
-                          f"{r['peak_pss_mb']:.0f} MB (own RSS {r['peak_rss_mb']:.0f}), "
-                          f"sink {r['sink_counted']}/"
-                          f"{r['expected_transactions']}, exit {r['exit_code']}, "
-                          f"left {r['leftovers'] or 'nothing'}", flush=True)
-                    if not r["ok"]:
-                        failures.append(f"mxsend rep {rep}: log {r['log']}")
-                if "postfix" in args.parts:
-                    rundir = workdir / f"postfix-{rep}"
-                    rundir.mkdir()
-                    r = postfix_side.run_delivery(msgs, rundir, args.timeout)
-                    results.setdefault("postfix", []).append(r)
-                    print(f"Postfix rep {rep}: {r['msgs_per_s']:.0f} msg/s, "
-                          f"{r['cpu_ms_per_msg']:.2f} ms CPU/msg, peak PSS "
-                          f"{r['peak_pss_mb']:.0f} MB (RSS sum {r['peak_rss_mb']:.0f}), "
-                          f"sink {r['sink_counted']}/{r['n']}, log {r['log']}", flush=True)
-                    if not r["ok"]:
-                        failures.append(f"Postfix rep {rep}: {r['log']}")
-            if "latency" in args.parts:
-                lat_msgs = make_messages(args.latency_messages, seed=7,
-                                         same_domain=args.same_domain)
-                rundir = workdir / "latency"
-                rundir.mkdir()
-                r = mxsend_side.run_latency(lat_msgs, rundir, dns.nameserver, args.timeout)
-                results["latency"] = r
-                if not r["ok"]:
-                    failures.append(f"latency: {r['leftovers']} {r['log']}")
-            if "deferred" in args.parts:
-                parked = make_messages(args.deferred, seed=11)
-                probes = make_messages(args.probes, seed=13, start=10**7,
-                                       same_domain=args.same_domain)
-                rundir = workdir / "deferred"
-                rundir.mkdir()
-                print(f"parking {args.deferred} deferred messages...", flush=True)
-                r = mxsend_side.run_deferred(parked, probes, rundir, dns.nameserver,
-                                             args.timeout)
-                results["deferred"] = r
-                if not r["ok"]:
-                    failures.append(f"deferred: {r['leftovers']} {r['log']}")
+        with contextlib.ExitStack() as stack:
+            extra = ""
+            if args.shape:
+                from tests.fixtures.redis_server import RedisServer
+
+                redis = RedisServer(workdir)
+                redis.start()
+                stack.callback(redis.stop)
+                results["redis"] = redis.url
+            first: tuple[Any, list[str]] | None = None
+            for routing in args.routings:
+                hosts = sink_hosts(routing == "per-domain", len(DOMAINS))
+                dns = stack.enter_context(DnsServer(
+                    ROOT, workdir, addresses=hosts if routing == "per-domain" else None,
+                    name=f"zone-{routing}"))
+                first = first or (dns, hosts)
+                if args.shape:
+                    extra = listener_side.shape_toml(results["redis"])
+                run_throughput(args, msgs, workdir, routing, dns.nameserver, hosts, extra,
+                               results, failures)
+            assert first is not None
+            dns, hosts = first
+            run_others(args, workdir, dns.nameserver, hosts, extra, results, failures)
     except Exception as exc:
         failures.append(f"{type(exc).__name__}: {exc}")
         results["error"] = failures[-1]

@@ -1,9 +1,9 @@
-"""mxsend under measurement: `run --once` throughput, idle latency, a 100k deferred queue."""
+"""mxsend under measurement: `run --once` throughput, idle latency (deferred_side.py: a
+big deferred queue; listener_side.py: the SMTP listener as the way in)."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -16,7 +16,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from bench_lib.procstat import (
     TreeMonitor,
@@ -25,7 +24,7 @@ from bench_lib.procstat import (
     tree_vm,
     vm_status,
 )
-from bench_lib.sink import Sink
+from bench_lib.sink import HOST, Sinks
 from bench_lib.workload import SENDER, Msg, drop_message, fill_spool, to_bsmtp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,8 +47,12 @@ def _toml(value: object) -> str:
 
 def write_config(path: Path, *, spool: Path, sink_port: int, nameserver: str,
                  scan_interval: float = SCAN_INTERVAL, log_level: str = "warning",
-                 processes: int | str = "auto",
-                 dkim: list[dict[str, object]] | None = None) -> Path:
+                 processes: int | str = "auto", mta_sts: bool = True,
+                 extra_toml: str = "", dkim: list[dict[str, object]] | None = None) -> Path:
+    """The bench's mxsend config. `mta_sts` is the shipped default (on): with no policy
+    published that is one TXT lookup per domain (cached), part of the plain figure;
+    `--no-mta-sts` prices it. `extra_toml` is appended verbatim (the feature options'
+    sections: [listen], [[shape]], [cluster], ...); `dkim` are [[dkim.key]] tables."""
     assert nameserver.startswith("127."), "the benchmark only resolves through loopback"
     sections: dict[str, dict[str, object]] = {
         "spool": {"path": str(spool)},
@@ -62,6 +65,7 @@ def write_config(path: Path, *, spool: Path, sink_port: int, nameserver: str,
         "queue": {"scan_interval": scan_interval, "shutdown_grace": "10s",
                   "processes": processes},
         "log": {"format": "json", "level": log_level},
+        "tls": {"mta_sts": mta_sts},
     }
     lines: list[str] = []
     for name, values in sections.items():
@@ -72,7 +76,7 @@ def write_config(path: Path, *, spool: Path, sink_port: int, nameserver: str,
         lines.append("[[dkim.key]]")
         lines += [f"{key} = {_toml(value)}" for key, value in table.items()]
         lines.append("")
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + extra_toml)
     return path
 
 
@@ -165,7 +169,9 @@ def _wait_until(cond: Callable[[], bool], timeout: float, what: str,
 
 # --------------------------------------------------------------------- throughput
 def run_once(msgs: list[Msg], workdir: Path, nameserver: str, timeout: float,
-             processes: int | str = "auto", dkim: str | None = None) -> dict[str, Any]:
+             processes: int | str = "auto", sink_hosts: list[str] | None = None,
+             mta_sts: bool = True, extra_toml: str = "", dkim: str | None = None
+             ) -> dict[str, Any]:
     """Fill a spool, then time `mxsend run --once` until the sink has everything."""
     spool = workdir / "spool-once"
     if spool.exists():
@@ -180,9 +186,10 @@ def run_once(msgs: list[Msg], workdir: Path, nameserver: str, timeout: float,
         "fill_s": fill_s, "dkim": dkim,
     }
     log = workdir / "mxsend-once.log"
-    with Sink(workdir / "sink-once.out") as sink:
+    with Sinks(workdir, "sink-once", sink_hosts or [HOST]) as sink:
         config = write_config(workdir / "mxsend-once.toml", spool=spool, sink_port=sink.port,
-                              nameserver=nameserver, processes=processes,
+                              nameserver=nameserver, processes=processes, mta_sts=mta_sts,
+                              extra_toml=extra_toml,
                               dkim=dkim_keys(workdir, dkim) if dkim else None)
         os.sync()  # the fill's writeback must not land inside the timed window
         time.sleep(0.5)
@@ -322,7 +329,7 @@ def _percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-def latencies(sink: Sink, spool: Path, msgs: list[Msg], prefix: str,
+def latencies(sink: Sinks, spool: Path, msgs: list[Msg], prefix: str,
               per_message_timeout: float = LATENCY_WAIT) -> list[float]:
     """Drop each message into new/ by the writers' protocol; time until the sink has it."""
     out: list[float] = []
@@ -353,12 +360,12 @@ def _latency_stats(values: list[float]) -> dict[str, Any]:
 
 
 def run_latency(msgs: list[Msg], workdir: Path, nameserver: str,
-                timeout: float) -> dict[str, Any]:
+                timeout: float, sink_hosts: list[str] | None = None) -> dict[str, Any]:
     spool = workdir / "spool-latency"
     for sub in ("tmp", "new"):
         (spool / sub).mkdir(parents=True, exist_ok=True)
     log = workdir / "mxsend-latency.log"
-    with Sink(workdir / "sink-latency.out") as sink:
+    with Sinks(workdir, "sink-latency", sink_hosts or [HOST]) as sink:
         config = write_config(workdir / "mxsend-latency.toml", spool=spool,
                               sink_port=sink.port, nameserver=nameserver)
         with daemon(config, workdir, log, timeout) as (proc, t_start, t_ready):
@@ -379,84 +386,4 @@ def run_latency(msgs: list[Msg], workdir: Path, nameserver: str,
     res["leftovers"] = spool_leftovers(spool)
     res["log"] = log_summary(log)
     res["ok"] = res["sink_counted"] == sum(m.domains for m in msgs) and not res["leftovers"]
-    return res
-
-
-# ----------------------------------------------------------- the 100k deferred queue
-def park_deferred(spool: Path, msgs: list[Msg], hold_s: float = 7 * 86400) -> float:
-    """Queue every message through mxsend's own Spool API, then defer it `hold_s`.
-
-    The spool's fsyncs are switched off while filling (this is fixture data; one
-    os.sync() at the end makes it durable) so 100,000 messages take seconds, not minutes.
-    """
-    import mxsend.durable as durable_mod  # the project's venv, imported only here
-    import mxsend.spool as spool_mod
-
-    for sub in ("tmp", "new"):
-        (spool / sub).mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    handle = spool_mod.Spool(spool, owner="bench-filler")
-    handle.create_dirs()
-    # mxsend.spool makes every OS call through the `os` module, so patching os.fsync
-    # (for this process, while filling) reaches all of them.
-    with mock.patch("os.fsync", lambda fd: None), \
-            mock.patch.object(durable_mod, "fsync_dir", lambda path: None):
-        now = time.time()
-        for i, msg in enumerate(msgs):
-            name = f"D{i:08d}"
-            drop_message(spool, name, to_bsmtp(msg), sync_dir=False)
-            accepted = handle.accept(name, now)
-            if not isinstance(accepted, spool_mod.Accepted):
-                raise RuntimeError(f"the spool did not accept {name}: {accepted}")
-            claim = handle.claim(name)
-            if claim is None:
-                raise RuntimeError(f"could not claim {name}")
-            state = dataclasses.replace(
-                handle.read(claim), attempts=1, last_try=now, next_try=now + hold_s,
-                last_error="451 4.3.0 parked by scripts/bench",
-            )
-            handle.release(claim, state)
-        handle.retire()
-    os.sync()
-    return time.perf_counter() - t
-
-
-def run_deferred(parked: list[Msg], probes: list[Msg], workdir: Path, nameserver: str,
-                 timeout: float) -> dict[str, Any]:
-    spool = workdir / "spool-deferred"
-    fill_s = park_deferred(spool, parked)
-    queued = len(os.listdir(spool / "queue"))
-    log = workdir / "mxsend-deferred.log"
-    with Sink(workdir / "sink-deferred.out") as sink:
-        config = write_config(workdir / "mxsend-deferred.toml", spool=spool,
-                              sink_port=sink.port, nameserver=nameserver)
-        with daemon(config, workdir, log, timeout) as (proc, t_start, t_ready):
-            tree_ready = tree_sample(proc.pid)
-            cpu_ready = tree_ready["cpu"]
-            rss_ready = tree_vm(proc.pid)
-            values = latencies(sink, spool, probes, "P")
-            time.sleep(1.0)
-            rss_after = tree_vm(proc.pid)
-            cpu_after = tree_sample(proc.pid)["cpu"]
-        res: dict[str, Any] = {
-            "deferred": len(parked),
-            "queued_before_start": queued,
-            "park_s": fill_s,
-            "start_to_ready_s": t_ready - t_start,
-            "cpu_to_ready_s": cpu_ready,
-            "rss_at_ready_mb": rss_ready.get("VmRSS", 0) / 2**20,
-            "pss_sum_at_ready_mb": tree_ready["pss"] / 2**20,  # every process
-            "nproc_at_ready": tree_ready["nproc"],
-            "rss_after_probes_mb": rss_after.get("VmRSS", 0) / 2**20,
-            "peak_rss_mb": rss_after.get("VmHWM", 0) / 2**20,
-            "cpu_total_s": cpu_after,
-            "probe_latency": _latency_stats(values),
-            "sink_counted": sink.mesg(),
-        }
-    left = spool_leftovers(spool)
-    res["leftovers"] = left
-    res["log"] = log_summary(log)
-    # the probes went out, and nothing parked was sent or lost
-    res["ok"] = (res["sink_counted"] == sum(m.domains for m in probes)
-                 and left.get("queue", 0) == len(parked))
     return res

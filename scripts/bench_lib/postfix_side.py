@@ -2,9 +2,13 @@
 
 A private Postfix instance (its own config, queue and data directories under the work
 directory, `postfix -c DIR`), so a system Postfix, if any, is never touched. Every route
-is the loopback sink, set three ways (transport map "*", default/relay transport,
-relayhost), DNS is disabled, and the listener is loopback-only; `check_loopback_only`
-refuses to start anything else. The timed phase: all N messages parked in the deferred
+is a loopback sink, set three ways (transport map, default/relay transport, relayhost),
+DNS is disabled, and the listener is loopback-only; `check_loopback_only` refuses to
+start anything else. Per-domain routing (the default) gives each recipient domain its
+own next hop in the transport map (domain i -> smtp:[127.0.0.<2+i>]:PORT), as MX
+routing would, so Postfix makes one transaction per domain like mxsend; one-hop routing
+sends everything to one next hop, where Postfix merges the domains of a message into
+one transaction. The timed phase: all N messages parked in the deferred
 queue (injected over SMTP with defer_transports=smtp), defer_transports cleared and
 Postfix reloaded, then from `postqueue -f` until the sink has counted N and every queue
 directory is empty.
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_lib.procstat import TreeMonitor, sys_cpu, tree_sample
-from bench_lib.sink import HOST, Sink, free_port
+from bench_lib.sink import HOST, Sinks, free_port
 from bench_lib.workload import DOMAINS, Msg
 
 QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
@@ -64,6 +68,14 @@ maillog_file_prefixes = {workdir}
 """
 
 
+def transport_map(hosts: list[str], port: int) -> str:
+    """Domain i to hosts[i] (per-domain routing), or every domain to the one host; a
+    "*" catch-all to the first, as the baseline had."""
+    routes = [f"smtp:[{hosts[i % len(hosts)]}]:{port}" for i in range(len(DOMAINS))]
+    return ("".join(f"{d}\t{r}\n" for d, r in zip(DOMAINS, routes, strict=True))
+            + f"*\tsmtp:[{hosts[0]}]:{port}\n")
+
+
 def _run(*cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     # Postfix's commands report errors on a tty or to syslog only; `script` would
     # be needed to see them, so failures below point at the instance's log instead.
@@ -72,13 +84,16 @@ def _run(*cmd: str, check: bool = True, timeout: float = 120) -> subprocess.Comp
 
 
 class PostfixInstance:
-    def __init__(self, workdir: Path, sink_port: int) -> None:
+    def __init__(self, workdir: Path, sink_port: int, sink_hosts: list[str] | None = None
+                 ) -> None:
         self.dir = workdir / "postfix"
         self.etc = self.dir / "etc"
         self.queue = self.dir / "queue"
         self.data = self.dir / "data"
         self.log = self.dir / "postfix.log"
         self.sink_port = sink_port
+        # one host: every domain to it; one per domain: domain i to sink_hosts[i]
+        self.sink_hosts = sink_hosts or [HOST]
         self.smtpd_port = free_port()
 
     # -- set-up
@@ -89,11 +104,9 @@ class PostfixInstance:
             d.mkdir(parents=True, exist_ok=True)
         shutil.chown(self.data, "postfix")
         (self.etc / "main.cf").write_text(MAIN_CF.format(
-            etc=self.etc, queue=self.queue, data=self.data, host=HOST, sink=self.sink_port,
-            log=self.log, workdir=self.dir))
-        route = f"smtp:[{HOST}]:{self.sink_port}"
-        (self.etc / "transport").write_text(
-            "".join(f"{d}\t{route}\n" for d in DOMAINS) + f"*\t{route}\n")
+            etc=self.etc, queue=self.queue, data=self.data, host=self.sink_hosts[0],
+            sink=self.sink_port, log=self.log, workdir=self.dir))
+        (self.etc / "transport").write_text(transport_map(self.sink_hosts, self.sink_port))
         # Debian's master.cf as shipped (chroot included), with smtpd on a free
         # loopback port instead of :25, so a system MTA is never in the way.
         master = Path("/etc/postfix/master.cf").read_text()
@@ -242,19 +255,23 @@ class PostfixInstance:
                 i = line.find(" relay=")
                 if i >= 0:
                     relays.add(line[i + 7 :].split(",", 1)[0])
-        sink = f"{HOST}[{HOST}]:{self.sink_port}"
-        ok = sent == rcpts and bounced == 0 and relays <= {sink, "none"}
+        sinks = {f"{h}[{h}]:{self.sink_port}" for h in self.sink_hosts}
+        ok = sent == rcpts and bounced == 0 and relays <= sinks | {"none"}
         return {"sent_rcpts": sent, "bounced": bounced, "deferred_lines": deferred,
                 "relays": sorted(relays), "ok": ok}
 
 
 def run_delivery(msgs: list[Msg], workdir: Path, timeout: float,
-                 conns: int = 10) -> dict[str, Any]:
+                 conns: int = 10, sink_hosts: list[str] | None = None) -> dict[str, Any]:
+    hosts = sink_hosts or [HOST]
     n = len(msgs)
     rcpts = sum(len(m.rcpts) for m in msgs)
-    res: dict[str, Any] = {"n": n, "rcpts": rcpts, "bytes": sum(len(m.data) for m in msgs)}
-    with Sink(workdir / "sink-postfix.out") as sink:
-        pf = PostfixInstance(workdir, sink.port)
+    # one transaction per next hop of a message: per domain, or one for one hop
+    expected = n if len(hosts) == 1 else sum(m.domains for m in msgs)
+    res: dict[str, Any] = {"n": n, "rcpts": rcpts, "bytes": sum(len(m.data) for m in msgs),
+                           "expected_transactions": expected, "sink_hosts": hosts}
+    with Sinks(workdir, "sink-postfix", hosts) as sink:
+        pf = PostfixInstance(workdir, sink.port, hosts)
         res["version"] = _run("postconf", "-d", "-h", "mail_version").stdout.strip()
         try:
             pf.configure()
@@ -295,9 +312,9 @@ def run_delivery(msgs: list[Msg], workdir: Path, timeout: float,
             try:
                 _run("postqueue", "-c", str(pf.etc), "-f")
                 deadline = time.monotonic() + timeout
-                while sink.mesg() < n:
+                while sink.mesg() < expected:
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"sink has {sink.mesg()} of {n}; "
+                        raise TimeoutError(f"sink has {sink.mesg()} of {expected}; "
                                            f"queue {pf.queue_counts()}")
                     time.sleep(0.05)
                 t_sink = time.perf_counter()
@@ -332,5 +349,5 @@ def run_delivery(msgs: list[Msg], workdir: Path, timeout: float,
         if "sink_counted" in res:  # Postfix's cached connections end at its stop
             res["sink_sessions"] = sink.sessions()
     res["log"] = pf.check_log(rcpts)
-    res["ok"] = res.get("sink_counted") == n and res["log"]["ok"]
+    res["ok"] = res.get("sink_counted") == expected and res["log"]["ok"]
     return res

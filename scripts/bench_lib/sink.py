@@ -31,9 +31,13 @@ class Sink:
     session end, QUIT and end of DATA; the last complete record is the count.
     """
 
-    def __init__(self, out: Path, port: int | None = None, backlog: int = 1000) -> None:
+    def __init__(self, out: Path, port: int | None = None, backlog: int = 1000,
+                 host: str = HOST, options: tuple[str, ...] = ()) -> None:
+        assert host.startswith("127."), "the benchmark only uses loopback"
+        self.host = host
+        self.options = options  # e.g. ("-Q", "RCPT"): 421 and hang up at every recipient
         self.out_path = out
-        self.port = port or free_port()
+        self.port = port or free_port(host)
         self.backlog = backlog
         self.proc: subprocess.Popen[bytes] | None = None
         self._out: IO[bytes] | None = None
@@ -41,21 +45,22 @@ class Sink:
 
     def start(self) -> Sink:
         exe = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-        args = [exe, "-c"]
+        args = [exe, "-c", *self.options]
         if os.geteuid() == 0:
             args += ["-u", "postfix"]  # required as root; the socket is opened first
-        args += [f"{HOST}:{self.port}", str(self.backlog)]
+        args += [f"{self.host}:{self.port}", str(self.backlog)]
         self._out = open(self.out_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while True:  # bounded wait until it accepts connections
             try:
-                socket.create_connection((HOST, self.port), timeout=1).close()
+                socket.create_connection((self.host, self.port), timeout=1).close()
                 break
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.stop()
-                    raise RuntimeError(f"smtp-sink did not come up on {HOST}:{self.port}") from None
+                    raise RuntimeError(
+                        f"smtp-sink did not come up on {self.host}:{self.port}") from None
                 time.sleep(0.05)
         deadline = time.monotonic() + 5
         while self.count()["sess"] < 1 and time.monotonic() < deadline:
@@ -112,3 +117,74 @@ class Sink:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def common_free_port(hosts: list[str], tries: int = 50) -> int:
+    """A port free on every one of `hosts` (the sinks of per-domain routing share one,
+    as mxsend's smtp.port is one port for every destination)."""
+    for _ in range(tries):
+        port = free_port(hosts[0])
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as sock:
+                    sock.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no port free on all of {hosts}")
+
+
+class Sinks:
+    """One smtp-sink per address, all on one port; counts are the sums.
+
+    Per-domain routing (the default): each recipient domain has its own next hop, so
+    Postfix splits a message's recipients by domain as mxsend does (one transaction per
+    domain), and both sides spread their connections over the same four servers.
+    """
+
+    def __init__(self, workdir: Path, name: str, hosts: list[str], port: int | None = None
+                 ) -> None:
+        self.port = port or common_free_port(hosts)
+        self.hosts = hosts
+        self.sinks = [Sink(workdir / f"{name}-{i}.out", self.port, host=host)
+                      for i, host in enumerate(hosts)]
+
+    def start(self) -> Sinks:
+        try:
+            for sink in self.sinks:
+                sink.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def count(self) -> dict[str, int]:
+        total = {"sess": 0, "quit": 0, "mesg": 0}
+        for sink in self.sinks:
+            for key, value in sink.count().items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    def mesg(self) -> int:
+        return sum(sink.mesg() for sink in self.sinks)
+
+    def sessions(self) -> int:
+        return sum(sink.sessions() for sink in self.sinks)
+
+    def cpu(self) -> float:
+        return sum(sink.cpu() for sink in self.sinks)
+
+    def stop(self) -> None:
+        for sink in self.sinks:
+            sink.stop()
+
+    def __enter__(self) -> Sinks:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def sink_hosts(per_domain: bool, count: int) -> list[str]:
+    """127.0.0.2, .3, ... one per domain; one-hop: the single 127.0.0.1."""
+    return [f"127.0.0.{2 + i}" for i in range(count)] if per_domain else [HOST]

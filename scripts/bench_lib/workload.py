@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,14 +56,19 @@ def make_messages(n: int, *, seed: int = 1, same_domain: bool = False,
     Every third message carries `Precedence: bulk`, which bench_mxout.lua's CheckFile
     reads (a header lookup that changes the priority).
     """
+    return list(iter_messages(n, seed=seed, same_domain=same_domain, start=start))
+
+
+def iter_messages(n: int, *, seed: int = 1, same_domain: bool = False, start: int = 0,
+                  domains: tuple[str, ...] = DOMAINS) -> Iterator[Msg]:
+    """make_messages() one at a time (a million parked messages are 3 GB as a list)."""
     rng = random.Random(seed)
     pool = _text_pool()
-    out: list[Msg] = []
     for i in range(start, start + n):
         nrcpt = 1 + (i % 2)
         target = rng.randint(MIN_SIZE, MAX_SIZE)
         rcpts = tuple(
-            f"user{i}-{k}@{DOMAINS[(i + (0 if same_domain else k)) % len(DOMAINS)]}"
+            f"user{i}-{k}@{domains[(i + (0 if same_domain else k)) % len(domains)]}"
             for k in range(nrcpt)
         )
         header = (
@@ -81,8 +86,7 @@ def make_messages(n: int, *, seed: int = 1, same_domain: bool = False,
         offset = pool.index(b"\n", offset) + 1  # start and end on line boundaries
         body = pool[offset : offset + body_len]
         body = body[: body.rindex(b"\n") + 1]
-        out.append(Msg(SENDER, rcpts, header + body))
-    return out
+        yield Msg(SENDER, rcpts, header + body)
 
 
 def to_bsmtp(msg: Msg) -> bytes:
