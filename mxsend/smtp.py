@@ -148,16 +148,7 @@ class SmtpConnection:
         params = mail_params(tx, extensions, allow_dsn=allow_dsn, smtputf8=utf8)
         mail = _command_line(f"MAIL FROM:<{tx.return_path}>", params, encoding)
         rcpts: list[bytes] = []
-        unsendable: DeliveryError | None = None
-        for recipient in tx.recipients:
-            try:
-                check_wire_text(recipient.address, "recipient")
-            except DeliveryError as exc:
-                unsendable = exc  # the recipients before it are still asked
-                break
-            rparams = rcpt_params(recipient, extensions, allow_dsn=allow_dsn)
-            rcpts.append(_command_line(f"TO:<{recipient.address}>", rparams, encoding,
-                                       verb="RCPT "))
+        unsendable = _rcpt_lines(tx, extensions, allow_dsn, encoding, rcpts)
         if not rcpts and unsendable is not None:
             raise unsendable
         return await self._transact(tx, mail, rcpts, unsendable, before_end_of_data)
@@ -242,7 +233,10 @@ class SmtpConnection:
         if start is not None and start.code == 354 and not proceed:
             # RFC 2920 §3.1: DATA was accepted although nothing can be sent; a lone dot
             # ends the empty transaction (its reply does not matter).
-            await self._abandon_data()
+            try:
+                await self._command(Phase.DATAEND, timeouts.dataend, b".\r\n")
+            except DeliveryError:
+                self.close()
         if not first.positive:
             raise failure_from_reply(first, Phase.MAIL, host)
         if unsendable is not None:
@@ -268,12 +262,6 @@ class SmtpConnection:
         except DeliveryError as exc:
             return self._result(replies, exc, exc.phase or Phase.DATA, tx)
         return self._result(replies, final, Phase.DATAEND, tx)
-
-    async def _abandon_data(self) -> None:
-        try:
-            await self._command(Phase.DATAEND, self.actions.timeouts.dataend, b".\r\n")
-        except DeliveryError:
-            self.close()
 
     def _result(
         self, replies: list[tuple[str, Reply]], final: Reply | DeliveryError | None,
@@ -375,6 +363,22 @@ class SmtpConnection:
 
 def _done(awaitable: Awaitable[None]) -> bool:
     return isinstance(awaitable, asyncio.Future) and awaitable.done()
+
+
+def _rcpt_lines(tx: Transaction, extensions: dict[str, str], allow_dsn: bool,
+                encoding: str, lines: list[bytes]) -> DeliveryError | None:
+    """A RCPT line per recipient into `lines`, up to the first whose address cannot go
+    on the wire: its failure is returned, and the recipients before it are still asked.
+    """
+    for recipient in tx.recipients:
+        try:
+            check_wire_text(recipient.address, "recipient")
+        except DeliveryError as exc:
+            return exc
+        params = rcpt_params(recipient, extensions, allow_dsn=allow_dsn)
+        lines.append(_command_line(f"TO:<{recipient.address}>", params, encoding,
+                                   verb="RCPT "))
+    return None
 
 
 def _command_line(text: str, params: Sequence[str], encoding: str, verb: str = "") -> bytes:
