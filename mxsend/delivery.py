@@ -50,8 +50,10 @@ from mxsend.pool import Backoff, ConnectionPool, PoolEntry, backoff_worthy
 from mxsend.reply import Reply
 from mxsend.requiretls import DSN_REQUIRETLS
 from mxsend.shaper import Lease, Shaper, Target, suspended_reason
-from mxsend.smtp import HandshakeFailed, ReplyHook, SmtpConnection
+from mxsend.smtp import SmtpConnection
+from mxsend.smtp_io import ReplyHook
 from mxsend.smtp_rules import ClientSettings, Transaction, choose_return_path
+from mxsend.smtp_setup import HandshakeFailed
 from mxsend.tls import TlsFailure
 from mxsend.tlsdelivery import TlsGuard
 from mxsend.tlspolicy import NO_POLICY, DomainTls, HostTls

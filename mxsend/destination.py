@@ -4,8 +4,8 @@ A domain's owner chooses its MX records, so any sender could point mxsend at a s
 on the machine or the internal network (`MX 0 localhost.`, `user@[10.0.0.5]`). As
 Postfix and KumoMTA do, mxsend never connects to a loopback, unspecified, link-local,
 multicast or private address unless `smtp.allowed_destinations` lists a network holding
-it. `refusal()` decides; `SmtpConnection.open`, the one place a connection is made (MX
-hosts, address literals, smart hosts), enforces it.
+it. `refusal()` decides; `smtp_setup.open_session`, the one place a connection is made
+(MX hosts, address literals, smart hosts), enforces it.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
 The HELO name, the return path, the MAIL and RCPT parameters for what a server offers,
 and the checks that keep script-supplied text from breaking a command line.
-smtp.py puts the result on the wire.
+smtp_setup.py and smtp.py put the result on the wire.
 """
 
 from __future__ import annotations

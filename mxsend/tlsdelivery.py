@@ -4,7 +4,7 @@
 Actions preset for ServerDetails (`preset`), the `tls_policy_override` event when a
 script lowers them (`check_override`), the REQUIRETLS verdict on an open session
 (`requiretls_problem`) and the TLS-RPT record of each session (`record`). The checks of
-the handshake itself (DANE, forceTLS, verifyCert) are in smtp.py; the decisions are in
+the handshake itself (DANE, forceTLS, verifyCert) are in smtp_setup.py; the decisions are in
 tlspolicy.py, requiretls.py and mta_sts.py.
 """
 

@@ -2,12 +2,12 @@
 
 `Wire` is the one protocol object of a connection, from the greeting to QUIT, TLS
 included (`start_tls` swaps the transport under it, not the protocol), and
-`reply.take_reply` is its one reply parser. It knows nothing of SMTP commands: smtp.py
-says what to write and how many replies that asks for; replies are queued as they arrive
-and read in the order the commands went out, so pipelining (RFC 2920) is just writing
-several commands before reading. Failures surface as built-in exceptions that
-`smtp._translate` maps: ConnectionResetError (lost), TimeoutError, ValueError (a
-malformed reply), ssl.SSLError (the handshake).
+`reply.take_reply` is its one reply parser. It knows nothing of SMTP commands:
+smtp_setup.py and smtp.py say what to write and how many replies that asks for; replies
+are queued as they arrive and read in the order the commands went out, so pipelining
+(RFC 2920) is just writing several commands before reading. Failures surface as
+built-in exceptions that `smtp_io.translate` maps: ConnectionResetError (lost),
+TimeoutError, ValueError (a malformed reply), ssl.SSLError (the handshake).
 
 Also the one home of the wire-text checks: nothing with CR, LF or another control
 character reaches a command line (style §10).

@@ -17,7 +17,8 @@ from mxsend.actions import ServerActions, Timeouts
 from mxsend.destination import Destination
 from mxsend.envelope import Envelope, Recipient
 from mxsend.errors import PermanentFailure, Phase, TemporaryFailure
-from mxsend.smtp import SmtpConnection, _translate
+from mxsend.smtp import SmtpConnection
+from mxsend.smtp_io import translate
 from mxsend.smtp_rules import (
     ClientSettings,
     Transaction,
@@ -106,7 +107,7 @@ def test_choose_return_path_and_helo():
     (ValueError("malformed reply line"), Phase.MAIL, TemporaryFailure, "4.5.0"),
 ])
 def test_translate(exc, phase, kind, dsn):
-    error = _translate(exc, phase, "mx.example.org")
+    error = translate(exc, phase, "mx.example.org")
     assert type(error) is kind and error.dsn == dsn
     assert error.host == "mx.example.org" or isinstance(exc, PermanentFailure)
 

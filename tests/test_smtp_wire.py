@@ -20,8 +20,9 @@ from mxsend.destination import Destination
 from mxsend.envelope import Envelope, Recipient
 from mxsend.errors import DeliveryError, Phase, TemporaryFailure
 from mxsend.reply import Reply, take_reply
-from mxsend.smtp import HandshakeFailed, SmtpConnection
+from mxsend.smtp import SmtpConnection
 from mxsend.smtp_rules import ClientSettings, Transaction
+from mxsend.smtp_setup import HandshakeFailed
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 SETTINGS = ClientSettings(helo_name="c.example", allowed_destinations=LOOPBACK)
