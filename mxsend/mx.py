@@ -50,7 +50,8 @@ import dns.rdatatype
 import dns.resolver
 import idna
 
-from mxsend.config import DnsConfig, split_host_port
+from mxsend.config import DnsConfig
+from mxsend.config_values import split_host_port
 from mxsend.envelope import address_literal
 from mxsend.errors import ConfigError, EnvelopeError, PermanentFailure, Phase, TemporaryFailure
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mxsend.actions import ServerActions
-from mxsend.config import IpNetwork
+from mxsend.config_values import IpNetwork
 from mxsend.envelope import Envelope, Recipient, validate_mailbox, xtext_encode
 from mxsend.errors import EnvelopeError, Phase, TemporaryFailure
 from mxsend.wire import has_control
