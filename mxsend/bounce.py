@@ -34,13 +34,13 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from enum import StrEnum
 
+from mxsend.addresses import xtext_decode
 from mxsend.envelope import (
     NOTIFY_NEVER,
     Envelope,
     Message,
     Recipient,
     split_header,
-    xtext_decode,
 )
 from mxsend.errors import EnvelopeError, Phase
 

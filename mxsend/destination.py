@@ -14,7 +14,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mxsend.config import IpNetwork
+from mxsend.config_values import IpNetwork
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mxsend.envelope import validate_mailbox
+from mxsend.addresses import validate_mailbox
 from mxsend.errors import EnvelopeError, Phase
 from mxsend.luavalues import FieldError, vpop3_flag
 from mxsend.wire import has_control

@@ -41,7 +41,8 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Session as SmtpState
 
-from mxsend.config import Config, split_host_port
+from mxsend.config import Config
+from mxsend.config_values import split_host_port
 from mxsend.envelope import (
     Message,
     Recipient,

@@ -28,8 +28,9 @@ from mxsend.actions import (
     ServerActions,
     Timeouts,
 )
+from mxsend.addresses import validate_mailbox
 from mxsend.dkim import normalise_domain
-from mxsend.envelope import split_header, validate_mailbox
+from mxsend.envelope import split_header
 from mxsend.errors import EnvelopeError
 
 PRIORITY_MIN, PRIORITY_MAX = 1, 100

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from mxsend import log
-from mxsend.config import Config, split_host_port
+from mxsend.config import Config
+from mxsend.config_values import split_host_port
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 

@@ -50,8 +50,9 @@ import dns.rdatatype
 import dns.resolver
 import idna
 
-from mxsend.config import DnsConfig, split_host_port
-from mxsend.envelope import address_literal
+from mxsend.addresses import address_literal
+from mxsend.config import DnsConfig
+from mxsend.config_values import split_host_port
 from mxsend.errors import ConfigError, EnvelopeError, PermanentFailure, Phase, TemporaryFailure
 
 # RFC 2308 §5: negative answers should not be cached for more than a few hours; a mail

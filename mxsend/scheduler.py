@@ -13,7 +13,8 @@ spool. The parts (each in its own module, each testable alone):
 
 This module runs them: the scan loop (woken by inotify on new/ and control/, and by a
 full rescan every `queue.scan_interval` that catches what no event announced), the
-heartbeat and recovery of dead processes' claims, SIGHUP reload and SIGTERM shutdown.
+heartbeat and recovery of dead processes' claims (liveness.py), SIGHUP reload and
+SIGTERM shutdown.
 The claim is the durable mark that an attempt started: if the process dies, the claim
 is recovered by the next heartbeat of any process, and the attempt counted then.
 """
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from mxsend import batv, dkim_spool, heartbeat, sdnotify, summary, tlsrpt_daily
+from mxsend import batv, dkim_spool, sdnotify, summary, tlsrpt_daily
 from mxsend.attempt import Workers
 from mxsend.committer import Committer
 from mxsend.config import Config, load_config
@@ -38,10 +39,11 @@ from mxsend.dispatch import Dispatcher
 from mxsend.errors import ConfigError, MxsendError
 from mxsend.hostname import helo_name, helo_name_problem
 from mxsend.intake import Intake
+from mxsend.liveness import Liveness
 from mxsend.log import get_logger, observe, setup_logging, unobserve
 from mxsend.mx import Resolver
 from mxsend.policy import Policy
-from mxsend.record import Recorder, recover_claims
+from mxsend.record import Recorder
 from mxsend.runtime import Runtime
 from mxsend.shaper import Shaper
 from mxsend.spool import GroupCommit, Spool
@@ -96,6 +98,7 @@ class Daemon:
         self.intake = Intake(rt, self._spool_io, position=self.position, once=self.once)
         self.dispatcher = Dispatcher(rt, self.recorder, self.intake.fresh)
         self.workers = Workers(rt, self.dispatcher, self.recorder)
+        self.liveness = Liveness(rt, self._spool_io)
 
     @property
     def config(self) -> Config:
@@ -135,11 +138,11 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         # A full disk must not keep the daemon from starting (nothing is lost by waiting):
         # the heartbeat, recovery and acceptance are retried until space returns.
-        await self._beat()
+        await self.liveness.beat()
         if not self.once:
             self._start_watching(loop)
         self.workers.start(config.smtp.max_connections)
-        beating = asyncio.create_task(self._heartbeat())
+        beating = asyncio.create_task(self.liveness.run(self._shaper))
         reporting = None if self.once else asyncio.create_task(tlsrpt_daily.run(
             lambda: self.rt.config, tlsrpt_daily.spool_enqueue, self._stopping))
         log.info("mxsend started: spool %s, %d workers", config.spool.path,
@@ -232,33 +235,6 @@ class Daemon:
             await deliverer.close()
         if policy is not None:
             policy.close()
-
-    async def _heartbeat(self) -> None:
-        watchdog = sdnotify.watchdog_interval()
-        interval = heartbeat.interval(watchdog)
-        while True:
-            await asyncio.sleep(interval)
-            await self._beat()
-            sdnotify.notify("WATCHDOG=1")
-            if self._shaper is not None:
-                await self._shaper.probe()
-
-    async def _beat(self) -> None:
-        """Prove we are alive in owners/, then take back what dead processes held."""
-        try:
-            self.rt.spool.heartbeat()
-            await self._recover()
-        except MxsendError as exc:
-            log.error("heartbeat failed (retried in %.0fs): %s", heartbeat.INTERVAL, exc)
-
-    async def _recover(self) -> None:
-        """Take back claims of processes that died; their interrupted attempt counts."""
-        recovered = await self._spool_io(recover_claims, self.rt.spool,
-                                         self.config.queue.retry, heartbeat.STALE_AFTER,
-                                         time.time())
-        for queue_id, next_try in recovered:
-            log.warning("recovered message %s from a process that stopped", queue_id)
-            self.rt.plan.schedule(queue_id, next_try)
 
     # --- watching ------------------------------------------------------------------
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mxsend.actions import ServerActions
-from mxsend.config import IpNetwork
-from mxsend.envelope import Envelope, Recipient, validate_mailbox, xtext_encode
+from mxsend.addresses import validate_mailbox, xtext_encode
+from mxsend.config_values import IpNetwork
+from mxsend.envelope import Envelope, Recipient
 from mxsend.errors import EnvelopeError, Phase, TemporaryFailure
 from mxsend.wire import has_control
 

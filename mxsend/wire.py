@@ -23,10 +23,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import cast
 
+from mxsend.addresses import CONTROL
 from mxsend.reply import MAX_REPLY_BUFFER, take_reply
 
-# C0 controls and DEL: CR and LF would end a command early (command injection).
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # The same plus any white space, for single tokens such as a HELO name.
 CONTROL_OR_SPACE = re.compile(r"[\x00-\x1f\x7f\s]")
 

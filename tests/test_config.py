@@ -15,9 +15,8 @@ from mxsend.config import (
     config_from_mapping,
     config_path,
     load_config,
-    parse_duration,
-    parse_size,
 )
+from mxsend.config_values import parse_duration, parse_size
 from mxsend.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

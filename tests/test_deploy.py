@@ -239,7 +239,8 @@ def test_dockerignore_keeps_the_context_to_what_the_image_copies() -> None:
 
 def test_compose_example_gives_mxsend_time_to_stop() -> None:
     yaml = pytest.importorskip("yaml")
-    from mxsend.config import Config, parse_duration
+    from mxsend.config import Config
+    from mxsend.config_values import parse_duration
 
     compose = yaml.safe_load((REPO / "docs" / "compose.yaml").read_text())
     services = compose["services"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mxsend import envelope
+from mxsend import addresses
 from mxsend.envelope import Message, parse_bsmtp
 from mxsend.spool import Accepted, Spool, id_problem
 from tests.fixtures.daemon import DaemonProcess, write_config
@@ -433,9 +433,9 @@ def test_enqueue_imports_nothing_of_the_daemon(config: Path) -> None:
     ],
 )
 def test_envelope_character_classes_are_the_rfc_sets(name: str, old: str) -> None:
-    # envelope.py writes these as complements so they compile in 0.2 ms, not 5 ms (a
+    # addresses.py writes these as complements so they compile in 0.2 ms, not 5 ms (a
     # cost every enqueue paid at start): the same set, checked at every code point.
-    new = re.compile(getattr(envelope, name))
+    new = re.compile(getattr(addresses, name))
     reference = re.compile(old)
     differ = [c for c in range(0x110000)
               if bool(new.fullmatch(chr(c))) != bool(reference.fullmatch(chr(c)))]

@@ -9,22 +9,24 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from mxsend.addresses import (
+    address_literal,
+    parse_path,
+    validate_mailbox,
+    xtext_decode,
+    xtext_encode,
+)
 from mxsend.envelope import (
     Envelope,
     Message,
     Recipient,
-    address_literal,
     domain_of,
     dot_stuff,
     header_lines,
     parse_bsmtp,
-    parse_path,
     serialise_bsmtp,
     split_header,
     unstuff,
-    validate_mailbox,
-    xtext_decode,
-    xtext_encode,
 )
 from mxsend.errors import EnvelopeError
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from mxsend.config import parse_duration
+from mxsend.config_values import parse_duration
 from mxsend.errors import ConfigError
 from mxsend.shaping import (
     Rate,

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from mxsend.addresses import validate_mailbox, xtext_encode
 from mxsend.config import Config
 from mxsend.envelope import (
     MAX_ENVID,
@@ -44,8 +45,6 @@ from mxsend.envelope import (
     Message,
     Recipient,
     serialise_bsmtp,
-    validate_mailbox,
-    xtext_encode,
 )
 from mxsend.errors import EnvelopeError
 from mxsend.hostname import helo_name

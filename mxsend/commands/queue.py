@@ -40,7 +40,8 @@ from mxsend.commands.queue_format import (
     table,
 )
 from mxsend.commands.queue_read import fold_states, stats_shares
-from mxsend.config import Config, parse_duration
+from mxsend.config import Config
+from mxsend.config_values import parse_duration
 from mxsend.envelope import Message, Recipient
 from mxsend.errors import ConfigError, MxsendError
 from mxsend.hostname import helo_name
