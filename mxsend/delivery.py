@@ -1,4 +1,4 @@
-"""Per-domain delivery: MX hosts in order, ServerDetails per server, the connection pool.
+"""Per-domain delivery: MX hosts in order, ServerDetails per server, one transaction.
 
 `Deliverer.deliver()` makes one transaction per domain per attempt (contract §5) and
 returns one RecipientOutcome per recipient; delivery problems, DNS included, become
@@ -6,13 +6,21 @@ outcomes, never exceptions. Every address of every MX host is tried in order unt
 answers (RFC 5321 §5.1): a connection failure, or a host that answered 4xx for the
 whole transaction, moves on to the next address; anything sent or bounced is final.
 
-The receiving domain's TLS policy (contract §8, docs/tls.md) is `TlsGuard`'s: per domain
-and per MX host before ServerDetails, whose Actions arrive preset; DANE's chain check
-is smtp.py's; REQUIRETLS is checked on each session before MAIL.
+Each feature is one object the Deliverer is given and asks once per step, None when
+it is off (one `is None`, nothing more, on the hot path):
 
-Connections are pooled (`pool.py`, the big lever for throughput): a session whose
-transaction ended cleanly goes back to the pool for the next message with equal
-ServerActions; one aborted half-way is RSET first (RFC 5321 §4.1.1.5).
+* `Routing` (routing.py), the script's VPOP3 8.8 hooks: the hosts (mxserverrules.lua),
+  CheckServer per host, ModifyReturnPath, ReturnCodeHandler on each reply;
+* `TlsGuard` (tlsdelivery.py), the receiving domain's TLS policy (contract §8,
+  docs/tls.md): per domain and per MX host before ServerDetails, whose Actions arrive
+  preset; REQUIRETLS on each session before MAIL; the TLS-RPT records. DANE's chain
+  check is smtp.py's;
+* `Shaper` (shaper.py), traffic shaping (contract §9): suspension, connection and rate
+  admission, the reply rules on each transaction's outcomes.
+
+Sessions are pooled (`sessions.py` over `pool.py`, the big lever for throughput): a
+session whose transaction ended cleanly goes back to the pool for the next message with
+equal ServerActions; one aborted half-way is RSET first (RFC 5321 §4.1.1.5).
 """
 
 from __future__ import annotations
@@ -23,7 +31,6 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from mxsend import metrics
 from mxsend.actions import ServerActions, ServerParameters
 from mxsend.batv import BatvKey, sign
 from mxsend.config import Config
@@ -38,16 +45,14 @@ from mxsend.outcome import (
     after_every_host,
     failure_outcomes,
     should_try_next_host,
-    transaction_outcomes,
     waiting_outcomes,
 )
 from mxsend.policy import Policy
 from mxsend.pool import Backoff, ConnectionPool, PoolEntry, backoff_worthy
-from mxsend.reply import Reply
 from mxsend.requiretls import DSN_REQUIRETLS
 from mxsend.routing import ResolverLike, Route, Routing
+from mxsend.sessions import Sessions, Timing
 from mxsend.shaper import Lease, Shaper, suspended_reason
-from mxsend.smtp import HandshakeFailed, ReplyHook, SmtpConnection
 from mxsend.smtp_rules import ClientSettings, Transaction, choose_return_path
 from mxsend.tls import TlsFailure
 from mxsend.tlsdelivery import TlsGuard
@@ -62,24 +67,15 @@ class RequireTlsRefused(TemporaryFailure):
     """This server cannot take a REQUIRETLS message (RFC 8689 §4.2.1): try the next."""
 
 
-@dataclasses.dataclass(slots=True)
-class _Session:
-    """What the `delivery` event says of the transaction that decided (contract §10)."""
-
-    transfer: float = 0.0  # seconds of the transaction, MAIL to the final reply
-    tls_cipher: str | None = None
-    verified: bool = False
-
-
-def stamped(outcomes: list[RecipientOutcome], elapsed: float, session: _Session
+def stamped(outcomes: list[RecipientOutcome], elapsed: float, timing: Timing
             ) -> list[RecipientOutcome]:
     """The outcomes with their times: setup is everything before the transaction
     (DNS, ServerDetails, connecting, greeting, EHLO, TLS, other hosts tried), as the
     `c` of Postfix's delays=a/b/c/d."""
-    setup = max(0.0, elapsed - session.transfer)
-    return [dataclasses.replace(o, setup=setup, transfer=session.transfer,
-                                tls_cipher=session.tls_cipher if o.tls else None,
-                                verified=session.verified if o.tls else False)
+    setup = max(0.0, elapsed - timing.transfer)
+    return [dataclasses.replace(o, setup=setup, transfer=timing.transfer,
+                                tls_cipher=timing.tls_cipher if o.tls else None,
+                                verified=timing.verified if o.tls else False)
             for o in outcomes]
 
 
@@ -128,6 +124,7 @@ class Deliverer:
         # a server that wants fewer says 421, and Backoff listens.
         self.pool = ConnectionPool(smtp.max_connections, smtp.max_connections_per_domain,
                                    max_per_destination=smtp.max_connections)
+        self._sessions = Sessions(self.pool, self.backoff, self._settings, clock)
 
     async def deliver(self, queue_id: str, message: Message, recipients: Sequence[Recipient],
                       domain: str, server_details: ServerDetailsFn, *,
@@ -145,14 +142,14 @@ class Deliverer:
         script asking for BATV without a key) come back as outcomes too.
         """
         started = self._clock()
-        session = _Session()
+        timing = Timing()
         outcomes = await self._deliver(queue_id, message, recipients, domain, server_details,
-                                       recorded, session, attempt)
-        return stamped(outcomes, self._clock() - started, session)
+                                       recorded, timing, attempt)
+        return stamped(outcomes, self._clock() - started, timing)
 
     async def _deliver(self, queue_id: str, message: Message, recipients: Sequence[Recipient],
                        domain: str, server_details: ServerDetailsFn,
-                       recorded: asyncio.Future[None] | None, session: _Session,
+                       recorded: asyncio.Future[None] | None, timing: Timing,
                        attempt: AttemptInfo | None) -> list[RecipientOutcome]:
         addresses = [r.address for r in recipients]
         if not recipients:
@@ -206,7 +203,7 @@ class Deliverer:
                 destination = Destination(host.name, ip, port)
                 try:
                     outcomes = await self._try(queue_id, destination, message, recipients,
-                                               domain, server_details, recorded, session,
+                                               domain, server_details, recorded, timing,
                                                tls, attempt)
                 except RequireTlsRefused as exc:
                     refused.append(f"{destination.relay}: {exc.message}")
@@ -229,7 +226,7 @@ class Deliverer:
 
     async def _try(self, queue_id: str, dest: Destination, message: Message,
                    recipients: Sequence[Recipient], domain: str, server_details: ServerDetailsFn,
-                   recorded: asyncio.Future[None] | None, session: _Session,
+                   recorded: asyncio.Future[None] | None, timing: Timing,
                    tls: HostTls = NO_POLICY, attempt: AttemptInfo | None = None
                    ) -> list[RecipientOutcome]:
         """One address of one MX host. Raises RequireTlsRefused only."""
@@ -306,7 +303,7 @@ class Deliverer:
                     return waiting_outcomes(addresses, wait, f"waiting: destination "
                                             f"{target.name} is at its rate")
             started = self._clock()
-            outcomes = await self._send(entry, tx, addresses, recorded, session)
+            outcomes = await self._sessions.send(entry, tx, addresses, recorded, timing)
             if outcomes is not None:
                 if shaper is not None and target is not None:
                     return await shaper.apply_reply_rules(target, outcomes,
@@ -324,7 +321,7 @@ class Deliverer:
                                         f"{target.name} is at its connection limits")
             lease = admitted
         try:
-            entry = await self._open(dest, actions, domain, connid, hook, tls)
+            entry = await self._sessions.open(dest, actions, domain, connid, hook, tls)
         except DeliveryError as exc:
             if lease is not None:
                 lease.release()
@@ -347,7 +344,7 @@ class Deliverer:
         if requiretls:
             self._check_requiretls(entry, tls)
         started = self._clock()
-        outcomes = await self._send(entry, tx, addresses, recorded, session, fresh=True)
+        outcomes = await self._sessions.send(entry, tx, addresses, recorded, timing, fresh=True)
         assert outcomes is not None
         if shaper is not None and target is not None:
             return await shaper.apply_reply_rules(target, outcomes, self._clock() - started)
@@ -360,78 +357,6 @@ class Deliverer:
             self.pool.give_back(entry)
             raise RequireTlsRefused(problem, dsn=DSN_REQUIRETLS, phase=Phase.MAIL,
                                     host=entry.connection.destination.name)
-
-    async def _open(self, dest: Destination, actions: ServerActions, domain: str,
-                    connid: int, hook: ReplyHook | None = None,
-                    tls: HostTls = NO_POLICY) -> PoolEntry:
-        """Open a session in the room `acquire` reserved; give the room back on failure."""
-        slot = (dest.ip, dest.port)
-        try:
-            try:
-                conn = await SmtpConnection.open(dest, actions, self._settings, connid=connid,
-                                                 reply_hook=hook, dane=tls.dane)
-            except HandshakeFailed:
-                # Contract §4: without forceTLS, a failed handshake is retried once in
-                # plaintext on a new connection.
-                conn = await SmtpConnection.open(dest, actions, self._settings, connid=connid,
-                                                 allow_tls=False, reply_hook=hook)
-            conn.reply_hook = hook
-        except BaseException:
-            self.pool.unreserve(domain, slot)
-            raise
-        return PoolEntry(conn, domain)
-
-    async def _send(self, entry: PoolEntry, tx: Transaction, addresses: list[str],
-                    recorded: asyncio.Future[None] | None, session: _Session, *,
-                    fresh: bool = False) -> list[RecipientOutcome] | None:
-        """Run the transaction; give the session back. None: a stale pooled session."""
-        conn = entry.connection
-        where = Where(conn.destination.relay, conn.destination.name, conn.tls_version)
-        if entry.unrecorded is not None and entry.unrecorded.done():
-            entry.unrecorded = None
-        started = self._clock()
-        try:
-            result = await conn.send(tx, before_end_of_data=entry.unrecorded)
-        except DeliveryError as exc:
-            stale = (not fresh and not conn.alive and exc.phase is Phase.MAIL
-                     and exc.code is None)
-            if stale:
-                self.pool.discard(entry)
-                return None
-            self._timed(session, conn, started)
-            if exc.code == 421:
-                self.backoff.failed((conn.destination.ip, conn.destination.port), self._clock())
-            await self._recycle(entry)
-            return failure_outcomes(addresses, exc, where)
-        self._timed(session, conn, started)
-        if isinstance(result.final, DeliveryError) and result.final.code == 421:
-            self.backoff.failed((conn.destination.ip, conn.destination.port), self._clock())
-        if isinstance(result.final, Reply) and result.final_phase is Phase.DATAEND:
-            # The end of data was answered: this message is now the one the next
-            # transaction's final `.` waits for (the previous one is recorded by now).
-            entry.unrecorded = recorded
-            # The reply to the end of data closes the transaction on both sides (RFC
-            # 5321 §4.1.1.4): the session is ready for the next MAIL without an RSET
-            # round trip, which is only needed to abort a transaction half-way.
-            self.pool.give_back(entry)
-        else:
-            await self._recycle(entry)
-        return transaction_outcomes(
-            addresses, dict(result.rcpt_replies), result.final, where,
-            final_phase=result.final_phase, relayed=result.relayed,
-            eight_bit_unadvertised=result.eight_bit_unadvertised,
-        )
-
-    def _timed(self, session: _Session, conn: SmtpConnection, started: float) -> None:
-        session.transfer = self._clock() - started
-        session.tls_cipher, session.verified = conn.tls_cipher, conn.verified
-        metrics.transaction(session.transfer)
-
-    async def _recycle(self, entry: PoolEntry) -> None:
-        if await entry.connection.reset():
-            self.pool.give_back(entry)
-        else:
-            self.pool.discard(entry)
 
 
 def after_hosts(addresses: list[str], domain: str, tried: list[list[RecipientOutcome]],
