@@ -1,4 +1,4 @@
-"""Per-domain delivery: MX hosts in order, ServerDetails per server, the connection pool.
+"""Per-domain delivery: MX hosts in order, ServerDetails per server, one transaction.
 
 `Deliverer.deliver()` makes one transaction per domain per attempt (contract §5) and
 returns one RecipientOutcome per recipient; delivery problems, DNS included, become
@@ -6,27 +6,31 @@ outcomes, never exceptions. Every address of every MX host is tried in order unt
 answers (RFC 5321 §5.1): a connection failure, or a host that answered 4xx for the
 whole transaction, moves on to the next address; anything sent or bounced is final.
 
-The receiving domain's TLS policy (contract §8, docs/tls.md) is `TlsGuard`'s: per domain
-and per MX host before ServerDetails, whose Actions arrive preset; DANE's chain check
-is smtp.py's; REQUIRETLS is checked on each session before MAIL.
+Each feature is one object the Deliverer is given and asks once per step, None when
+it is off (one `is None`, nothing more, on the hot path):
 
-Connections are pooled (`pool.py`, the big lever for throughput): a session whose
-transaction ended cleanly goes back to the pool for the next message with equal
-ServerActions; one aborted half-way is RSET first (RFC 5321 §4.1.1.5).
+* `Routing` (routing.py), the script's VPOP3 8.8 hooks: the hosts (mxserverrules.lua),
+  CheckServer per host, ModifyReturnPath, ReturnCodeHandler on each reply;
+* `TlsGuard` (tlsdelivery.py), the receiving domain's TLS policy (contract §8,
+  docs/tls.md): per domain and per MX host before ServerDetails, whose Actions arrive
+  preset; REQUIRETLS on each session before MAIL; the TLS-RPT records. DANE's chain
+  check is smtp.py's;
+* `Shaper` (shaper.py), traffic shaping (contract §9): suspension, connection and rate
+  admission, the reply rules on each transaction's outcomes.
+
+Sessions are pooled (`sessions.py` over `pool.py`, the big lever for throughput): a
+session whose transaction ended cleanly goes back to the pool for the next message with
+equal ServerActions; one aborted half-way is RSET first (RFC 5321 §4.1.1.5).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
-from mxsend import metrics
 from mxsend.actions import ServerActions, ServerParameters
 from mxsend.batv import BatvKey, sign
 from mxsend.config import Config
@@ -34,7 +38,6 @@ from mxsend.delivery_event import AttemptInfo
 from mxsend.destination import Destination
 from mxsend.envelope import Message, Recipient
 from mxsend.errors import DeliveryError, PermanentFailure, Phase, TemporaryFailure
-from mxsend.hooks import SmartHost
 from mxsend.hostname import helo_name
 from mxsend.outcome import (
     RecipientOutcome,
@@ -42,21 +45,18 @@ from mxsend.outcome import (
     after_every_host,
     failure_outcomes,
     should_try_next_host,
-    transaction_outcomes,
     waiting_outcomes,
 )
-from mxsend.policy import Policy, return_path_request
+from mxsend.policy import Policy
 from mxsend.pool import Backoff, ConnectionPool, PoolEntry, backoff_worthy
-from mxsend.reply import Reply
 from mxsend.requiretls import DSN_REQUIRETLS
-from mxsend.shaper import Lease, Shaper, Target, suspended_reason
-from mxsend.smtp import SmtpConnection
-from mxsend.smtp_io import ReplyHook
+from mxsend.routing import ResolverLike, Route, Routing
+from mxsend.sessions import Sessions, Timing
+from mxsend.shaper import Lease, Shaper, suspended_reason
 from mxsend.smtp_rules import ClientSettings, Transaction, choose_return_path
-from mxsend.smtp_setup import HandshakeFailed
 from mxsend.tls import TlsFailure
 from mxsend.tlsdelivery import TlsGuard
-from mxsend.tlspolicy import NO_POLICY, DomainTls, HostTls
+from mxsend.tlspolicy import NO_POLICY, HostTls
 
 Preset = Callable[[ServerActions], ServerActions]
 # ServerDetails(Parameters, preset): the script's Actions in are preset(defaults).
@@ -67,52 +67,15 @@ class RequireTlsRefused(TemporaryFailure):
     """This server cannot take a REQUIRETLS message (RFC 8689 §4.2.1): try the next."""
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """A smart host of GetOverrides with its addresses and port (contract §9)."""
-
-    name: str
-    addresses: tuple[str, ...]
-    port: int
-
-
-class HostLike(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def addresses(self) -> tuple[str, ...]: ...
-
-
-class ResolverLike(Protocol):
-    async def resolve(self, domain: str) -> Sequence[HostLike]: ...
-
-
-class FreshResolver(Protocol):
-    """mx.Resolver: what mxserverrules.lua's answers need of it."""
-
-    async def resolve(self, domain: str, *, fresh: bool = False) -> Sequence[HostLike]: ...
-    async def host_addresses(self, host: str, *, fresh: bool = False
-                             ) -> tuple[str, ...]: ...
-
-
-@dataclasses.dataclass(slots=True)
-class _Session:
-    """What the `delivery` event says of the transaction that decided (contract §10)."""
-
-    transfer: float = 0.0  # seconds of the transaction, MAIL to the final reply
-    tls_cipher: str | None = None
-    verified: bool = False
-
-
-def stamped(outcomes: list[RecipientOutcome], elapsed: float, session: _Session
+def stamped(outcomes: list[RecipientOutcome], elapsed: float, timing: Timing
             ) -> list[RecipientOutcome]:
     """The outcomes with their times: setup is everything before the transaction
     (DNS, ServerDetails, connecting, greeting, EHLO, TLS, other hosts tried), as the
     `c` of Postfix's delays=a/b/c/d."""
-    setup = max(0.0, elapsed - session.transfer)
-    return [dataclasses.replace(o, setup=setup, transfer=session.transfer,
-                                tls_cipher=session.tls_cipher if o.tls else None,
-                                verified=session.verified if o.tls else False)
+    setup = max(0.0, elapsed - timing.transfer)
+    return [dataclasses.replace(o, setup=setup, transfer=timing.transfer,
+                                tls_cipher=timing.tls_cipher if o.tls else None,
+                                verified=timing.verified if o.tls else False)
             for o in outcomes]
 
 
@@ -120,7 +83,12 @@ def stamped(outcomes: list[RecipientOutcome], elapsed: float, session: _Session
 
 
 class Deliverer:
-    """Delivers one message's recipients of one domain per call; see the module doc."""
+    """Delivers one message's recipients of one domain per call; see the module doc.
+
+    Each feature is an object it is given, None when off (one `is None` per use): the
+    script's VPOP3 8.8 hooks (`routing`, routing.py), the receiving domain's TLS policy
+    (`tls`, tlsdelivery.py) and traffic shaping (`shaper`, shaper.py).
+    """
 
     def __init__(self, config: Config, resolver: ResolverLike, *, batv_key: bytes | None,
                  clock: Callable[[], float] = time.monotonic,
@@ -128,11 +96,10 @@ class Deliverer:
                  hooks: Policy | None = None, tls: TlsGuard | None = None,
                  shaper: Shaper | None = None) -> None:
         smtp = config.smtp
-        # The script's VPOP3 8.8 hooks (ReturnCodeHandler, ModifyReturnPath and
-        # mxserverrules.lua); None: none of them.
-        self.hooks = hooks
         self._port = smtp.port
         self._resolver = resolver
+        # ReturnCodeHandler, ModifyReturnPath and mxserverrules.lua; None: no script.
+        self.routing = Routing(hooks, resolver, smtp.port) if hooks is not None else None
         self._settings = ClientSettings(
             helo_name=helo_name(smtp.helo_name),
             source_address=smtp.source_address,
@@ -157,6 +124,7 @@ class Deliverer:
         # a server that wants fewer says 421, and Backoff listens.
         self.pool = ConnectionPool(smtp.max_connections, smtp.max_connections_per_domain,
                                    max_per_destination=smtp.max_connections)
+        self._sessions = Sessions(self.pool, self.backoff, self._settings, clock)
 
     async def deliver(self, queue_id: str, message: Message, recipients: Sequence[Recipient],
                       domain: str, server_details: ServerDetailsFn, *,
@@ -174,24 +142,26 @@ class Deliverer:
         script asking for BATV without a key) come back as outcomes too.
         """
         started = self._clock()
-        session = _Session()
+        timing = Timing()
         outcomes = await self._deliver(queue_id, message, recipients, domain, server_details,
-                                       recorded, session, attempt)
-        return stamped(outcomes, self._clock() - started, session)
+                                       recorded, timing, attempt)
+        return stamped(outcomes, self._clock() - started, timing)
 
     async def _deliver(self, queue_id: str, message: Message, recipients: Sequence[Recipient],
                        domain: str, server_details: ServerDetailsFn,
-                       recorded: asyncio.Future[None] | None, session: _Session,
+                       recorded: asyncio.Future[None] | None, timing: Timing,
                        attempt: AttemptInfo | None) -> list[RecipientOutcome]:
         addresses = [r.address for r in recipients]
         if not recipients:
             return []
-        rules = self.hooks.rules if self.hooks is not None else None
+        routing = self.routing
+        ruled = routing is not None and routing.ruled
         size = len(message.data)
         retries = attempt.retries if attempt is not None else 0
         try:
-            if rules is not None and rules.active:
-                hosts = await self._ruled_hosts(queue_id, domain, retries, size)
+            if ruled:
+                assert routing is not None
+                hosts = await routing.hosts(queue_id, domain, retries, size)
             else:
                 hosts = await self._resolver.resolve(domain)
         except DeliveryError as exc:
@@ -199,15 +169,17 @@ class Deliverer:
         if not hosts:
             return failure_outcomes(addresses, TemporaryFailure(
                 f"{domain}: no host to deliver to", dsn="4.4.4", phase=Phase.DNS, host=domain))
-        dom = await self.tls.domain(domain, message) if self.tls is not None else None
+        guard = self.tls
+        dom = await guard.domain(domain, message) if guard is not None else None
         tried: list[list[RecipientOutcome]] = []
         refused: list[str] = []  # REQUIRETLS: servers that cannot take the message
         skipped = 0  # MX hosts an enforced MTA-STS policy does not list
         allowed = 0  # MX hosts CheckServer let through
         for host in hosts:
-            if rules is not None and rules.active:
-                verdict = await rules.check_server(queue_id, domain, host.name,
-                                                   retries, size)
+            if ruled:
+                assert routing is not None
+                verdict = await routing.check_server(queue_id, domain, host.name,
+                                                     retries, size)
                 if verdict.hold_minutes > 0:
                     # Contract §9: held, whatever Allowed says; not an attempt.
                     return waiting_outcomes(
@@ -217,18 +189,21 @@ class Deliverer:
                 if not verdict.allowed:
                     continue
             allowed += 1
-            tls = await self._host_tls(dom, host.name)
-            if not tls.allowed:
-                # RFC 8461 §4.1: an MX host the enforced policy does not list is not used.
-                skipped += 1
-                await self._record_tls(tls, host.name, "", "validation-failure")
-                continue
+            tls = NO_POLICY
+            if guard is not None and dom is not None:
+                tls = await guard.host(dom, host.name)
+                if not tls.allowed:
+                    # RFC 8461 §4.1: an MX host the enforced policy does not list is
+                    # not used.
+                    skipped += 1
+                    await guard.record(tls, host.name, "", "validation-failure")
+                    continue
             port = host.port if isinstance(host, Route) else self._port
             for ip in host.addresses:
                 destination = Destination(host.name, ip, port)
                 try:
                     outcomes = await self._try(queue_id, destination, message, recipients,
-                                               domain, server_details, recorded, session,
+                                               domain, server_details, recorded, timing,
                                                tls, attempt)
                 except RequireTlsRefused as exc:
                     refused.append(f"{destination.relay}: {exc.message}")
@@ -241,88 +216,26 @@ class Deliverer:
             # Every server skipped by CheckServer: queued, no error, not an attempt.
             return waiting_outcomes(addresses, self._wall_clock() + self._scan_interval,
                                     "CheckServer skipped every server")
-        if refused and not tried:
-            # RFC 8689 §5: no server qualified; the message must not go to the domain.
-            return failure_outcomes(addresses, PermanentFailure(
-                "; ".join(refused), dsn=DSN_REQUIRETLS, phase=Phase.STARTTLS, host=domain))
-        if not tried:
-            why = ("no MX host matches its MTA-STS policy" if skipped
-                   else "no address to deliver to")
-            return failure_outcomes(addresses, TemporaryFailure(
-                f"{domain}: {why}", dsn="4.7.5" if skipped else "4.4.4",
-                phase=Phase.CONNECT if skipped else Phase.DNS, host=domain))
-        # A destination that made us wait is no answer when another host gave one.
-        answered = [outcomes for outcomes in tried if outcomes[0].wait_until is None]
-        if not answered:
-            soonest = min(outcomes[0].wait_until or 0.0 for outcomes in tried)
-            return next(o for o in tried if o[0].wait_until == soonest)
-        return after_every_host(answered)
-
-    async def _host_tls(self, dom: DomainTls | None, mx_host: str) -> HostTls:
-        if self.tls is None or dom is None:
-            return NO_POLICY
-        return await self.tls.host(dom, mx_host)
-
-    async def _record_tls(self, tls: HostTls, mx_host: str, ip: str, result_type: str) -> None:
-        if self.tls is not None:
-            await self.tls.record(tls, mx_host, ip, result_type)
+        return after_hosts(addresses, domain, tried, refused, skipped)
 
     async def close(self) -> None:
         """QUIT every pooled connection."""
         await self.pool.close()
 
-    async def _ruled_hosts(self, queue_id: str, domain: str, retries: int, size: int
-                           ) -> Sequence[HostLike]:
-        """The hosts mxserverrules.lua routes `domain` to: GetCheckCache, GetOverrides."""
-        assert self.hooks is not None and self.hooks.rules is not None
-        rules = self.hooks.rules
-        resolver: FreshResolver = self._resolver  # type: ignore[assignment]
-        fresh = not await rules.check_cache(queue_id, domain, retries, size)
-        overrides = await rules.overrides(queue_id, domain, retries, size)
-        if not overrides.proceed:
-            raise TemporaryFailure(
-                f"{domain}: no MX and no address (GetOverrides said not to continue)",
-                dsn="4.4.4", phase=Phase.DNS, host=domain)
-        if not overrides.servers:
-            return await resolver.resolve(domain, fresh=fresh)
-        routes: list[HostLike] = []
-        problem: DeliveryError | None = None
-        for server in overrides.servers:
-            try:
-                routes.append(await self._route(resolver, server, fresh))
-            except DeliveryError as exc:
-                problem = exc
-        if not routes and problem is not None:
-            raise problem
-        return routes
-
-    async def _route(self, resolver: FreshResolver, server: SmartHost, fresh: bool) -> Route:
-        """One smart host; smtp.allowed_destinations still applies when connecting."""
-        port = server.port or self._port
-        if server.literal:
-            return Route(server.name, (server.host,), port)
-        return Route(server.name, await resolver.host_addresses(server.host, fresh=fresh),
-                     port)
-
-    def _reply_hook(self, queue_id: str) -> ReplyHook | None:
-        """ReturnCodeHandler for this message's replies; None: the script has none."""
-        hooks = self.hooks
-        if hooks is None or not hooks.has_reply_hook:
-            return None
-        return functools.partial(hooks.return_code, queue_id)
-
     # -- one destination ----------------------------------------------------------------
 
     async def _try(self, queue_id: str, dest: Destination, message: Message,
                    recipients: Sequence[Recipient], domain: str, server_details: ServerDetailsFn,
-                   recorded: asyncio.Future[None] | None, session: _Session,
+                   recorded: asyncio.Future[None] | None, timing: Timing,
                    tls: HostTls = NO_POLICY, attempt: AttemptInfo | None = None
                    ) -> list[RecipientOutcome]:
         """One address of one MX host. Raises RequireTlsRefused only."""
         addresses = [r.address for r in recipients]
+        guard = self.tls
         if tls.tempfail:
             # DANE lookups failed validation (bogus): nothing is sent (RFC 7672 §2.1).
-            await self._record_tls(tls, dest.name, dest.ip, tls.dane.result_type
+            if guard is not None:
+                await guard.record(tls, dest.name, dest.ip, tls.dane.result_type
                                    if tls.dane is not None else "")
             return failure_outcomes(addresses, TemporaryFailure(
                 tls.tempfail, dsn="4.7.5", phase=Phase.CONNECT, host=dest.name),
@@ -332,12 +245,13 @@ class Deliverer:
             raise RequireTlsRefused(
                 "REQUIRETLS: the MX host was not found through DNSSEC or an enforced "
                 "MTA-STS policy", dsn=DSN_REQUIRETLS, phase=Phase.CONNECT, host=dest.name)
+        shaper = self.shaper
         target = None
-        if self.shaper is not None:
+        if shaper is not None:
             # Before the backoff: a suspension (a reply rule) is the stronger word, and
             # waiting for it is no attempt, where a backoff deferral is one.
-            target = self.shaper.target(dest.name, domain)
-            suspended = await self.shaper.suspended_until(target)
+            target = shaper.target(dest.name, domain)
+            suspended = await shaper.suspended_until(target)
             if suspended:
                 return waiting_outcomes(addresses, suspended, suspended_reason(target.name))
         key = (dest.ip, dest.port)
@@ -353,20 +267,23 @@ class Deliverer:
             length=len(message.data), connid=connid, connection=dest.relay,
             tlspolicy=tls.policy,
         )
-        if self.tls is not None:
-            actions = await server_details(params, self.tls.preset(tls))
-            if self.tls.check_override(queue_id, domain, dest.name, tls, actions):
+        if guard is not None:
+            actions = await server_details(params, guard.preset(tls))
+            if guard.check_override(queue_id, domain, dest.name, tls, actions):
                 # The operator's exception wins (contract §8): DANE is not enforced.
                 tls = dataclasses.replace(tls, dane=None)
         else:
             actions = await server_details(params, _unchanged)
+        routing = self.routing
         try:
-            return_path = await self._return_path(queue_id, message, recipients, actions,
-                                                  attempt)
-            tx = self._transaction(message, recipients, actions, return_path)
+            return_path = (
+                await routing.return_path(queue_id, message, recipients, actions, attempt)
+                if routing is not None else choose_return_path(env.sender, actions))
+            tx = transaction(message, recipients, actions, return_path, self._batv,
+                             self._wall_clock)
         except DeliveryError as exc:
             return failure_outcomes(addresses, exc)
-        hook = self._reply_hook(queue_id)
+        hook = routing.reply_hook(queue_id) if routing is not None else None
 
         while True:
             entry = await self.pool.acquire((dest.ip, dest.port, actions), domain)
@@ -377,214 +294,114 @@ class Deliverer:
                 self.pool.discard(entry)
                 continue
             entry.connection.reply_hook = hook
-            self._check_requiretls(entry, tls, requiretls)
-            if target is not None:
-                wait = await self._admit_message(target, queue_id, entry)
+            if requiretls:
+                self._check_requiretls(entry, tls)
+            if shaper is not None and target is not None:
+                wait = await shaper.admit_message(target, queue_id, entry.lease)
                 if wait:
                     self.pool.give_back(entry)
                     return waiting_outcomes(addresses, wait, f"waiting: destination "
                                             f"{target.name} is at its rate")
             started = self._clock()
-            outcomes = await self._send(entry, tx, addresses, recorded, session)
+            outcomes = await self._sessions.send(entry, tx, addresses, recorded, timing)
             if outcomes is not None:
-                return await self._shaped(target, outcomes, started)
+                if shaper is not None and target is not None:
+                    return await shaper.apply_reply_rules(target, outcomes,
+                                                          self._clock() - started)
+                return outcomes
             # The pooled session had died while idle: nothing was sent; try again.
         lease = None
-        if target is not None:
-            admitted = await self._admit_connection(target, queue_id, dest, domain)
+        if shaper is not None and target is not None:
+            shaped = target
+            admitted = await shaper.admit_session(target, queue_id, lambda: self.pool.evict_idle(
+                lambda e: isinstance(e.lease, Lease) and e.lease.target == shaped))
             if not isinstance(admitted, Lease):
+                self.pool.unreserve(domain, key)
                 return waiting_outcomes(addresses, admitted, f"waiting: destination "
                                         f"{target.name} is at its connection limits")
             lease = admitted
         try:
-            entry = await self._open(dest, actions, domain, connid, hook, tls)
+            entry = await self._sessions.open(dest, actions, domain, connid, hook, tls)
         except DeliveryError as exc:
             if lease is not None:
                 lease.release()
             if backoff_worthy(exc):
                 self.backoff.failed(key, self._clock())
             if isinstance(exc, TlsFailure):
-                await self._record_tls(tls, dest.name, dest.ip, exc.result_type)
+                if guard is not None:
+                    await guard.record(tls, dest.name, dest.ip, exc.result_type)
                 if requiretls:
                     raise RequireTlsRefused(f"REQUIRETLS: {exc.message}", dsn=DSN_REQUIRETLS,
                                             phase=Phase.STARTTLS, host=dest.name) from exc
-            return await self._shaped(target, failure_outcomes(
-                addresses, exc, Where(dest.relay, dest.name)))
+            outcomes = failure_outcomes(addresses, exc, Where(dest.relay, dest.name))
+            if shaper is not None and target is not None:
+                return await shaper.apply_reply_rules(target, outcomes)
+            return outcomes
         entry.lease = lease
         self.backoff.succeeded(key)
-        await self._record_session(tls, entry.connection)
-        self._check_requiretls(entry, tls, requiretls)
+        if guard is not None:
+            await guard.record_session(tls, entry.connection)
+        if requiretls:
+            self._check_requiretls(entry, tls)
         started = self._clock()
-        outcomes = await self._send(entry, tx, addresses, recorded, session, fresh=True)
+        outcomes = await self._sessions.send(entry, tx, addresses, recorded, timing, fresh=True)
         assert outcomes is not None
-        return await self._shaped(target, outcomes, started)
+        if shaper is not None and target is not None:
+            return await shaper.apply_reply_rules(target, outcomes, self._clock() - started)
+        return outcomes
 
-    # -- traffic shaping (contract §9; the decisions are shaper.py's) -------------------
-
-    async def _admit_message(self, target: Target, queue_id: str, entry: PoolEntry) -> float:
-        """0.0: go on this pooled session; else when to come back (epoch seconds)."""
-        assert self.shaper is not None
-        if isinstance(entry.lease, Lease):
-            await self.shaper.renew(entry.lease)
-        return await self.shaper.admit_message(target, queue_id)
-
-    async def _admit_connection(self, target: Target, queue_id: str, dest: Destination,
-                                domain: str) -> Lease | float:
-        """A lease and a rate slot for a new session in the room the pool reserved,
-        or when to come back (the room is given back then)."""
-        assert self.shaper is not None
-        admitted = await self.shaper.admit_connection(target)
-        if not isinstance(admitted, Lease) and self.pool.evict_idle(
-                lambda e: isinstance(e.lease, Lease) and e.lease.target == target):
-            # An idle session of this destination (other ServerActions) held its place.
-            admitted = await self.shaper.admit_connection(target)
-        if isinstance(admitted, Lease):
-            wait = await self.shaper.admit_message(target, queue_id)
-            if not wait:
-                return admitted
-            admitted.release()
-            admitted = wait
-        self.pool.unreserve(domain, (dest.ip, dest.port))
-        return admitted
-
-    async def _shaped(self, target: Target | None, outcomes: list[RecipientOutcome],
-                      started: float | None = None) -> list[RecipientOutcome]:
-        """The reply rules, applied to what the server said; the transaction's time."""
-        if target is None or self.shaper is None:
-            return outcomes
-        if started is not None:
-            self.shaper.observed(target, self._clock() - started)
-        return await self.shaper.apply_reply_rules(target, outcomes)
-
-    async def _return_path(self, queue_id: str, message: Message,
-                           recipients: Sequence[Recipient], actions: ServerActions,
-                           attempt: AttemptInfo | None) -> str:
-        """returnAddressModifier's choice, then ModifyReturnPath's (contract §9)."""
-        computed = choose_return_path(message.envelope.sender, actions)
-        hooks = self.hooks
-        if hooks is None or not hooks.defines("ModifyReturnPath"):
-            return computed
-        chosen = await hooks.modify_return_path(queue_id, return_path_request(
-            message, [r.address for r in recipients], computed,
-            attempt.created if attempt is not None else 0.0))
-        return computed if chosen is None else chosen
-
-    async def _record_session(self, tls: HostTls, conn: SmtpConnection) -> None:
-        """TLS-RPT: a new session that passed the policy (testing: what enforce would say)."""
-        guard = self.tls
-        if guard is None or not guard.reporting or tls.report is None:
-            return
-        dest = conn.destination
-        result_type = ""
-        if tls.testing:
-            result_type = guard.testing_result(tls, dest.name, tls=conn.tls_version is not None,
-                                               chain=conn.peer_certificates())
-        await guard.record(tls, dest.name, dest.ip, result_type)
-
-    def _check_requiretls(self, entry: PoolEntry, tls: HostTls, requiretls: bool) -> None:
+    def _check_requiretls(self, entry: PoolEntry, tls: HostTls) -> None:
         """RFC 8689 §4.2.1 on an open session; a refused one stays usable for others."""
-        if not requiretls:
-            return
-        conn = entry.connection
-        problem = TlsGuard.requiretls_problem(
-            tls, conn.actions, conn.destination.name, requiretls=True,
-            tls=conn.tls_version is not None, dane_verified=conn.dane_verified,
-            extensions=tuple(conn.extensions))
+        problem = TlsGuard.session_problem(tls, entry.connection)
         if problem:
             self.pool.give_back(entry)
             raise RequireTlsRefused(problem, dsn=DSN_REQUIRETLS, phase=Phase.MAIL,
-                                    host=conn.destination.name)
+                                    host=entry.connection.destination.name)
 
-    def _transaction(self, message: Message, recipients: Sequence[Recipient],
-                     actions: ServerActions, return_path: str) -> Transaction:
-        if actions.unusable:
-            # A pin the script set but that cannot be read: no connection at all rather
-            # than one without the check (contract §4; docs/policy.md).
-            raise TemporaryFailure(actions.unusable, dsn="4.7.5", phase=Phase.CONNECT)
-        # The script's sender comes first, BATV signs what it chose (contract §9).
-        if actions.use_batv and return_path:
-            if self._batv is None:
-                # An operator's mistake, not the recipient's: hold the mail (temporary)
-                # until batv.key_file is set and the config reloaded, rather than send it
-                # unsigned against the script's wish or bounce it.
-                raise TemporaryFailure(
-                    "the script sets useBATV but batv.key_file is not configured",
-                    dsn="4.3.5", phase=Phase.MAIL)
-            return_path = sign(return_path, self._batv, self._wall_clock())
-        return Transaction(envelope=message.envelope, return_path=return_path,
-                           recipients=tuple(recipients), data=message.data)
 
-    async def _open(self, dest: Destination, actions: ServerActions, domain: str,
-                    connid: int, hook: ReplyHook | None = None,
-                    tls: HostTls = NO_POLICY) -> PoolEntry:
-        """Open a session in the room `acquire` reserved; give the room back on failure."""
-        slot = (dest.ip, dest.port)
-        try:
-            try:
-                conn = await SmtpConnection.open(dest, actions, self._settings, connid=connid,
-                                                 reply_hook=hook, dane=tls.dane)
-            except HandshakeFailed:
-                # Contract §4: without forceTLS, a failed handshake is retried once in
-                # plaintext on a new connection.
-                conn = await SmtpConnection.open(dest, actions, self._settings, connid=connid,
-                                                 allow_tls=False, reply_hook=hook)
-            conn.reply_hook = hook
-        except BaseException:
-            self.pool.unreserve(domain, slot)
-            raise
-        return PoolEntry(conn, domain)
+def after_hosts(addresses: list[str], domain: str, tried: list[list[RecipientOutcome]],
+                refused: list[str], skipped: int) -> list[RecipientOutcome]:
+    """The outcomes when no host's answer was final: `tried` holds each address's,
+    `refused` the REQUIRETLS refusals, `skipped` the MX hosts MTA-STS ruled out."""
+    if refused and not tried:
+        # RFC 8689 §5: no server qualified; the message must not go to the domain.
+        return failure_outcomes(addresses, PermanentFailure(
+            "; ".join(refused), dsn=DSN_REQUIRETLS, phase=Phase.STARTTLS, host=domain))
+    if not tried:
+        why = ("no MX host matches its MTA-STS policy" if skipped
+               else "no address to deliver to")
+        return failure_outcomes(addresses, TemporaryFailure(
+            f"{domain}: {why}", dsn="4.7.5" if skipped else "4.4.4",
+            phase=Phase.CONNECT if skipped else Phase.DNS, host=domain))
+    # A destination that made us wait is no answer when another host gave one.
+    answered = [outcomes for outcomes in tried if outcomes[0].wait_until is None]
+    if not answered:
+        soonest = min(outcomes[0].wait_until or 0.0 for outcomes in tried)
+        return next(o for o in tried if o[0].wait_until == soonest)
+    return after_every_host(answered)
 
-    async def _send(self, entry: PoolEntry, tx: Transaction, addresses: list[str],
-                    recorded: asyncio.Future[None] | None, session: _Session, *,
-                    fresh: bool = False) -> list[RecipientOutcome] | None:
-        """Run the transaction; give the session back. None: a stale pooled session."""
-        conn = entry.connection
-        where = Where(conn.destination.relay, conn.destination.name, conn.tls_version)
-        if entry.unrecorded is not None and entry.unrecorded.done():
-            entry.unrecorded = None
-        started = self._clock()
-        try:
-            result = await conn.send(tx, before_end_of_data=entry.unrecorded)
-        except DeliveryError as exc:
-            stale = (not fresh and not conn.alive and exc.phase is Phase.MAIL
-                     and exc.code is None)
-            if stale:
-                self.pool.discard(entry)
-                return None
-            self._timed(session, conn, started)
-            if exc.code == 421:
-                self.backoff.failed((conn.destination.ip, conn.destination.port), self._clock())
-            await self._recycle(entry)
-            return failure_outcomes(addresses, exc, where)
-        self._timed(session, conn, started)
-        if isinstance(result.final, DeliveryError) and result.final.code == 421:
-            self.backoff.failed((conn.destination.ip, conn.destination.port), self._clock())
-        if isinstance(result.final, Reply) and result.final_phase is Phase.DATAEND:
-            # The end of data was answered: this message is now the one the next
-            # transaction's final `.` waits for (the previous one is recorded by now).
-            entry.unrecorded = recorded
-            # The reply to the end of data closes the transaction on both sides (RFC
-            # 5321 §4.1.1.4): the session is ready for the next MAIL without an RSET
-            # round trip, which is only needed to abort a transaction half-way.
-            self.pool.give_back(entry)
-        else:
-            await self._recycle(entry)
-        return transaction_outcomes(
-            addresses, dict(result.rcpt_replies), result.final, where,
-            final_phase=result.final_phase, relayed=result.relayed,
-            eight_bit_unadvertised=result.eight_bit_unadvertised,
-        )
 
-    def _timed(self, session: _Session, conn: SmtpConnection, started: float) -> None:
-        session.transfer = self._clock() - started
-        session.tls_cipher, session.verified = conn.tls_cipher, conn.verified
-        metrics.transaction(session.transfer)
-
-    async def _recycle(self, entry: PoolEntry) -> None:
-        if await entry.connection.reset():
-            self.pool.give_back(entry)
-        else:
-            self.pool.discard(entry)
+def transaction(message: Message, recipients: Sequence[Recipient], actions: ServerActions,
+                return_path: str, batv: BatvKey | None, wall_clock: Callable[[], float]
+                ) -> Transaction:
+    """The transaction ServerDetails' Actions ask for; raises TemporaryFailure when they
+    cannot be honoured."""
+    if actions.unusable:
+        # A pin the script set but that cannot be read: no connection at all rather
+        # than one without the check (contract §4; docs/policy.md).
+        raise TemporaryFailure(actions.unusable, dsn="4.7.5", phase=Phase.CONNECT)
+    # The script's sender comes first, BATV signs what it chose (contract §9).
+    if actions.use_batv and return_path:
+        if batv is None:
+            # An operator's mistake, not the recipient's: hold the mail (temporary)
+            # until batv.key_file is set and the config reloaded, rather than send it
+            # unsigned against the script's wish or bounce it.
+            raise TemporaryFailure(
+                "the script sets useBATV but batv.key_file is not configured",
+                dsn="4.3.5", phase=Phase.MAIL)
+        return_path = sign(return_path, batv, wall_clock())
+    return Transaction(envelope=message.envelope, return_path=return_path,
+                       recipients=tuple(recipients), data=message.data)
 
 
 def _unchanged(actions: ServerActions) -> ServerActions:

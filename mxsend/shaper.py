@@ -6,9 +6,10 @@ transaction it asks, for the transaction's destination (shaping.destination_of):
 
 1. `suspended_until`: a reply rule suspended it (on this daemon, another daemon of the
    spool through the `suspended/` file, or another host through Redis);
-2. `admit_connection` before a new connection (max_connections, connection_rate, the
-   cluster's lease), which answers a `Lease` to give back when the connection closes;
-3. `admit_message` before each transaction, new connection or reused (rate).
+2. `admit_session` before a new connection: `admit_connection` (max_connections,
+   connection_rate, the cluster's lease), which answers a `Lease` to give back when the
+   connection closes, then `admit_message`;
+3. `admit_message` before each transaction on a pooled connection (rate).
 
 Every "no" is an epoch time to come back at, never a wait: the Deliverer turns it into
 an outcome with `wait_until`, and the attempt releases the message with that next try
@@ -315,9 +316,28 @@ class Shaper:
 
     # -- messages ---------------------------------------------------------------
 
-    async def admit_message(self, target: Target, queue_id: str) -> float:
+    async def admit_session(self, target: Target, queue_id: str,
+                            make_room: Callable[[], bool]) -> Lease | float:
+        """A lease and a rate slot for a new session, or when to come back. `make_room`
+        closes an idle session of the destination (other ServerActions) holding a place."""
+        admitted = await self.admit_connection(target)
+        if not isinstance(admitted, Lease) and make_room():
+            admitted = await self.admit_connection(target)
+        if not isinstance(admitted, Lease):
+            return admitted
+        wait = await self.admit_message(target, queue_id)
+        if wait:
+            admitted.release()
+            return wait
+        return admitted
+
+    async def admit_message(self, target: Target, queue_id: str, lease: object = None
+                            ) -> float:
         """0.0: the transaction may start now (its rate slot is taken); else the epoch
-        time to come back at, booked for this message where the rate allows it."""
+        time to come back at, booked for this message where the rate allows it. `lease`:
+        the pooled session's, kept alive."""
+        if isinstance(lease, Lease):
+            await self.renew(lease)
         shape = target.shape
         if shape is None or shape.rate is None:
             return 0.0
@@ -385,9 +405,12 @@ class Shaper:
 
     # -- replies ----------------------------------------------------------------
 
-    async def apply_reply_rules(self, target: Target, outcomes: Sequence[RecipientOutcome]
-                                ) -> list[RecipientOutcome]:
-        """Each server reply against the rules, in order, first match wins."""
+    async def apply_reply_rules(self, target: Target, outcomes: Sequence[RecipientOutcome],
+                                seconds: float | None = None) -> list[RecipientOutcome]:
+        """Each server reply against the rules, in order, first match wins. `seconds`:
+        the transaction's time, when one ran (`observed`)."""
+        if seconds is not None:
+            self.observed(target, seconds)
         rules = self.config.reply_rules
         if not rules:
             return list(outcomes)

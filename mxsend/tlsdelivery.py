@@ -3,8 +3,9 @@
 `TlsGuard` is what delivery.py holds: per domain `domain()`, per MX host `host()`, the
 Actions preset for ServerDetails (`preset`), the `tls_policy_override` event when a
 script lowers them (`check_override`), the REQUIRETLS verdict on an open session
-(`requiretls_problem`) and the TLS-RPT record of each session (`record`). The checks of
-the handshake itself (DANE, forceTLS, verifyCert) are in smtp_setup.py; the decisions are in
+(`session_problem`) and the TLS-RPT record of each session (`record`,
+`record_session`). The checks of the handshake itself (DANE, forceTLS, verifyCert) are in
+smtp_setup.py; the decisions are in
 tlspolicy.py, requiretls.py and mta_sts.py.
 """
 
@@ -15,14 +16,15 @@ import dataclasses
 import logging
 import re
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mxsend.actions import ServerActions
 from mxsend.config import Config
+from mxsend.destination import Destination
 from mxsend.envelope import Message, header_lines
 from mxsend.log import event, get_logger
 from mxsend.requiretls import CertCheck, requiretls_verdict
@@ -53,6 +55,22 @@ TLSA_INVALID = "tlsa-invalid"
 # Only a header that names the field can waive anything (RFC 8689 §5); this saves
 # splitting every message's header into lines for the common case.
 _TLS_REQUIRED = re.compile(rb"^tls-required[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+class Session(Protocol):
+    """smtp.SmtpConnection: what the TLS policy looks at on an open session."""
+
+    @property
+    def destination(self) -> Destination: ...
+    @property
+    def actions(self) -> ServerActions: ...
+    @property
+    def tls_version(self) -> str | None: ...
+    @property
+    def dane_verified(self) -> bool: ...
+    @property
+    def extensions(self) -> Collection[str]: ...
+    def peer_certificates(self) -> Sequence[bytes]: ...
 
 
 def waiver_lines(data: bytes) -> Sequence[str]:
@@ -204,6 +222,14 @@ class TlsGuard:
             ehlo_keywords=extensions)
         return verdict.reason
 
+    @classmethod
+    def session_problem(cls, host: HostTls, conn: Session) -> str:
+        """"" when a REQUIRETLS message may go on this open session, else why not."""
+        return cls.requiretls_problem(
+            host, conn.actions, conn.destination.name, requiretls=True,
+            tls=conn.tls_version is not None, dane_verified=conn.dane_verified,
+            extensions=tuple(conn.extensions))
+
     def testing_result(self, host: HostTls, mx_host: str, *, tls: bool,
                        chain: Sequence[bytes]) -> str:
         """MTA-STS testing: the failure enforce would have had, for TLS-RPT only."""
@@ -216,6 +242,17 @@ class TlsGuard:
     @property
     def reporting(self) -> bool:
         return self.store is not None
+
+    async def record_session(self, host: HostTls, conn: Session) -> None:
+        """TLS-RPT: a new session that passed the policy (testing: what enforce would say)."""
+        if self.store is None or host.report is None:
+            return
+        dest = conn.destination
+        result_type = ""
+        if host.testing:
+            result_type = self.testing_result(host, dest.name, tls=conn.tls_version is not None,
+                                              chain=conn.peer_certificates())
+        await self.record(host, dest.name, dest.ip, result_type)
 
     async def record(self, host: HostTls, mx_host: str, ip: str, result_type: str) -> None:
         """One session's TLS-RPT result (RFC 8460 §4.3), durably; never raises."""
