@@ -158,7 +158,10 @@ def test_nothing_configured_means_no_shaper(tmp_path: Path) -> None:
     assert Shaper.configured(config.shaping, tmp_path, processes=1, per_domain=10) is None
 
 
-async def test_a_busy_destination_costs_one_round_trip_per_batch(tmp_path: Path) -> None:
+async def test_a_busy_destination_costs_one_round_trip_per_batch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every refusal counted as one: no slot is waited for inline (INLINE_WAIT).
+    monkeypatch.setattr("mxsend.shaper.INLINE_WAIT", 0.0)
     server = RedisServer(tmp_path)
     server.start()
     try:
@@ -198,3 +201,20 @@ async def test_a_busy_destination_costs_one_round_trip_per_batch(tmp_path: Path)
         await s.close()
     finally:
         server.stop()
+
+
+async def test_a_slot_due_within_the_inline_wait_is_waited_for_not_released(
+        tmp_path: Path) -> None:
+    # A fast rate hands out slots milliseconds apart: coming back later would cost a
+    # release and a new dispatch per message, so the delivery waits for it instead.
+    fast = Shape(name="fast", domains=("fast.test",), rate=parse_rate("200/s", "r"))
+    s = Shaper(ShapingConfig(shapes=(fast,)), tmp_path, processes=1, per_domain=10)
+    target = s.target("mx.fast.test", "fast.test")
+    started = time.monotonic()
+    assert [await s.admit_message(target, f"m{i}") for i in range(4)] == [0.0] * 4
+    assert time.monotonic() - started >= 3 * fast.rate.interval * 0.9   # spaced, not burst
+    slow = Shape(name="slow", domains=("slow.test",), rate=parse_rate("2/s", "r"))
+    s2 = Shaper(ShapingConfig(shapes=(slow,)), tmp_path, processes=1, per_domain=10)
+    target2 = s2.target("mx.slow.test", "slow.test")
+    assert await s2.admit_message(target2, "a") == 0.0
+    assert await s2.admit_message(target2, "b") > time.time()          # released, booked
