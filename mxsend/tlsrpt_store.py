@@ -50,8 +50,8 @@ _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _BATCH = re.compile(r"(\d+)-(\d+)")
 _SAFE_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+")
 
-# enqueue(sender, recipient, message bytes): queue a message in the spool (the lead's
-# spool writer); must be durable when it returns.
+# enqueue(sender, recipient, message bytes): queue a message in the spool (the spool's
+# writer, tlsrpt_daily.spool_enqueue); must be durable when it returns.
 Enqueue = Callable[[str, str, bytes], Awaitable[None] | None]
 
 
