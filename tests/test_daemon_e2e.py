@@ -20,7 +20,7 @@ import pytest
 
 from mxsend.envelope import Envelope, Message, Recipient, serialise_bsmtp
 from mxsend.spool import Spool
-from tests.fixtures.daemon import DaemonProcess, wait_until, write_config
+from tests.fixtures.daemon import DaemonProcess, hand_over, wait_until, write_config
 from tests.fixtures.dns_server import DnsTestServer
 from tests.fixtures.smtp_receiver import Behaviour, Receiver, ReceiverGroup
 
@@ -42,14 +42,7 @@ def drop(spool: Path, name: str, sender: str, *recipients: str, subject: str = "
                  recipients=tuple(Recipient(r, notify=notify) for r in recipients)),
         _body(subject or name, extra),
     )
-    for folder in ("tmp", "new"):
-        (spool / folder).mkdir(parents=True, exist_ok=True)
-    tmp = spool / "tmp" / name
-    with open(tmp, "wb") as handle:
-        handle.write(serialise_bsmtp(message))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.rename(tmp, spool / "new" / name)
+    hand_over(spool, name, serialise_bsmtp(message))
 
 
 def queued_ids(spool: Path) -> list[str]:

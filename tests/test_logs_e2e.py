@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import smtplib
 import socket
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from mxsend.envelope import Envelope, Message, Recipient, serialise_bsmtp
-from tests.fixtures.daemon import DaemonProcess, wait_until, write_config
+from tests.fixtures.daemon import DaemonProcess, hand_over, wait_until, write_config
 from tests.fixtures.dns_server import DnsTestServer
 from tests.fixtures.smtp_receiver import Behaviour, Receiver, ReceiverGroup, TlsCa
 
@@ -38,14 +37,7 @@ def drop(spool: Path, name: str, sender: str, *recipients: str,
     data = (f"From: {sender}\r\n{header}Subject: {name}\r\n\r\n{BODY_SECRET}\r\n").encode()
     rcpts = tuple(Recipient(r, orcpt=f"rfc822;{r}" if orcpt else None) for r in recipients)
     message = Message(Envelope(sender=sender, recipients=rcpts), data)
-    for folder in ("tmp", "new"):
-        (spool / folder).mkdir(parents=True, exist_ok=True)
-    tmp = spool / "tmp" / name
-    with open(tmp, "wb") as handle:
-        handle.write(serialise_bsmtp(message))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.rename(tmp, spool / "new" / name)
+    hand_over(spool, name, serialise_bsmtp(message))
 
 
 @pytest.fixture

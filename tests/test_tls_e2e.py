@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import smtplib
 import ssl
 import subprocess
@@ -24,7 +23,7 @@ import pytest
 
 from mxsend.dane import TlsaRecord
 from mxsend.envelope import Envelope, Message, Recipient, serialise_bsmtp
-from tests.fixtures.daemon import REPO, DaemonProcess, write_config
+from tests.fixtures.daemon import REPO, DaemonProcess, hand_over, write_config
 from tests.fixtures.dns_server import DnsTestServer
 from tests.fixtures.https_server import HttpsServers, https_servers  # noqa: F401
 from tests.fixtures.smtp_receiver import Behaviour, Receiver, ReceiverGroup, TlsCa
@@ -48,14 +47,7 @@ def drop(spool: Path, name: str, *recipients: str, requiretls: bool = False,
         Envelope(sender="alice@src.test", recipients=tuple(Recipient(r) for r in recipients),
                  requiretls=requiretls),
         f"From: alice@src.test\r\nSubject: {name}\r\n{extra}\r\nhello\r\n".encode())
-    for folder in ("tmp", "new"):
-        (spool / folder).mkdir(parents=True, exist_ok=True)
-    tmp = spool / "tmp" / name
-    with open(tmp, "wb") as handle:
-        handle.write(serialise_bsmtp(message))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.rename(tmp, spool / "new" / name)
+    hand_over(spool, name, serialise_bsmtp(message))
 
 
 def no_mail(receiver: Receiver) -> bool:
