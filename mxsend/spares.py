@@ -65,15 +65,23 @@ class Spares:
     def new_file_steps(self, path: str, data: bytes, mtime: float | None) -> Steps[None]:
         """Write a private file (a dot-name of ours) into a spare if there is one;
         durable before any rename publishes it, as durable.write_file_steps."""
-        if self.take(path):
-            # The spare's old content is another message's: truncated before a byte is
-            # written, and nothing reads this name until it is complete and synced.
-            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+        reused = self.take(path)
+        if reused:
+            # The spare's old content is another message's. It is overwritten in place
+            # and cut to the new length afterwards, not truncated first: freeing the
+            # block and allocating it again costs a journal update (and a discard on
+            # a filesystem mounted with it), about a quarter of the committer's time.
+            # Nothing reads this name until it is complete and synced.
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
         else:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
                          FILE_MODE)
         try:
-            write_fd(fd, data, mtime)
+            write_fd(fd, data, None)
+            if reused:
+                os.ftruncate(fd, len(data))
+            if mtime is not None:
+                os.utime(fd, (mtime, mtime))
             yield Sync(fd=fd)
         finally:
             os.close(fd)

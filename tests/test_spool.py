@@ -556,7 +556,7 @@ def test_state_inodes_are_reused_not_made_anew(spool: Spool) -> None:
     done = tuple(replace(r, status=RecipientStatus.SENT) for r in state.recipients)
     second = _inode(claim.path)
     spool.complete(claim, replace(state, recipients=done))
-    # The next message's state is written into those inodes, truncated first.
+    # The next message's state is written into those inodes.
     state2 = accepted(spool, "m2").state
     claim2 = spool.claim("m2")
     assert claim2 is not None
@@ -639,3 +639,20 @@ def test_a_held_message_claimed_by_a_dead_process_goes_back_on_hold(tmp_path: Pa
     assert alive.recover(stale_after=60, now=NOW) == ["m"]
     assert alive.find("m") is not None and alive.find("m")[1] == "hold"
     assert alive.queued() == []
+
+
+def test_a_reused_spare_holds_exactly_the_new_state(tmp_path: Path) -> None:
+    """A spare is overwritten in place, not truncated first: its old, longer content
+    must still be cut off after the new bytes."""
+    from mxsend.spares import Spares
+
+    spares = Spares(str(tmp_path))
+    old = tmp_path / "old-state"
+    old.write_bytes(b"x" * 10_000)
+    assert spares.keep(str(old))
+    target = str(tmp_path / ".m2.state")
+    for _ in spares.new_file_steps(target, b'{"short": true}', 1_700_000_000.0):
+        pass  # the Sync steps are the group commit's; the content is written already
+    assert Path(target).read_bytes() == b'{"short": true}'
+    assert os.stat(target).st_mtime == 1_700_000_000.0
+    assert spares.names == []  # the spare was used, not a new file made
