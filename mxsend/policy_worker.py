@@ -5,9 +5,9 @@ Rules of this module:
 * Nothing here blocks the event loop on the worker. Every send and every receive has a
   deadline measured from the worker's last sign of life (a byte it read from the socket
   or a frame it wrote); past it the worker counts as stuck (WorkerStuck) and is killed
-  by the caller. The one wait that is not a loop callback is a short spin (at most
-  SPIN_WAIT, then at most FAST_WAIT in poll()) before a reply, because being woken by
-  the loop costs more than a script call on a virtual machine (docs/policy.md).
+  by the caller. A reply is read at once if it is already there, else on the loop's
+  reader callback: no spinning and no blocking poll(), which on a busy daemon took CPU
+  from the worker and stalled every other connection (docs/policy.md).
 * While a send waits for room in the socket, replies are read into the buffer: the
   worker never blocks writing a reply while the daemon blocks writing a request.
 * Starting the worker (a Python interpreter importing lupa) is awaited, never waited on.
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-import os
 import socket
 import subprocess
 import sys
@@ -27,10 +25,6 @@ from pathlib import Path
 
 from mxsend import luasandbox
 
-# Replies usually arrive within tens of microseconds: spin this long for one, then
-# sleep in poll() this long, before paying for the event loop's reader machinery.
-SPIN_WAIT = 0.0003
-FAST_WAIT = 0.002
 # Starting a worker (a Python interpreter importing lupa) is slow on a loaded machine.
 STARTUP_TIMEOUT = 30.0
 
@@ -113,20 +107,6 @@ class Worker:
             raise WorkerGone(str(exc)) from None
         return True
 
-    def _spin(self, seconds: float) -> bool:
-        """Try to read for up to `seconds` without sleeping; True if data arrived."""
-        end = time.perf_counter() + seconds
-        while not self._fill():
-            if time.perf_counter() >= end:
-                return False
-            # On a busy machine the worker may be waiting for this very CPU.
-            os.sched_yield()
-        return True
-
-    def _poll(self, seconds: float) -> bool:
-        # poll, not select: a busy daemon has descriptors above select's FD_SETSIZE.
-        return bool(self.channel.poller.poll(max(0, math.ceil(seconds * 1000))))
-
     async def receive(self, idle_limit: float) -> object:
         """The next frame; WorkerStuck if none comes within `idle_limit` s."""
         loop = asyncio.get_running_loop()
@@ -135,15 +115,11 @@ class Worker:
             frame = self.channel.take()
             if frame is not None:
                 return frame
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if deadline <= time.monotonic():
                 raise WorkerStuck()
-            if self._spin(min(SPIN_WAIT, remaining)):
+            if self._fill():
                 continue
-            if self._poll(min(FAST_WAIT, remaining)):
-                self._fill()
-                continue
-            # Slow path: let the loop serve other work until the worker answers.
+            # Let the loop serve other work until the worker answers.
             waiter: asyncio.Future[None] = loop.create_future()
             sock = self.channel.sock
             loop.add_reader(sock, _wake, waiter)
