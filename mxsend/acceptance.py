@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from dataclasses import dataclass
 
 from mxsend.durable import (
@@ -25,6 +26,10 @@ from mxsend.errors import EnvelopeError
 from mxsend.queue_state import MessageState, initial_state, state_to_json
 from mxsend.spares import Spares
 from mxsend.spool_layout import id_problem
+
+# A state due within this many seconds of now takes the mtime its write gives it: the
+# scheduler reads mtimes to the second's precision it needs, not to the microsecond.
+WRITE_STAMPS_WITHIN = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +83,11 @@ def accept_held_steps(name: str, held: str, now: float, folders: Folders,
     state = initial_state(name, message, now, stamp(info))
     inbox = os.path.dirname(held)
     pending_state = f"{inbox}/.{name}.state"
-    # 3. The state, private to us until published.
-    yield from spares.new_file_steps(pending_state, state_to_json(state), state.next_try)
+    # 3. The state, private to us until published. Its mtime is its next try (docs/
+    #    spool.md), which for new mail is now: the write itself sets that, so no
+    #    utimensat() (a system call, and a GIL hand-over on the committer's thread).
+    stamped = None if abs(state.next_try - time.time()) < WRITE_STAMPS_WITHIN else state.next_try
+    yield from spares.new_file_steps(pending_state, state_to_json(state), stamped)
     # 4. Reserve the id: link() fails if msg/NAME exists, atomically, so two processes
     #    accepting two files of one name cannot both win.
     try:

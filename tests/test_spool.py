@@ -656,3 +656,12 @@ def test_a_reused_spare_holds_exactly_the_new_state(tmp_path: Path) -> None:
     assert Path(target).read_bytes() == b'{"short": true}'
     assert os.stat(target).st_mtime == 1_700_000_000.0
     assert spares.names == []  # the spare was used, not a new file made
+
+
+def test_new_mail_is_due_at_once_by_its_write_time(spool: Spool) -> None:
+    """New mail's state takes the mtime its write gives it (no utimensat): still due now."""
+    now = time.time()
+    accepted(spool, "m", now=now)
+    [(when, name)] = spool.queued()
+    assert name == "m" and abs(when - now) < 1.0
+    assert due(spool, time.time() + 0.01) == ["m"]
