@@ -92,6 +92,12 @@ class PoolEntry:
     # max_messages_per_connection ends the session sooner than MAX_TRANSACTIONS.
     lease: Lease | None = None
 
+    @property
+    def key(self) -> PoolKey:
+        """Which deliveries may reuse this session: same address, same ServerActions."""
+        where = self.connection.destination
+        return where.ip, where.port, self.connection.actions
+
 
 @dataclass(slots=True, eq=False)
 class _Waiter:
@@ -219,20 +225,14 @@ class ConnectionPool:
 
     def _evict(self, key: PoolKey, domain: str, destination: tuple[str, int]) -> bool:
         """Close the oldest idle session that stands in the way; False if none does."""
-        candidates = [
-            entry for entry_key, entries in self._idle.items() if entry_key != key
-            for entry in entries
-            if self._total >= self.max_total
-            or entry.domain == domain
-            or (entry.connection.destination.ip, entry.connection.destination.port)
-            == destination
-        ]
-        if not candidates:
-            return False
-        oldest = min(candidates, key=lambda entry: entry.connection.last_used)
-        self._remove_idle(oldest)
-        self._close(oldest)
-        return True
+        full = self._total >= self.max_total
+
+        def in_the_way(entry: PoolEntry) -> bool:
+            where = entry.connection.destination
+            return entry.key != key and (full or entry.domain == domain
+                                         or (where.ip, where.port) == destination)
+
+        return self.evict_idle(in_the_way)
 
     def evict_idle(self, belongs: Callable[[PoolEntry], bool]) -> bool:
         """Close the oldest idle session `belongs` picks (a shaped destination at its
@@ -261,7 +261,7 @@ class ConnectionPool:
         if not conn.alive or conn.transactions >= limit:
             self._close(entry)
             return
-        key = (conn.destination.ip, conn.destination.port, conn.actions)
+        key = entry.key
         for waiter in self._queue:
             if waiter.key == key and not waiter.future.done():
                 self._queue.remove(waiter)
@@ -297,8 +297,7 @@ class ConnectionPool:
                 max(0.0, oldest + self.idle_seconds - now), self._sweep)
 
     def _remove_idle(self, entry: PoolEntry) -> None:
-        conn = entry.connection
-        key = (conn.destination.ip, conn.destination.port, conn.actions)
+        key = entry.key
         entries = self._idle.get(key, [])
         if entry in entries:
             entries.remove(entry)
