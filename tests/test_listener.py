@@ -12,7 +12,6 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -34,13 +33,8 @@ from mxsend.listener import (
     write_error_reply,
 )
 from tests.fixtures.daemon import DaemonProcess, wait_until, write_config
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+from tests.fixtures.ports import free_port
+from tests.fixtures.postfix import PostfixInstance, require_postfix
 
 
 def make_config(spool: Path, **listen: object) -> Config:
@@ -368,93 +362,25 @@ async def test_full_disk_is_452_and_leaves_nothing(listen: Start, tiny_fs: Path)
 
 # --- a real MTA relaying to it -----------------------------------------------------------
 
-POSTFIX = "/usr/sbin/postfix"
-
-
-def _postfix_instance(directory: Path, smtpd_port: int, relay_port: int) -> Path:
-    """A private Postfix: its own config, queue and data directories, smtpd on
-    127.0.0.1:smtpd_port, every message relayed to the listener."""
-    config = directory / "etc"
-    config.mkdir(parents=True)
-    for name in ("queue", "data"):
-        (directory / name).mkdir()
-    shutil.chown(directory / "data", "postfix")
-    (config / "main.cf").write_text(f"""\
-compatibility_level = 3.6
-queue_directory = {directory / 'queue'}
-data_directory = {directory / 'data'}
-mail_owner = postfix
-myhostname = mta.test
-mydomain = test
-mydestination =
-local_recipient_maps =
-alias_maps =
-alias_database =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-relayhost = [127.0.0.1]:{relay_port}
-smtp_dns_support_level = disabled
-smtpd_peername_lookup = no
-smtp_tls_security_level = none
-maillog_file = {directory / 'maillog'}
-maillog_file_prefixes = {directory}
-""")
-    lines = []
-    for line in Path("/etc/postfix/master.cf").read_text().splitlines():
-        fields = line.split()
-        if line[:1] in ("#", " ", "\t") or len(fields) < 8:
-            lines.append(line)
-            continue
-        if fields[0] == "smtp" and fields[1] == "inet":
-            fields[0] = f"127.0.0.1:{smtpd_port}"
-        elif fields[1] == "inet":
-            continue  # submission, smtps, ...: not here
-        fields[4] = "n"  # no chroot: the private queue has no chroot jail
-        lines.append(" ".join(fields))
-    (config / "master.cf").write_text("\n".join(lines) + "\n")
-    return config
-
-
 def _relay_through_postfix(relay_port: int, spool: Path) -> list[Path]:
-    """Start a private Postfix, submit one message to its smtpd, wait for it in new/."""
-    smtpd_port = free_port()
-    # Postfix's daemons run as `postfix`: its directories cannot be under pytest's
-    # tmp_path, which is private to root.
-    home = Path(tempfile.mkdtemp(prefix="mxsend-postfix-"))
-    home.chmod(0o755)
-    config = _postfix_instance(home, smtpd_port, relay_port)
-    started = subprocess.run([POSTFIX, "-c", str(config), "start"], capture_output=True,
-                             text=True)
-    assert started.returncode == 0, started.stderr
-
-    def ready() -> bool:
-        with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", smtpd_port), timeout=1):
-            return True
-        return False
-
-    try:
-        wait_until(ready, 20, 0.1, "Postfix's smtpd")
-        with smtplib.SMTP("127.0.0.1", smtpd_port, timeout=10) as smtp:
+    """Start a private Postfix relaying to the listener, submit one message to its
+    smtpd, wait for it in new/."""
+    main_cf = f"relayhost = [127.0.0.1]:{relay_port}\nsmtp_tls_security_level = none\n"
+    with PostfixInstance(main_cf) as postfix:
+        with smtplib.SMTP("127.0.0.1", postfix.smtpd_port, timeout=10) as smtp:
             smtp.ehlo("app.test")
             smtp.mail("alice@src.test", ["RET=HDRS", "ENVID=PF42"])
             smtp.rcpt("bob@dst.test", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bob@dst.test"])
             assert smtp.data(b"Subject: via postfix\r\n\r\nhello\r\n")[0] == 250
         files: list[Path] = wait_until(
             lambda: new_files(spool), 30, 0.1,
-            lambda: "the relayed message in new/; maillog:\n"
-            + (home / "maillog").read_text(errors="replace")[-3000:])
+            lambda: "the relayed message in new/; maillog:\n" + postfix.maillog[-3000:])
         return files
-    finally:
-        subprocess.run([POSTFIX, "-c", str(config), "stop"], capture_output=True, check=False)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(POSTFIX) or os.geteuid() != 0,
-                    reason="needs Postfix and root")
 async def test_postfix_relays_into_the_spool(listen: Start, tmp_path: Path) -> None:
+    require_postfix()
     listener = await listen()
     files = await asyncio.to_thread(_relay_through_postfix, listener.port, tmp_path / "spool")
     message = parse_bsmtp(files[0].read_bytes())

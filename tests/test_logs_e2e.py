@@ -11,7 +11,6 @@ import hashlib
 import json
 import re
 import smtplib
-import socket
 import ssl
 import urllib.request
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import pytest
 from mxsend.envelope import Envelope, Message, Recipient, serialise_bsmtp
 from tests.fixtures.daemon import DaemonProcess, hand_over, wait_until, write_config
 from tests.fixtures.dns_server import DnsTestServer
+from tests.fixtures.ports import free_port
 from tests.fixtures.smtp_receiver import Behaviour, Receiver, ReceiverGroup, TlsCa
 
 Start = Callable[..., DaemonProcess]
@@ -282,12 +282,6 @@ def test_no_transcript_without_debug_peers(
 
 
 # --- 5. metrics, scraped over HTTP -------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def scrape(port: int) -> dict[str, float]:

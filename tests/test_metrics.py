@@ -17,12 +17,7 @@ from mxsend import metrics
 from mxsend.config import Config, config_from_mapping
 from mxsend.errors import ConfigError
 from tests.fixtures.daemon import REPO
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.fixtures.ports import free_port
 
 
 def make_config(spool: Path) -> Config:
