@@ -20,7 +20,7 @@ import pytest
 
 from mxsend.envelope import Envelope, Message, Recipient, serialise_bsmtp
 from mxsend.spool import Spool
-from tests.fixtures.daemon import DaemonProcess, hand_over, wait_until, write_config
+from tests.fixtures.daemon import DaemonProcess, hand_over, pid_alive, wait_until, write_config
 from tests.fixtures.dns_server import DnsTestServer
 from tests.fixtures.smtp_receiver import Behaviour, Receiver, ReceiverGroup
 
@@ -458,14 +458,6 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_several_processes_share_the_work_once(tmp_path: Path, world: World,
                                                daemon: Start) -> None:
     smtp = world.smtp
@@ -510,7 +502,7 @@ def test_supervisor_readiness_restart_and_stop(tmp_path: Path, world: World,
         mx1.wait_for(10, timeout=30)
         now_children = _children(process.pid)
         assert process.stop() == 0, process.output()
-        assert not any(_alive(pid) for pid in now_children)
+        assert not any(pid_alive(pid) for pid in now_children)
     assert queued_ids(spool) == []
 
 

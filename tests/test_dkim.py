@@ -73,12 +73,11 @@ def publish(server: DnsTestServer, key: SigningKey) -> None:
                    *[record[i : i + 255] for i in range(0, len(record), 255)])
 
 
-@pytest.fixture
-def dnsfunc(dns_server: DnsTestServer) -> Iterator[Callable[..., bytes | None]]:
-    """dkimpy's TXT lookup, asking the test DNS server over the wire."""
+def txt_lookup(server: DnsTestServer) -> Callable[..., bytes | None]:
+    """dkimpy's TXT lookup (its `dnsfunc`), asking the test DNS server over the wire."""
     resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = [dns_server.host]
-    resolver.port = dns_server.port
+    resolver.nameservers = [server.host]
+    resolver.port = server.port
 
     def lookup(name: bytes, timeout: float = 5) -> bytes | None:
         try:
@@ -87,7 +86,12 @@ def dnsfunc(dns_server: DnsTestServer) -> Iterator[Callable[..., bytes | None]]:
             return None
         return b"".join(b"".join(rdata.strings) for rdata in answer)
 
-    yield lookup
+    return lookup
+
+
+@pytest.fixture
+def dnsfunc(dns_server: DnsTestServer) -> Iterator[Callable[..., bytes | None]]:
+    yield txt_lookup(dns_server)
 
 
 def verify_all(message: bytes, dnsfunc: Callable[..., bytes | None]) -> list[bool]:

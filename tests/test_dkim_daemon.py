@@ -19,8 +19,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import dns.exception
-import dns.resolver
 import pytest
 
 from mxsend.dkim import split_message
@@ -31,7 +29,7 @@ from tests.fixtures.dns_server import DnsTestServer
 from tests.fixtures.exim import EximServer
 from tests.fixtures.smtp_receiver import Behaviour, ReceiverGroup
 from tests.test_daemon_e2e import drop
-from tests.test_dkim import private, publish, signing_key, verify_all
+from tests.test_dkim import private, publish, signing_key, txt_lookup, verify_all
 
 pytestmark = pytest.mark.slow
 
@@ -64,22 +62,6 @@ def dkim_fields(data: bytes) -> list[bytes]:
     """The DKIM-Signature fields at the top of a message, raw."""
     header = split_message(data)[0]
     return re.findall(rb"DKIM-Signature:.*?\r\n(?![ \t])", header, re.S)
-
-
-def txt_lookup(server: DnsTestServer) -> Callable[..., bytes | None]:
-    """dkimpy's TXT lookup (its `dnsfunc`), asking the test DNS server."""
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = [server.host]
-    resolver.port = server.port
-
-    def lookup(name: bytes, timeout: float = 5) -> bytes | None:
-        try:
-            answer = resolver.resolve(name.decode("ascii"), "TXT", lifetime=timeout)
-        except dns.exception.DNSException:
-            return None
-        return b"".join(b"".join(rdata.strings) for rdata in answer)
-
-    return lookup
 
 
 def _smtp_world(tmp_path: Path, dns: DnsTestServer, smtp: ReceiverGroup,

@@ -12,7 +12,6 @@ import json
 import re
 import smtplib
 import ssl
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from tests.fixtures.daemon import DaemonProcess, hand_over, wait_until, write_co
 from tests.fixtures.dns_server import DnsTestServer
 from tests.fixtures.ports import free_port
 from tests.fixtures.smtp_receiver import Behaviour, Receiver, ReceiverGroup, TlsCa
+from tests.test_metrics import scrape
 
 Start = Callable[..., DaemonProcess]
 
@@ -282,17 +282,6 @@ def test_no_transcript_without_debug_peers(
 
 
 # --- 5. metrics, scraped over HTTP -------------------------------------------------------
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 @pytest.mark.parametrize("processes", [1, 2])

@@ -37,9 +37,9 @@ def served(tmp_path: Path) -> Iterator[tuple[Config, metrics.MetricsServer]]:
         asyncio.run(server.close())
 
 
-def scrape(server: metrics.MetricsServer) -> dict[str, float]:
-    """GET /metrics and parse the samples: {'name{labels}': value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as reply:
+def scrape(port: int) -> dict[str, float]:
+    """GET /metrics on 127.0.0.1:`port` and parse the samples: {'name{labels}': value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
         assert reply.status == 200
         text = reply.read().decode()
     samples: dict[str, float] = {}
@@ -53,7 +53,7 @@ def scrape(server: metrics.MetricsServer) -> dict[str, float]:
 def test_every_family_is_there_at_zero_from_the_start(
         served: tuple[Config, metrics.MetricsServer]) -> None:
     _, server = served
-    samples = scrape(server)
+    samples = scrape(server.port)
     for status in ("sent", "deferred", "bounced"):
         assert samples[f'mxsend_deliveries_total{{status="{status}"}}'] == 0
     for kind in ("failure", "delay", "relayed", "success"):
@@ -107,7 +107,7 @@ def test_two_processes_are_summed(served: tuple[Config, metrics.MetricsServer]) 
     config, server = served
     first, second = _recorder(config, 1000), _recorder(config, 234)
     try:
-        samples = scrape(server)
+        samples = scrape(server.port)
         assert samples['mxsend_deliveries_total{status="sent"}'] == 1234
         assert samples['mxsend_deliveries_total{status="deferred"}'] == 2
         assert samples['mxsend_deliveries_total{status="other"}'] == 2  # bounded labels
@@ -128,7 +128,7 @@ def test_two_processes_are_summed(served: tuple[Config, metrics.MetricsServer]) 
             process.stdin.close()
             process.wait(timeout=10)
     # Dead daemons: their counters stay (sums never go down), their live gauges go.
-    samples = scrape(server)
+    samples = scrape(server.port)
     assert samples['mxsend_deliveries_total{status="sent"}'] == 1234
     assert samples["mxsend_connections_open"] == 0
 
@@ -146,7 +146,7 @@ def test_queue_gauges_describe_the_spool(
                  "bad/B1.reason", "hold/H1", "msg/Q1", "msg/Q2"):
         (spool / path).write_text("x")
     os.utime(spool / "msg/Q1", (now - 3600, now - 3600))
-    samples = scrape(server)
+    samples = scrape(server.port)
     assert samples['mxsend_queue_messages{state="queued"}'] == 4
     assert samples['mxsend_queue_messages{state="active"}'] == 1
     assert samples['mxsend_queue_messages{state="held"}'] == 1
