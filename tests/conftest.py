@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.dns_server",
     "tests.fixtures.daemon",
     "tests.fixtures.exim",
+    "tests.fixtures.redis_server",
 ]

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,16 +17,6 @@ from tests.fixtures.redis_server import REDIS_SERVER, RedisServer
 
 pytestmark = pytest.mark.skipif(not Path(REDIS_SERVER).exists(),
                                 reason="redis-server is not installed (scripts/test installs it)")
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

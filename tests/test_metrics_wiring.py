@@ -23,7 +23,7 @@ def test_logged_events_are_counted_whatever_the_level(tmp_path: Path) -> None:
         log.event("bounce", "Q1", bounce_id="Q2", recipients=["c@b.test"], kind="failure")
         log.event("script_error", "Q1", function="CheckFile", error="x")
         log.event("queued", "Q3", sender="a@b.test", recipients=["a@b.test"], size=1)
-        samples = scrape(server)
+        samples = scrape(server.port)
         assert samples['mxsend_deliveries_total{status="sent"}'] == 1
         assert samples['mxsend_deliveries_total{status="deferred"}'] == 1
         assert samples['mxsend_bounces_total{kind="failure"}'] == 1
@@ -42,8 +42,8 @@ def test_a_suspension_written_sets_the_gauge(tmp_path: Path) -> None:
     try:
         limiter = Limiter(spool)
         limiter.suspend("example.org", 60, "421 4.7.0 slow down")
-        assert scrape(server)["mxsend_suspended_destinations"] == 1
+        assert scrape(server.port)["mxsend_suspended_destinations"] == 1
         Limiter(spool).suspend("example.net", 60, "421 4.7.0 slow down")
-        assert scrape(server)["mxsend_suspended_destinations"] == 2
+        assert scrape(server.port)["mxsend_suspended_destinations"] == 2
     finally:
         asyncio.run(server.close())

@@ -171,26 +171,15 @@ def _two_hosts(tmp_path: Path, dns: DnsTestServer, smtp: ReceiverGroup, redis_ur
     return one, two
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Any:
-    from tests.fixtures.redis_server import RedisServer
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def test_two_hosts_share_max_connections_and_a_suspension_on_redis(
         tmp_path: Path, two_domains: DnsTestServer, smtp_receivers: ReceiverGroup,
-        daemon: Start, redis: Any) -> None:
+        daemon: Start, redis_server: Any) -> None:
     slow = smtp_receivers.start("127.0.0.2")
     extra = ('[[shape]]\nname = "slow"\ndomains = ["slow.test"]\nmax_connections = 2\n'
              'max_messages_per_connection = 2\n'
              "[[reply_rule]]\npattern = '^421[ -]4\\.7\\.28 '\n"
              'action = "suspend"\nduration = "1h"\n')
-    one, two = _two_hosts(tmp_path, two_domains, smtp_receivers, redis.url, extra)
+    one, two = _two_hosts(tmp_path, two_domains, smtp_receivers, redis_server.url, extra)
     for n in (1, 2):
         for i in range(12):
             drop(tmp_path / f"spool{n}", f"h{n}m{i}", "alice@src.test", f"u{n}.{i}@slow.test")
@@ -227,15 +216,15 @@ def test_two_hosts_share_max_connections_and_a_suspension_on_redis(
 
 def test_redis_gone_both_hosts_keep_delivering_and_recover(
         tmp_path: Path, two_domains: DnsTestServer, smtp_receivers: ReceiverGroup,
-        daemon: Start, redis: Any) -> None:
+        daemon: Start, redis_server: Any) -> None:
     slow = smtp_receivers.start("127.0.0.2")
     extra = '[[shape]]\nname = "slow"\ndomains = ["slow.test"]\nmax_connections = 2\n'
-    one, two = _two_hosts(tmp_path, two_domains, smtp_receivers, redis.url, extra)
+    one, two = _two_hosts(tmp_path, two_domains, smtp_receivers, redis_server.url, extra)
     first, second = daemon(one), daemon(two)
     drop(tmp_path / "spool1", "a0", "alice@src.test", "a0@slow.test")
     drop(tmp_path / "spool2", "b0", "alice@src.test", "b0@slow.test")
     slow.wait_for(2, timeout=30)
-    redis.stop()
+    redis_server.stop()
     for n, name in ((1, "a"), (2, "b")):
         for i in range(1, 6):
             drop(tmp_path / f"spool{n}", f"{name}{i}", "alice@src.test",
@@ -244,7 +233,7 @@ def test_redis_gone_both_hosts_keep_delivering_and_recover(
     for process in (first, second):
         [gone] = process.wait_event("cluster", state="unreachable")
         assert gone["error"]
-    redis.start()
+    redis_server.start()
     for n, name in ((1, "a"), (2, "b")):
         drop(tmp_path / f"spool{n}", f"{name}9", "alice@src.test", f"{name}9@slow.test")
     slow.wait_for(14, timeout=30)
