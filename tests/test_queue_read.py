@@ -65,17 +65,23 @@ def test_a_file_gone_meanwhile_is_skipped(tmp_path: Path) -> None:
     "ünïcode@b.test",
 ])
 @pytest.mark.parametrize("held", [False, True])
-def test_the_stats_summary_says_what_the_decoder_says(address: str, held: bool) -> None:
+@pytest.mark.parametrize("dkim", [None, "DKIM-Signature: v=1; a=rsa-sha256;\r\n\tb=x\r\n"])
+def test_the_stats_summary_says_what_the_decoder_says(
+        address: str, held: bool, dkim: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     from mxsend.queue_state import MessageState, RecipientState, RecipientStatus, state_to_json
 
     state = MessageState(
         id="x", created=NOW - 0.25, sender="s@src.test", size=10, held=held,
+        dkim_fields=dkim, dkim=dkim and "signed",
         recipients=(RecipientState(address=address),
                     RecipientState(address="done@c.test", status=RecipientStatus.SENT,
-                                   response='250 ok "queued"'),
+                                   response="250 ok queued"),
                     RecipientState(address="later@c.test", response="451 later")))
-    assert queue_read.stats_summary(state_to_json(state)) == (
-        NOW - 0.25, held, [address, "later@c.test"])
+    raw = state_to_json(state)
+    assert queue_read.stats_summary(raw) == (NOW - 0.25, held, [address, "later@c.test"])
+    if "\\" not in address:  # the fast path, DKIM signature or not: no decoder called
+        monkeypatch.setattr(queue_read, "state_from_json", None)
+        assert queue_read.stats_summary(raw) == (NOW - 0.25, held, [address, "later@c.test"])
 
 
 def test_stats_shares_agree_with_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,3 +89,94 @@ def test_stats_shares_agree_with_shape(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(queue_read, "CHUNK", 5)
     monkeypatch.setattr(queue_read, "INLINE_BELOW", 0)
     assert shape_rows(queue_read.stats_shares(tmp_path, NOW)) == shape(spool.entries(), NOW)
+
+
+@pytest.mark.parametrize("address", [
+    "plain@a.test",
+    '"quoted \\"local\\" part"@a.test',  # escapes in the JSON: the full decoder
+    "ünïcode@b.test",
+])
+@pytest.mark.parametrize("extra", [
+    {},
+    {"attempts": 3, "last_try": NOW - 5.5, "next_try": NOW + 600.0,
+     "last_error": "451 4.7.1 greylisted"},
+    {"dkim_fields": "DKIM-Signature: v=1\r\n", "dkim": "signed"},
+    {"sender": ""},
+])
+def test_the_list_summary_shows_what_the_decoder_shows(address: str,
+                                                         extra: dict[str, object]) -> None:
+    from mxsend.queue_state import (
+        MessageState,
+        RecipientState,
+        RecipientStatus,
+        state_from_json,
+        state_to_json,
+    )
+
+    state = MessageState(**{  # type: ignore[arg-type]
+        "id": "x1", "created": NOW - 0.25, "sender": "s@src.test", "size": 10,
+        "recipients": (RecipientState(address=address, response="421  4.4.2 timed   out"),
+                       RecipientState(address="done@c.test", status=RecipientStatus.SENT,
+                                      response="250 ok"),
+                       RecipientState(address="later@c.test", response="451 later")),
+        **extra})
+    raw = state_to_json(state)
+    summary = queue_read.list_summary(raw)
+    # the fast path wherever it is exact: not for escapes, but for a DKIM signature's CRLFs
+    fast = address != '"quoted \\"local\\" part"@a.test'
+    assert isinstance(summary, queue_read.Listed) is fast
+    for where in ("queue", "hold", "active"):
+        assert message_rows(summary, where, NOW) == message_rows(state_from_json(raw), where, NOW)
+
+
+def test_a_state_the_summary_cannot_read_exactly_goes_to_the_decoder() -> None:
+    from mxsend.errors import SpoolError
+    from mxsend.queue_state import MessageState, RecipientState, state_to_json
+
+    raw = state_to_json(MessageState(id="x", created=NOW, sender="s@src.test", size=1,
+                                     recipients=(RecipientState("r@a.test"),)))
+    with pytest.raises(SpoolError):  # not a status: the decoder's error, as before
+        queue_read.list_summary(raw.replace(b'"status":"pending"', b'"status":"lost"'))
+    with pytest.raises(SpoolError):
+        queue_read.list_summary(raw.replace(b'{"version":1,', b'{"version":2,'))
+    for changed in (raw.replace(b'"attempts":0', b'"attempts":2.0'),  # not how we write it
+                    raw.replace(b'"attempts":0,', b"").replace(  # nor in this order
+                        b'"held":false', b'"held":false,"attempts":2')):
+        summary = queue_read.list_summary(changed)
+        assert not isinstance(summary, queue_read.Listed)
+        assert summary.attempts == 2
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_queue_list_read_in_shares_prints_what_one_pass_prints(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        json_out: bool) -> None:
+    from mxsend.cli import main
+    from tests.fixtures.daemon import write_config
+
+    spool = _fill(tmp_path / "spool", 12)
+    # The longest sender in one share only: the table's widths are every share's.
+    long_sender = "a-very-long-sender-address-in-the-last-share@src.test"
+    message = (f"MAIL FROM:<{long_sender}>\nRCPT TO:<z@a.test>\nDATA\n\nbody\n.\n")
+    (tmp_path / "spool" / "new" / "zzz").write_text(message)
+    assert isinstance(spool.accept("zzz", NOW + 1), Accepted)
+    config = write_config(tmp_path, {})
+    args = ["-c", str(config), "queue", "list", *(["--json"] if json_out else [])]
+
+    def printed() -> str:
+        assert main(args) == 0
+        return capsys.readouterr().out
+
+    monkeypatch.setattr("time.time", lambda: NOW + 5)  # the AGE column: one clock
+    one_pass = printed()
+    monkeypatch.setattr(queue_read, "CHUNK", 5)
+    monkeypatch.setattr(queue_read, "INLINE_BELOW", 0)
+    in_shares = printed()
+    assert in_shares == one_pass
+    assert long_sender in one_pass and "zzz" in one_pass
+    if not json_out:
+        header, *rows, summary = one_pass.splitlines()
+        at = header.index("RECIPIENT")  # after the longest sender, whichever share it is in
+        assert at == header.index("SENDER") + len(long_sender) + 4  # <...> and two spaces
+        assert all(row[at - 2:at] == "  " and "@" in row[at:].split()[0] for row in rows)
+        assert summary == "-- 13 messages, 25 recipients pending"

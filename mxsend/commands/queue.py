@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
+import operator
 import os
 import sys
 import time
@@ -28,6 +30,8 @@ from mxsend.commands import queue_suspended
 from mxsend.commands.queue_args import ALL, STDIN
 from mxsend.commands.queue_format import (
     LIST_HEADER,
+    StateView,
+    column_widths,
     envelope_document,
     format_span,
     message_document,
@@ -37,9 +41,9 @@ from mxsend.commands.queue_format import (
     shape_lines,
     shape_rows,
     show_lines,
-    table,
+    table_lines,
 )
-from mxsend.commands.queue_read import fold_states, stats_shares
+from mxsend.commands.queue_read import fold_listed, fold_states, stats_shares, without_cyclic_gc
 from mxsend.config import Config
 from mxsend.config_values import parse_duration
 from mxsend.envelope import Message, Recipient
@@ -73,6 +77,15 @@ class Output:
                 sys.stdout.write(text + "\n")
             except BrokenPipeError:
                 self._silence()
+
+    def lines(self, lines: Iterable[str], batch: int = 4096) -> None:
+        """line() for each, written `batch` at a time (a million lines for a big queue)."""
+        it = iter(lines)
+        while not self.closed:
+            block = list(itertools.islice(it, batch))
+            if not block:
+                return
+            self.line("\n".join(block))
 
     def data(self, raw: bytes) -> None:
         if not self.closed:
@@ -226,34 +239,59 @@ def _list(spool: Spool, args: argparse.Namespace, config: Config, now: float,
     older = parse_duration(args.older_than, "--older-than") if args.older_than else None
     chosen = selection(args.domain, args.sender, older)
 
-    def share(entries: Iterable[tuple[MessageState, str]]) -> list[tuple[Any, ...]]:
-        # Each share of the queue (read in parallel when big) into sortable results.
-        if args.json:
-            return [(s.created, s.id, message_document(s, w, now)) for s, w in entries
-                    if chosen.takes(s, now)]
-        return [(s.created, s.id, message_rows(s, w, now, chosen)) for s, w in entries
+    # Each share of the queue (read in parallel when big) into sortable results.
+    def documents(entries: Iterable[tuple[MessageState, str]]) -> list[tuple[Any, ...]]:
+        return [(s.created, s.id, message_document(s, w, now)) for s, w in entries
                 if chosen.takes(s, now)]
 
-    found = sorted((item for part in fold_states(spool.root, share) for item in part),
-                   key=lambda item: (item[0], item[1]))
-    # Files not yet accepted have no state to show, but an operator whose daemon is down
-    # must not be told the queue is empty while new/ fills up.
-    incoming = spool.incoming()
-    if args.json:
-        doc = {"messages": [item[2] for item in found], "incoming": incoming}
-        out.line(json.dumps(doc, ensure_ascii=False, indent=2))
-        return EXIT_OK
-    rows = [list(LIST_HEADER), *(row for item in found for row in item[2])]
-    if len(rows) > 1:
-        for line in table(rows):
-            out.line(line)
-            if out.closed:
-                return EXIT_OK
-        pending = len(rows) - 1
-        out.line(f"-- {len(found)} message{'s' * (len(found) != 1)}, "
-                 f"{pending} recipient{'s' * (pending != 1)} pending")
+    # The table needs only what list_summary reads, without the JSON decoder; one flat
+    # tuple per row, (created, ID, AGE, ...), and the share's column widths (a million
+    # rows: less to pickle, and the widths are measured in parallel too).
+    def rows(entries: Iterable[tuple[StateView, str]]) -> tuple[list[int], list[tuple[Any, ...]]]:
+        found = [(s.created, *row) for s, w in entries if chosen.takes(s, now)
+                 for row in message_rows(s, w, now, chosen)]
+        return column_widths(found, first=1) if found else [], found
+
+    with without_cyclic_gc():
+        if args.json:
+            found = sorted(itertools.chain.from_iterable(fold_states(spool.root, documents)),
+                           key=operator.itemgetter(0, 1))
+            return _print_documents([item[2] for item in found], spool.incoming(), out)
+        shares = fold_listed(spool.root, rows)
+        widths = [max(column) for column in zip(
+            column_widths([LIST_HEADER]), *(share[0] for share in shares if share[1]),
+            strict=True)]
+        # Sorting is stable: a message's rows stay in their order.
+        found = sorted(itertools.chain.from_iterable(share[1] for share in shares),
+                       key=operator.itemgetter(0, 1))
+        return _print_rows(found, widths, spool.incoming(), out)
+
+
+def _print_documents(documents: list[dict[str, Any]], incoming: list[str], out: Output) -> int:
+    # One message per line, by json's C encoder (`indent` takes its pure-Python one:
+    # minutes for a million messages); still one JSON document.
+    encode = json.JSONEncoder(ensure_ascii=False).encode
+    last = len(documents) - 1
+    out.line('{"messages": [')
+    out.lines(encode(doc) + ("," if i < last else "") for i, doc in enumerate(documents))
+    out.line(f'], "incoming": {encode(incoming)}}}')
+    return EXIT_OK
+
+
+def _print_rows(found: list[tuple[Any, ...]], widths: list[int], incoming: list[str],
+                out: Output) -> int:
+    """The table of (created, ID, AGE, ...) rows; a line for files not yet accepted."""
+    if found:
+        out.lines(table_lines([LIST_HEADER, *(row[1:] for row in found)], widths=widths))
+        if out.closed:
+            return EXIT_OK
+        messages = len({row[1] for row in found})
+        out.line(f"-- {messages} message{'s' * (messages != 1)}, "
+                 f"{len(found)} recipient{'s' * (len(found) != 1)} pending")
     elif not incoming:
         out.line("The queue is empty.")
+    # Files not yet accepted have no state to show, but an operator whose daemon is down
+    # must not be told the queue is empty while new/ fills up.
     if incoming:
         out.line(f"-- {len(incoming)} file{'s' * (len(incoming) != 1)} in new/ "
                  "waiting for a daemon to accept them")
@@ -297,7 +335,8 @@ def _cat(spool: Spool, args: argparse.Namespace, config: Config, now: float,
 
 def _stats(spool: Spool, args: argparse.Namespace, config: Config, now: float,
            out: Output) -> int:
-    domains = shape_rows(stats_shares(spool.root, now))
+    with without_cyclic_gc():
+        domains = shape_rows(stats_shares(spool.root, now))
     if args.json:
         out.line(json.dumps({"domains": domains}, ensure_ascii=False, indent=2))
     else:

@@ -8,18 +8,45 @@ queue_state's codec, with what the operator needs on top.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from operator import itemgetter
+from typing import Any, Protocol
 
 from mxsend.envelope import Message, domain_of
-from mxsend.queue_state import MessageState, RecipientState, recipient_document
+from mxsend.queue_state import MessageState, recipient_document
 
 # qshape(1)'s default age buckets, in minutes since the message arrived: each count is
 # of recipients at most that old (and older than the bucket before); the last, older.
 AGE_BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
 AGE_LABELS = (*(f"{m}m" for m in AGE_BUCKETS), f"{AGE_BUCKETS[-1]}m+")
+
+
+class RecipientView(Protocol):
+    """What a list row shows of a recipient: a RecipientState, or queue_read's summary."""
+
+    @property
+    def address(self) -> str: ...
+    @property
+    def response(self) -> str: ...
+
+
+class StateView(Protocol):
+    """What a list row shows of a message: a MessageState, or queue_read's summary of
+    its file, read without the JSON decoder for a big queue."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def created(self) -> float: ...
+    @property
+    def sender(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def next_try(self) -> float: ...
+    def pending(self) -> Sequence[RecipientView]: ...
 
 
 def format_span(seconds: float) -> str:
@@ -37,7 +64,7 @@ def format_span(seconds: float) -> str:
     return f"{days}d{hours}h" if hours else f"{days}d"
 
 
-def format_next_try(state: MessageState, where: str, now: float) -> str:
+def format_next_try(state: StateView, where: str, now: float) -> str:
     if where == "active":
         return "in flight"
     if where == "hold":
@@ -61,15 +88,29 @@ def one_line(text: str) -> str:
 def table(rows: Sequence[Sequence[str]], right: int = 0) -> list[str]:
     """Aligned columns separated by two spaces. Left-aligned, the last column is not
     padded; with `right`, the columns from that one on are right-aligned (numbers)."""
+    return list(table_lines(rows, right))
+
+
+def table_lines(rows: Sequence[Sequence[str]], right: int = 0,
+                widths: Sequence[int] | None = None) -> Iterator[str]:
+    """table(), one line at a time: a million rows are not also a million lines held.
+    `widths`: the columns' (column_widths), when they are known already."""
     if not rows:
-        return []
-    padded = len(rows[0]) if right else len(rows[0]) - 1
-    widths = [max(len(row[i]) for row in rows) for i in range(padded)]
-    justs = [str.rjust if right and i >= right else str.ljust for i in range(padded)]
-    # A million rows for a big queue: one comprehension per row, no call per cell.
-    return ["  ".join([*[just(text, width) for just, text, width
-                         in zip(justs, row, widths, strict=False)], *row[padded:]]).rstrip()
-            for row in rows]
+        return iter(())
+    columns = len(rows[0])
+    padded = columns if right else columns - 1
+    if widths is None:
+        widths = column_widths(rows)
+    cells = [f"%{'' if right and i >= right else '-'}{width}s"
+             for i, width in enumerate(widths[:padded])]
+    # One format string: one C call per row, none per cell.
+    layout = "  ".join(cells + ["%s"] * (columns - padded))
+    return ((layout % tuple(row)).rstrip() for row in rows)
+
+
+def column_widths(rows: Sequence[Sequence[Any]], first: int = 0) -> list[int]:
+    """The longest text in each column, from column `first` on."""
+    return [max(map(len, map(itemgetter(i), rows))) for i in range(first, len(rows[0]))]
 
 
 # --- selecting -----------------------------------------------------------------------------
@@ -83,14 +124,14 @@ class Selection:
     sender: str | None = None  # "" for the null sender (lower case)
     older_than: float | None = None  # seconds since acceptance
 
-    def takes(self, state: MessageState, now: float) -> bool:
+    def takes(self, state: StateView, now: float) -> bool:
         if self.sender is not None and state.sender.lower() != self.sender:
             return False
         if self.older_than is not None and now - state.created <= self.older_than:
             return False
         return not self.domain or any(self.takes_recipient(r) for r in state.pending())
 
-    def takes_recipient(self, recipient: RecipientState) -> bool:
+    def takes_recipient(self, recipient: RecipientView) -> bool:
         return not self.domain or domain_of(recipient.address).lower() == self.domain
 
 
@@ -107,7 +148,7 @@ def selection(domain: str | None, sender: str | None, older_than: float | None) 
 # --- list ------------------------------------------------------------------------------------
 
 
-LIST_HEADER = ["ID", "AGE", "SENDER", "RECIPIENT", "ATTEMPTS", "NEXT TRY", "LAST REPLY"]
+LIST_HEADER = ("ID", "AGE", "SENDER", "RECIPIENT", "ATTEMPTS", "NEXT TRY", "LAST REPLY")
 
 
 def list_rows(entries: Iterable[tuple[MessageState, str]], now: float,
@@ -119,7 +160,7 @@ def list_rows(entries: Iterable[tuple[MessageState, str]], now: float,
     return rows
 
 
-def message_rows(state: MessageState, where: str, now: float,
+def message_rows(state: StateView, where: str, now: float,
                  chosen: Selection = Selection()) -> list[list[str]]:
     """list_rows' rows of one message."""
     age = format_span(now - state.created)

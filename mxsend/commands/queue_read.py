@@ -17,14 +17,15 @@ What a file says is exactly what `Spool.entries()` says (the same codec, the sam
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
-from mxsend.commands.queue_format import shape_count_summaries
+from mxsend.commands.queue_format import StateView, shape_count_summaries
 from mxsend.errors import SpoolError
 from mxsend.queue_state import MessageState, state_from_json
 
@@ -32,10 +33,25 @@ T = TypeVar("T")
 MAX_WORKERS = 4
 CHUNK = 20_000  # files per task: a worker's result is small against its reads
 INLINE_BELOW = 2 * CHUNK  # a small queue is read in this process: no fork to pay for
-READ_SIZE = 1 << 16
+READ_SIZE = 8192  # a state is a few hundred bytes: no 64 KiB buffer to allocate per file
 # A state's mtime is its next try, in the future, so under `relatime` every read would
 # also write the inode's atime: a third of the system time of reading them all.
 _open_flags = os.O_RDONLY | getattr(os, "O_NOATIME", 0)
+
+
+@contextlib.contextmanager
+def without_cyclic_gc() -> Iterator[None]:
+    """Reading a big queue makes millions of objects that live to the end and hold no
+    cycles (bytes, strings, tuples): the cyclic collector would walk them again and
+    again, half the CPU of `queue list`. Reference counting still frees them; forked
+    workers inherit the setting."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def state_files(root: Path) -> list[tuple[str, str]]:
@@ -53,14 +69,18 @@ def _listing(root: Path) -> tuple[list[tuple[str, str]], list[tuple[int, str]]]:
     with contextlib.suppress(FileNotFoundError):
         folders += [(os.path.join(root_str, "active", d), "active")
                     for d in os.listdir(os.path.join(root_str, "active"))]
-    found: list[tuple[int, int, str]] = []
+    inodes: list[int] = []
+    names: list[tuple[int, str]] = []
     for index, (folder, _where) in enumerate(folders):
         with contextlib.suppress(FileNotFoundError, NotADirectoryError), \
                 os.scandir(folder) as it:
-            found += [(entry.inode(), index, entry.name) for entry in it
-                      if not entry.name.startswith(".")]
-    found.sort()
-    return folders, [(index, name) for _ino, index, name in found]
+            for entry in it:
+                if not entry.name.startswith("."):
+                    inodes.append(entry.inode())
+                    names.append((index, entry.name))
+    # Sorted by a key of plain ints: half the time of sorting (inode, index, name) tuples.
+    order = sorted(range(len(names)), key=inodes.__getitem__)
+    return folders, [names[i] for i in order]
 
 
 def read_states(paths: Iterable[tuple[str, str]]) -> Iterator[tuple[MessageState, str]]:
@@ -77,17 +97,18 @@ def read_state(path: str) -> MessageState | None:
     return None if raw is None else state_from_json(raw)
 
 
-def read_raw(path: str) -> bytes | None:
-    """One state file's bytes; None if it is gone (claimed or removed meanwhile)."""
+def read_raw(path: str, dir_fd: int | None = None) -> bytes | None:
+    """One state file's bytes (`path` relative to `dir_fd`, if given); None if it is gone
+    (claimed or removed meanwhile)."""
     global _open_flags
     try:
         try:
-            fd = os.open(path, _open_flags)
+            fd = os.open(path, _open_flags, dir_fd=dir_fd)
         except PermissionError:
             if _open_flags == os.O_RDONLY:
                 raise
             _open_flags = os.O_RDONLY  # O_NOATIME is for the files' owner (or root)
-            fd = os.open(path, _open_flags)
+            fd = os.open(path, _open_flags, dir_fd=dir_fd)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
@@ -101,30 +122,89 @@ def read_raw(path: str) -> bytes | None:
         raise SpoolError(f"cannot read {path}: {exc}") from exc
     finally:
         os.close(fd)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-# What `queue stats` needs of a state, without decoding all of it. Exact for the
-# files state_to_json writes: with no backslash in the file no string holds a quote, so
-# every `"` is JSON's own and these keys can only be the keys; anything else (an escape,
-# another version, recipients in another key order) takes the full decoder.
+# What `queue stats` and `queue list` need of a state, read without the JSON decoder
+# (a tenth of its cost). Exact for the files state_to_json writes: the keys come in its
+# order, and up to the end of the recipients (a DKIM signature, which has CRLFs and so
+# escapes, comes after them) a file with no backslash has no string that holds a quote,
+# so every `"` there is JSON's own and these patterns can only meet the keys. Anything
+# else (an escape, another version, another key order) takes the full decoder.
 _VERSION = b'{"version":1,'
+_DKIM_AFTER_RECIPIENTS = b'],"dkim_fields":'
 _CREATED = re.compile(rb'"created":([-+0-9.eE]+)[,}]')
 _ADDRESS = b'"address":"'
-_RECIPIENT = re.compile(rb'"address":"([^"]*)","status":"([a-z]+)"')
+_RECIPIENT = re.compile(rb'"address":"([^"]*)","status":"(pending|sent|bounced)"')
 _HELD = b'"held":true'
+_LIST_HEAD = re.compile(
+    rb'\{"version":1,"id":"([^"]*)","created":([-+0-9.eE]+),"sender":"([^"]*)",'
+    rb'"size":[0-9]+,"attempts":([0-9]+),"last_try":(?:null|[-+0-9.eE]+),'
+    rb'"next_try":([-+0-9.eE]+),"last_error":"[^"]*","file_stamp":"[^"]*",'
+    rb'"held":(?:true|false),"recipients":\[')
+_LIST_RECIPIENT = re.compile(
+    rb'\{"address":"([^"]*)","status":"(pending|sent|bounced)","response":"([^"]*)"')
+
+
+def _plain_head(raw: bytes) -> bytes | None:
+    """The state's bytes to the end of its recipients, if they have no escape in them."""
+    if not raw.startswith(_VERSION):
+        return None
+    # The first `],"dkim_fields":` is the key's: before it there is no backslash (checked
+    # next), so no string there holds a quote.
+    end = raw.find(_DKIM_AFTER_RECIPIENTS)
+    head = raw if end < 0 else raw[:end + 1]
+    return None if b"\\" in head else head
 
 
 def stats_summary(raw: bytes) -> tuple[float, bool, list[str]]:
     """(created, held, pending recipient addresses) of a state file's bytes."""
-    if raw.startswith(_VERSION) and b"\\" not in raw:
-        created = _CREATED.search(raw)
-        recipients = _RECIPIENT.findall(raw)
-        if created and len(recipients) == raw.count(_ADDRESS):
-            return (float(created[1]), _HELD in raw,
+    head = _plain_head(raw)
+    if head is not None:
+        created = _CREATED.search(head)
+        recipients = _RECIPIENT.findall(head)
+        if created and len(recipients) == head.count(_ADDRESS):
+            return (float(created[1]), _HELD in head,
                     [a.decode() for a, status in recipients if status == b"pending"])
     state = state_from_json(raw)
     return state.created, state.held, [r.address for r in state.pending()]
+
+
+class ListedRecipient(NamedTuple):
+    address: str
+    status: str
+    response: str
+
+
+class Listed(NamedTuple):
+    """A state as `queue list` shows it (queue_format.StateView), from list_summary."""
+
+    id: str
+    created: float
+    sender: str
+    attempts: int
+    next_try: float
+    recipients: tuple[ListedRecipient, ...]
+
+    def pending(self) -> tuple[ListedRecipient, ...]:
+        return tuple(r for r in self.recipients if r.status == "pending")
+
+
+def list_summary(raw: bytes) -> StateView:
+    """What `queue list` shows of a state file's bytes: a Listed where the bytes are as
+    state_to_json writes them (a tenth of the decoder's cost), else the decoded state."""
+    head = _plain_head(raw)
+    if head is not None:
+        fields = _LIST_HEAD.match(head)
+        recipients = _LIST_RECIPIENT.findall(head)
+        if fields and len(recipients) == head.count(_ADDRESS):
+            id, created, sender, attempts, next_try = fields.groups()
+            return Listed(id.decode(), float(created), sender.decode(), int(attempts),
+                          float(next_try),
+                          tuple(ListedRecipient(address.decode(), status.decode(),
+                                                response.decode())
+                                for address, status, response in recipients))
+    return state_from_json(raw)
 
 
 def stats_shares(root: Path, now: float) -> list[dict[str, dict[str, int]]]:
@@ -138,20 +218,40 @@ def stats_shares(root: Path, now: float) -> list[dict[str, dict[str, int]]]:
 
 _task: Callable[[Iterator[tuple[bytes, str]]], Any] | None = None
 _folders: list[tuple[str, str]] = []
+_names: list[tuple[int, str]] = []  # inherited by the workers: a task is only its range
 
 
 def _share(names: list[tuple[int, str]]) -> Iterator[tuple[bytes, str]]:
+    # Each name opened relative to its folder: no walk of the spool's path per file.
     folders = _folders
-    for index, name in names:
-        folder, where = folders[index]
-        raw = read_raw(f"{folder}/{name}")
-        if raw is not None:
-            yield raw, where
+    fds: dict[int, int | None] = {}
+    try:
+        for index, name in names:
+            if index not in fds:
+                fds[index] = _open_folder(folders[index][0])
+            dir_fd = fds[index]
+            raw = None if dir_fd is None else read_raw(name, dir_fd)
+            if raw is not None:
+                yield raw, folders[index][1]
+    finally:
+        for fd in fds.values():
+            if fd is not None:
+                os.close(fd)
 
 
-def _run_chunk(names: list[tuple[int, str]]) -> Any:
+def _open_folder(path: str) -> int | None:
+    """A folder's descriptor; None if it is gone (a dead daemon's active/ taken back)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise SpoolError(f"cannot read {path}: {exc}") from exc
+
+
+def _run_range(bounds: tuple[int, int]) -> Any:
     assert _task is not None
-    return _task(_share(names))
+    return _task(_share(_names[bounds[0]:bounds[1]]))
 
 
 def fold_states(root: Path, task: Callable[[Iterator[tuple[MessageState, str]]], T],
@@ -166,20 +266,27 @@ def fold_states(root: Path, task: Callable[[Iterator[tuple[MessageState, str]]],
     return fold_files(root, decoded, workers)
 
 
+def fold_listed(root: Path, task: Callable[[Iterator[tuple[StateView, str]]], T],
+                workers: int | None = None) -> list[T]:
+    """fold_states() on what `queue list` shows of each state (list_summary)."""
+    def summarised(files: Iterator[tuple[bytes, str]]) -> T:
+        return task((list_summary(raw), where) for raw, where in files)
+    return fold_files(root, summarised, workers)
+
+
 def fold_files(root: Path, task: Callable[[Iterator[tuple[bytes, str]]], T],
                workers: int | None = None) -> list[T]:
     """fold_states() on the files' bytes."""
-    global _task, _folders
+    global _task, _folders, _names
     folders, names = _listing(root)
     count = workers or min(MAX_WORKERS, os.cpu_count() or 1)
-    _task, _folders = task, folders  # inherited by the forked workers
+    _task, _folders, _names = task, folders, names  # inherited by the forked workers
     try:
         if len(names) < INLINE_BELOW or count < 2 or "fork" not in \
                 multiprocessing.get_all_start_methods():
-            return [_run_chunk(names)]
-        chunks = [names[i:i + CHUNK] for i in range(0, len(names), CHUNK)]
-        del names
+            return [_run_range((0, len(names)))]
+        ranges = [(i, min(i + CHUNK, len(names))) for i in range(0, len(names), CHUNK)]
         with multiprocessing.get_context("fork").Pool(count) as pool:
-            return list(pool.imap(_run_chunk, chunks))
+            return list(pool.imap(_run_range, ranges))
     finally:
-        _task, _folders = None, []
+        _task, _folders, _names = None, [], []
