@@ -17,7 +17,11 @@ supersedes its earlier entry, which is dropped when it reaches the top.
   what it knows and `complete_until` has come, `wants_rescan` asks for the next rescan.
 
 The plan is rebuilt from queue/ at every full rescan (other processes and the queue CLI
-change queue/ too) and kept between rescans.
+change queue/ too) and kept between rescans. A rescan of a big queue takes seconds, and
+the daemon dispatches meanwhile: what the plan learns of a message after the listing
+began (`begin_rescan`: it was taken, or scheduled again) is newer than what the listing
+says of it, so `replace` keeps that, not the listing's due time, which would have a
+message just deferred attempted again at once.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class DuePlan:
         # Every queued message due before this is in the plan (see the module's text).
         self.complete_until = INF
         self._turn = FRESH
+        # Ids taken or scheduled since the listing in progress began (None: no listing).
+        self._since_listing: set[str] | None = None
 
     def __len__(self) -> int:
         return len(self._when)
@@ -57,12 +63,24 @@ class DuePlan:
         """
         if when >= self.complete_until and not fresh:
             self._when.pop(queue_id, None)
+            if self._since_listing is not None:
+                self._since_listing.add(queue_id)
             return
+        if self._since_listing is not None:
+            self._since_listing.add(queue_id)
         lane = FRESH if fresh else QUEUE
         self._when[queue_id] = (when, lane)
         heapq.heappush(self._heaps[lane], (when, queue_id))
         if len(self._when) > 2 * self.limit or len(self._heaps[QUEUE]) > 4 * self.limit:
             self._trim()
+
+    def begin_rescan(self) -> None:
+        """A listing of queue/ for `replace` begins now (see the module's text)."""
+        self._since_listing = set()
+
+    def end_rescan(self) -> None:
+        """The listing failed: no `replace` follows."""
+        self._since_listing = None
 
     def replace(self, queued: Iterable[tuple[float, str]], rest: float | None = None) -> None:
         """Start over from a listing of queue/: (next try, queue id) pairs; `rest` is the
@@ -70,14 +88,20 @@ class DuePlan:
 
         The fresh lane is kept: its messages are in queue/ (so in the listing, once), or
         were accepted while the listing was being made; either way they stay at the front.
+        So is what the plan learnt of a message since `begin_rescan`: the listing may
+        have seen it before it was taken or scheduled again.
         """
-        fresh = [(when, queue_id) for queue_id, (when, lane) in self._when.items()
-                 if lane == FRESH]
-        heap = list(queued)
+        newer = self._since_listing or set()
+        self._since_listing = None
+        kept = [(when, queue_id, lane) for queue_id, (when, lane) in self._when.items()
+                if lane == FRESH or queue_id in newer]
+        heap = [(when, queue_id) for when, queue_id in queued if queue_id not in newer]
         self.complete_until = INF if rest is None else rest
         self._when = {queue_id: (when, QUEUE) for when, queue_id in heap}
-        for when, queue_id in fresh:
-            self._when[queue_id] = (when, FRESH)
+        fresh: list[tuple[float, str]] = []
+        for when, queue_id, lane in kept:
+            self._when[queue_id] = (when, lane)
+            (fresh if lane == FRESH else heap).append((when, queue_id))
         heapq.heapify(heap)
         heapq.heapify(fresh)
         self._heaps = (fresh, heap)
@@ -125,17 +149,19 @@ class DuePlan:
             else:
                 heapq.heappop(self._heaps[lane])
                 del self._when[top[1]]
+                if self._since_listing is not None:
+                    self._since_listing.add(top[1])
                 if top[1] not in busy:
                     due.append(top[1])
             lane = 1 - lane
         self._turn = lane
         return due
 
-    def next_due(self) -> float | None:
-        """When the earliest planned message is due (or the plan runs out of what it
-        knows: `complete_until`); None with nothing planned."""
+    def next_due(self, *, rest: bool = True) -> float | None:
+        """When the earliest planned message is due (or, with `rest`, the plan runs out
+        of what it knows: `complete_until`); None with nothing planned."""
         times = [top[0] for top in (self._top(FRESH), self._top(QUEUE)) if top is not None]
-        if self.complete_until < INF:
+        if rest and self.complete_until < INF:
             times.append(self.complete_until)
         return min(times) if times else None
 

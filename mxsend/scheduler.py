@@ -79,6 +79,13 @@ class Daemon:
         # The committer's runner may run for as long as operations keep coming: it has
         # a thread of its own, so that listings (new/, queue/) never wait behind it.
         self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="mxsend-commit")
+        # A rescan of queue/ lists every file (a million: about five seconds): after the
+        # first it runs on a thread of its own while new mail is accepted and dispatched,
+        # so that neither waits for it (issue 16 item 7: a retry sweep of a big queue
+        # must not starve new mail).
+        self._rescan_thread = ThreadPoolExecutor(1, thread_name_prefix="mxsend-rescan")
+        self._rescanning: asyncio.Task[None] | None = None
+        self._next_rescan = 0.0
         self._commit: GroupCommit | None = None
         spool = _spool(config)
         self.rt = Runtime(config, spool, Committer(spool, self._commit_thread))
@@ -150,6 +157,7 @@ class Daemon:
         try:
             await self._scan_loop()
         finally:
+            await self._stop_rescan()
             await self._shutdown()
             for task in (beating, reporting):
                 if task is not None:
@@ -157,6 +165,7 @@ class Daemon:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             self._io.shutdown(wait=True)
+            self._rescan_thread.shutdown(wait=True)
             self._commit_thread.shutdown(wait=True)
             if self._commit is not None:
                 self._commit.close()
@@ -263,33 +272,68 @@ class Daemon:
 
     # --- the scan loop -------------------------------------------------------------
 
+    def _rescan_wanted(self) -> bool:
+        return self._rescanning is None and (
+            self._rescan_requested or time.monotonic() >= self._next_rescan
+            or self.rt.plan.wants_rescan(time.time()))
+
     async def _rescan(self) -> None:
         """Re-read queue/ (other processes, the queue CLI, lost events) and new/."""
         plan = self.rt.plan
-        plan.replace(*await self._spool_io(self.rt.spool.queued_earliest, plan.limit))
+        self._rescan_requested = False
+        started = time.monotonic()
+        plan.begin_rescan()
+        try:
+            listing = await asyncio.get_running_loop().run_in_executor(
+                self._rescan_thread, self.rt.spool.queued_earliest, plan.limit)
+        except BaseException:
+            plan.end_rescan()
+            raise
+        plan.replace(*listing)
         self.intake.book.arrived = True
+        # A million files in queue/ take seconds to list: rescans of a big queue keep
+        # to a twentieth of the time (issue 16 item 7).
+        took = time.monotonic() - started
+        self._next_rescan = time.monotonic() + max(self.config.queue.scan_interval,
+                                                   RESCAN_COST_FACTOR * took)
+
+    def _start_rescan(self) -> None:
+        """_rescan() in the background; a failure is logged and tried again later."""
+        async def rescan() -> None:
+            try:
+                await self._rescan()
+            except (MxsendError, OSError) as exc:
+                # As the scan loop's own failures: nothing is lost, try again later.
+                log.error("scan failed (the rescan of queue/): %s", exc)
+                self._next_rescan = time.monotonic() + self.config.queue.scan_interval
+            finally:
+                self._rescanning = None
+                self.rt.wake.set()
+        self._rescanning = asyncio.get_running_loop().create_task(rescan())
+
+    async def _stop_rescan(self) -> None:
+        if self._rescanning is not None:
+            self._rescanning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rescanning
 
     def _room(self) -> int:
         return self.dispatcher.room() - self.intake.waiting
 
     async def _scan_loop(self) -> None:
         ready_signalled = False
-        next_rescan = 0.0
         failures = 0
         wake = self.rt.wake
         while not self._stopping.is_set():
             wake.clear()
             try:
-                if (self._rescan_requested or time.monotonic() >= next_rescan
-                        or self.rt.plan.wants_rescan(time.time())):
-                    self._rescan_requested = False
-                    started = time.monotonic()
-                    await self._rescan()
-                    # A million files in queue/ take seconds to list: rescans of a big
-                    # queue keep to a twentieth of the time (issue 16 item 7).
-                    took = time.monotonic() - started
-                    next_rescan = time.monotonic() + max(self.config.queue.scan_interval,
-                                                         RESCAN_COST_FACTOR * took)
+                if self._rescan_wanted():
+                    # The first rescan is part of starting (READY follows it), and
+                    # --once decides from what it found.
+                    if self.once or not ready_signalled:
+                        await self._rescan()
+                    else:
+                        self._start_rescan()
                 accepted = await self.intake.accept_incoming(self._room())
                 dispatched = await self.dispatcher.dispatch_due(self._stopping)
                 failures = 0
@@ -316,7 +360,7 @@ class Daemon:
                         or book.in_flight):
                     # Woken by an acceptance finishing or by the workers; what they
                     # queue (DSNs, into new/) is looked for once the backlog is empty.
-                    await self._sleep_until(next_rescan)
+                    await self._sleep_until()
                     book.arrived = True
                     continue
                 if book.arrived:
@@ -324,15 +368,20 @@ class Daemon:
                 return
             if book.has_work() and self._room() > 0:
                 continue
-            await self._sleep_until(next_rescan)
+            await self._sleep_until()
 
-    async def _sleep_until(self, next_rescan: float) -> None:
-        timeout = max(0.0, next_rescan - time.monotonic())
+    async def _sleep_until(self) -> None:
+        """Until woken, or the next rescan or due message (whichever comes first)."""
+        # A rescan running in the background wakes us when it is done: neither when the
+        # next is due nor what the plan left out for it is a reason to wake meanwhile.
+        rescanning = self._rescanning is not None
+        timeout = None if rescanning else max(0.0, self._next_rescan - time.monotonic())
         # With the ready window full, due messages wait for the workers, who wake us
         # when it is half empty; only otherwise does the next due time matter.
-        next_due = self.rt.plan.next_due()
+        next_due = self.rt.plan.next_due(rest=not rescanning)
         if next_due is not None and self._room() > 0:
-            timeout = max(0.0, min(timeout, next_due - time.time()))
+            due_in = max(0.0, next_due - time.time())
+            timeout = due_in if timeout is None else min(timeout, due_in)
         waits = [asyncio.ensure_future(self.rt.wake.wait()),
                  asyncio.ensure_future(self._stopping.wait())]
         try:

@@ -534,6 +534,54 @@ def test_a_failing_scan_is_logged_and_retried(tmp_path: Path, world: World,
     assert process.stop() == 0
 
 
+def test_new_mail_goes_out_while_a_rescan_of_queue_is_slow(
+        tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A rescan of a million-file queue/ takes seconds (issue 16 item 7: a retry sweep
+    # must not starve new mail). Such a queue cannot be made in a test's time, so the
+    # daemon runs in this process and its second listing of queue/ is held until the new
+    # message has been delivered; everything else is real.
+    import asyncio
+    import threading
+
+    from mxsend.config import load_config
+    from mxsend.scheduler import Daemon
+    from mxsend.spool_view import QueueView
+
+    mx1 = world.smtp.start("127.0.0.2")
+    spool = tmp_path / "spool"
+    config = load_config(_config(tmp_path, world, queue={"scan_interval": "1h"}))
+    listing = QueueView.queued_earliest
+    held, release, calls = threading.Event(), threading.Event(), [0]
+
+    def slow_listing(view: QueueView, limit: int) -> tuple[list[tuple[float, str]], float | None]:
+        calls[0] += 1
+        if calls[0] == 2:  # the first is the start's
+            held.set()
+            release.wait(60)
+        return listing(view, limit)
+
+    monkeypatch.setattr(QueueView, "queued_earliest", slow_listing)
+
+    async def scenario() -> None:
+        daemon = Daemon(config)
+        running = asyncio.create_task(daemon.run())
+        try:
+            await asyncio.to_thread(wait_until, lambda: calls[0] == 1 and
+                                    (spool / "control").is_dir(), 15, message="started")
+            (spool / "control" / "rescan").write_text("")
+            assert await asyncio.to_thread(held.wait, 15), "the rescan did not start"
+            drop(spool, "new-during-rescan", "alice@src.test", "bob@d1.test")
+            await asyncio.to_thread(mx1.wait_for, 1, 15)
+            assert not release.is_set() and calls[0] == 2  # the listing is still held
+        finally:
+            release.set()
+            daemon._stopping.set()
+            await asyncio.wait_for(running, 30)
+
+    asyncio.run(scenario())
+    assert mx1.messages[0].rcpts == ["bob@d1.test"]
+
+
 def test_a_file_that_cannot_be_accepted_waits_a_scan_interval(
         tmp_path: Path, world: World, daemon: Start) -> None:
     mx1 = world.smtp.start("127.0.0.2")

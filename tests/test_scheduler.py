@@ -243,6 +243,38 @@ def test_due_plan_rescan_keeps_fresh_mail_in_front() -> None:
     assert plan.take_due(10.0, 1) == ["new"]
 
 
+def test_due_plan_keeps_what_it_learnt_while_a_listing_was_made() -> None:
+    # The daemon dispatches while a rescan lists queue/ (seconds for a million files).
+    plan = DuePlan()
+    plan.replace([(1.0, "deferred"), (2.0, "sent"), (3.0, "other")])
+    plan.begin_rescan()
+    assert plan.take_due(2.5, 2) == ["deferred", "sent"]
+    plan.schedule("deferred", 600.0)  # attempted and deferred meanwhile
+    # The listing saw both before they were taken: due at once, by its account.
+    plan.replace([(1.0, "deferred"), (2.0, "sent"), (3.0, "other"), (4.0, "found")])
+    assert plan.take_due(10.0, 10) == ["other", "found"]  # not "deferred" again, nor "sent"
+    assert plan.next_due() == 600.0
+    # Without a listing in progress, the listing is the truth again.
+    plan.replace([(1.0, "deferred")])
+    assert plan.take_due(10.0, 10) == ["deferred"]
+
+
+def test_due_plan_forgets_a_failed_listing() -> None:
+    plan = DuePlan()
+    plan.begin_rescan()
+    plan.schedule("x", 5.0)
+    plan.end_rescan()
+    plan.replace([(1.0, "x")])
+    assert plan.take_due(10.0, 10) == ["x"] and plan.next_due() is None
+
+
+def test_due_plan_next_due_without_what_it_left_out() -> None:
+    plan = DuePlan(limit=1)
+    plan.replace([(5.0, "a")], rest=2.0)  # left out: something due at 2.0
+    assert plan.next_due() == 2.0
+    assert plan.next_due(rest=False) == 5.0  # a rescan is on its way: not a reason to wake
+
+
 # --- the reports an attempt owes ------------------------------------------------------
 
 def _envelope(*recipients: Recipient) -> Envelope:
