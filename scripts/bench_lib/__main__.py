@@ -215,8 +215,13 @@ def summarize(results: dict[str, Any]) -> list[str]:
             lines.append(f"  retry sweep (all {sweep['made_due']} made due in "
                          f"{sweep['wall_s']:.2f} s): new message "
                          f"p50 {during['p50_ms']:.1f} ms, p99 {during['p99_ms']:.1f} ms, max "
-                         f"{during['max_ms']:.1f} ms; {sweep['tarpit_sessions']} parked "
-                         f"attempts meanwhile")
+                         f"{during['max_ms']:.1f} ms while the daemons list the queue")
+            busy = big.get("sweep_attempting_probe_latency")
+            if busy:
+                lines.append(f"    and once they attempt it ({sweep['attempts_began_s']:.1f} s "
+                             f"after): p50 {busy['p50_ms']:.1f} ms, p99 {busy['p99_ms']:.1f} "
+                             f"ms, max {busy['max_ms']:.1f} ms; {sweep['tarpit_sessions']} "
+                             "tarpit sessions in all")
         lines.append(f"  {'OK' if big['ok'] else 'NOT OK'}")
     lis = results.get("listener")
     if lis and "msgs_per_s" in lis:

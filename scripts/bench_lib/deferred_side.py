@@ -111,7 +111,7 @@ def prepare(spool: Path, count: int) -> dict[str, Any]:
 
 def make_all_due(spool: Path) -> dict[str, Any]:
     """The week has passed: every parked message due now (its queue/ file's mtime is its
-    next try), then control/rescan touched, as `mxsend queue flush` does. Not `queue
+    next try), synced, then control/rescan touched, as `mxsend queue flush` does. Not `queue
     flush` itself, which claims, rewrites and releases each message (three barriers
     each: the better part of an hour for a million)."""
     t = time.perf_counter()
@@ -123,9 +123,25 @@ def make_all_due(spool: Path) -> dict[str, Any]:
                 with contextlib.suppress(FileNotFoundError):
                     os.utime(os.path.join(folder, name), (now, now))
                     count += 1
+    # A million utime() calls leave a million dirty inodes: the daemons' next barrier (a
+    # syncfs) would write them all back (about 2 s here) and bill it to a new message.
+    # They are the harness's writes, flushed like the parking's (one sync) before timing.
+    synced = time.perf_counter()
+    os.sync()
+    sync_s = time.perf_counter() - synced
     (spool / "control").mkdir(exist_ok=True)
     (spool / "control" / "rescan").touch()
-    return {"wall_s": time.perf_counter() - t, "made_due": count}
+    return {"wall_s": time.perf_counter() - t, "made_due": count, "sync_s": sync_s}
+
+
+def _wait_for_session(tarpit: Sink, before: int, timeout: float, since: float) -> float:
+    """Seconds from `since` until the tarpit saw a session after its first `before`."""
+    deadline = time.monotonic() + timeout
+    while tarpit.sessions() <= before:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no parked message attempted after {timeout:.0f}s")
+        time.sleep(0.05)
+    return time.perf_counter() - since
 
 
 def timed_command(config: Path, args: list[str], out: Path, timeout: float) -> dict[str, Any]:
@@ -171,10 +187,17 @@ def run_deferred(count: int, probes: list[Msg], workdir: Path, nameserver: str,
                 during: list[float] = []
                 flush: dict[str, Any] = {}
                 sessions0 = tarpit.sessions()
+                attempting: list[float] = []
                 if sweep:
                     flush = make_all_due(spool)
                     t_sweep = time.perf_counter()
+                    # first while the daemons list the queue again (a rescan: seconds)...
                     during = latencies(sink, spool, probes, "S")
+                    # ...then once they attempt the parked messages (the tarpit's first
+                    # session), while they go on doing so
+                    flush["attempts_began_s"] = _wait_for_session(tarpit, sessions0, timeout,
+                                                                  t_sweep)
+                    attempting = latencies(sink, spool, probes, "T")
                     flush["sweep_s"] = time.perf_counter() - t_sweep
                     # the parked messages attempted meanwhile (one session each at most)
                     flush["tarpit_sessions"] = tarpit.sessions() - sessions0
@@ -197,13 +220,15 @@ def run_deferred(count: int, probes: list[Msg], workdir: Path, nameserver: str,
             "queue_list": listing,
             "sweep": flush,
             "sweep_probe_latency": _latency_stats(during) if during else None,
+            "sweep_attempting_probe_latency": (_latency_stats(attempting) if attempting
+                                               else None),
             "sink_counted": sink.mesg(),
             "timeline": peak.timeline,
         })
     left = spool_leftovers(spool)
     res["leftovers"] = left
     res["log"] = log_summary(log)
-    probes_sent = (2 if sweep else 1) * sum(m.domains for m in probes)
+    probes_sent = (3 if sweep else 1) * sum(m.domains for m in probes)
     # the probes went out, and nothing parked was sent or lost
     res["ok"] = (res["sink_counted"] == probes_sent
                  and res["queued_before_start"] == count
