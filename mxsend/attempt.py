@@ -103,7 +103,7 @@ class Workers:
     async def _worker(self) -> None:
         jobs = self._dispatcher.jobs
         while True:
-            job = await jobs.get()
+            job = await self._dispatcher.next_job()
             try:
                 attempt = asyncio.create_task(self._attempt(job))
                 self.in_flight[job.claim.id] = attempt

@@ -201,18 +201,33 @@ def test_due_plan_fresh_mail_is_not_starved_by_a_sweep() -> None:
     assert plan.take_due(10.0, 2) == ["old3", "old4"]
 
 
-def test_jobs_wait_in_dispatch_order_not_by_age() -> None:
-    # A retry sweep keeps handing over messages older than a new one; ordered by age the
-    # new one would wait for the whole sweep, in dispatch order only for those before it.
-    from mxsend.dispatch import priority_key
+def test_new_mail_and_the_queue_take_turns_at_the_workers() -> None:
+    # A retry sweep keeps the ready window full of messages older than a new one: by
+    # age the new one would wait for the whole sweep, in dispatch order for the window.
+    from mxsend.dispatch import JobOrder
 
-    sequence = iter(range(100))
-    parked = [priority_key(50, next(sequence)) for _ in range(3)]
-    new = priority_key(50, next(sequence))
-    later_parked = [priority_key(50, next(sequence)) for _ in range(50)]
-    assert sorted([*later_parked, new, *parked])[3] == new
-    assert priority_key(100, 99) < priority_key(50, 0) < priority_key(1, 0)  # contract §4
-    assert priority_key(500, 7) == priority_key(100, 7)  # clamped
+    order = JobOrder()
+    swept = [order.key(50, fresh=False) for _ in range(400)]
+    waiting = sorted(swept)
+    for _ in range(2):
+        order.taken(waiting.pop(0))  # the workers took two of the sweep
+    new = [order.key(50, fresh=True) for _ in range(3)]
+    waiting = sorted([*waiting, *new])
+    # the first new message goes next, then the two lanes alternate
+    assert waiting[:6] == [new[0], swept[2], new[1], swept[3], new[2], swept[4]]
+    # a long burst of new mail does not starve the queue either
+    burst = [order.key(50, fresh=True) for _ in range(100)]
+    assert sorted([*waiting, *burst]).index(swept[10]) < 20
+
+
+def test_job_priority_comes_first_and_is_clamped() -> None:
+    from mxsend.dispatch import JobOrder
+
+    order = JobOrder()
+    high, normal, low = (order.key(p, fresh=False) for p in (100, 50, 1))
+    assert high < normal < low  # contract §4: highest Priority first
+    assert order.key(50, fresh=True) < normal  # at one place, new mail first
+    assert order.key(500, fresh=False)[0] == order.key(100, fresh=False)[0]  # clamped
 
 
 def test_due_plan_is_bounded_and_asks_for_a_rescan() -> None:
