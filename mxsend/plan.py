@@ -132,18 +132,21 @@ class DuePlan:
             heapq.heappop(heap)  # superseded by a later schedule()
         return None
 
-    def take_due(self, now: float, limit: int, busy: Container[str] = ()) -> list[str]:
-        """Up to `limit` ids due at `now`, the lanes in turn, each lane earliest first;
-        each leaves the plan.
+    def take_due(self, now: float, limit: int, busy: Container[str] = (), *,
+                 queue_limit: int | None = None) -> list[str]:
+        """Up to `limit` ids due at `now` (at most `queue_limit` of them from the queue
+        lane), the lanes in turn, each lane earliest first; each leaves the plan.
 
         An id in `busy` (claimed by this daemon already) leaves the plan without being
         returned: whoever holds the claim schedules it again when it lets go.
         """
         due: list[str] = []
+        taken = [0, 0]
+        limits = [limit, limit if queue_limit is None else queue_limit]
         dry = [False, False]
         lane = self._turn
         while len(due) < limit and not (dry[FRESH] and dry[QUEUE]):
-            top = None if dry[lane] else self._top(lane)
+            top = None if dry[lane] or taken[lane] >= limits[lane] else self._top(lane)
             if top is None or top[0] > now:
                 dry[lane] = True
             else:
@@ -153,14 +156,17 @@ class DuePlan:
                     self._since_listing.add(top[1])
                 if top[1] not in busy:
                     due.append(top[1])
+                    taken[lane] += 1
             lane = 1 - lane
         self._turn = lane
         return due
 
-    def next_due(self, *, rest: bool = True) -> float | None:
+    def next_due(self, *, rest: bool = True, queue: bool = True) -> float | None:
         """When the earliest planned message is due (or, with `rest`, the plan runs out
-        of what it knows: `complete_until`); None with nothing planned."""
-        times = [top[0] for top in (self._top(FRESH), self._top(QUEUE)) if top is not None]
+        of what it knows: `complete_until`); None with nothing planned. Without `queue`,
+        only new mail counts (the queue lane has no room to go to)."""
+        tops = (self._top(FRESH), self._top(QUEUE) if queue else None)
+        times = [top[0] for top in tops if top is not None]
         if rest and self.complete_until < INF:
             times.append(self.complete_until)
         return min(times) if times else None

@@ -377,8 +377,10 @@ class Daemon:
         rescanning = self._rescanning is not None
         timeout = None if rescanning else max(0.0, self._next_rescan - time.monotonic())
         # With the ready window full, due messages wait for the workers, who wake us
-        # when it is half empty; only otherwise does the next due time matter.
-        next_due = self.rt.plan.next_due(rest=not rescanning)
+        # when it is half empty; only otherwise does the next due time matter, and the
+        # queue's only while its share of the window has room.
+        queue_open = self.dispatcher.queue_room() > 0
+        next_due = self.rt.plan.next_due(rest=not rescanning and queue_open, queue=queue_open)
         if next_due is not None and self._room() > 0:
             due_in = max(0.0, next_due - time.time())
             timeout = due_in if timeout is None else min(timeout, due_in)

@@ -283,6 +283,17 @@ def test_due_plan_forgets_a_failed_listing() -> None:
     assert plan.take_due(10.0, 10) == ["x"] and plan.next_due() is None
 
 
+def test_due_plan_limits_the_queue_lane_apart() -> None:
+    # The queue may fill only its share of the ready window; new mail the rest.
+    plan = DuePlan()
+    plan.replace([(1.0, f"old{i}") for i in range(5)])
+    plan.schedule("new0", 2.0, fresh=True)
+    plan.schedule("new1", 2.0, fresh=True)
+    assert plan.take_due(10.0, 4, queue_limit=1) == ["new0", "old0", "new1"]
+    assert plan.take_due(10.0, 4, queue_limit=0) == []
+    assert plan.next_due(queue=False) is None and plan.next_due() == 1.0
+
+
 def test_due_plan_next_due_without_what_it_left_out() -> None:
     plan = DuePlan(limit=1)
     plan.replace([(5.0, "a")], rest=2.0)  # left out: something due at 2.0
