@@ -201,15 +201,25 @@ class ConnectionPool:
         if self._serving or not self._queue:
             return
         self._serving = True  # _try may close a session, which comes back here
+        # Many waiters want one key (a busy domain's deliveries): until one of them is
+        # served, the pool is as it was for the previous one, and so is the answer;
+        # _try (which may look at every idle session) runs once per key, not per waiter.
+        refused: set[tuple[PoolKey, str]] = set()
         try:
             for waiter in list(self._queue):
                 if waiter.future.done():  # cancelled
                     self._queue.remove(waiter)
                     continue
+                wants = (waiter.key, waiter.domain)
+                if wants in refused:
+                    continue
                 got = self._try(waiter.key, waiter.domain)
-                if got is not _NOTHING:
-                    self._queue.remove(waiter)
-                    waiter.future.set_result(cast(PoolEntry | None, got))
+                if got is _NOTHING:
+                    refused.add(wants)
+                    continue
+                refused.clear()
+                self._queue.remove(waiter)
+                waiter.future.set_result(cast(PoolEntry | None, got))
         finally:
             self._serving = False
 
