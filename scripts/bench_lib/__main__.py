@@ -169,6 +169,12 @@ def _throughput_table(mx_runs: list[dict[str, Any]], pf_runs: list[dict[str, Any
     return lines
 
 
+def _spread(stats: dict[str, Any]) -> str:
+    """A latency summary's p50, p99 and max, as the report prints them."""
+    return (f"p50 {stats['p50_ms']:.1f} ms, p99 {stats['p99_ms']:.1f} ms, "
+            f"max {stats['max_ms']:.1f} ms")
+
+
 def summarize(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     mx_all = results.get("mxsend", [])
@@ -190,9 +196,8 @@ def summarize(results: dict[str, Any]) -> list[str]:
                              f"{'OK' if r.get('ok') else 'NOT OK'}")
     lat = results.get("latency")
     if lat:
-        lines.append(f"latency, idle daemon ({lat['count']} messages): p50 "
-                     f"{lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max "
-                     f"{lat['max_ms']:.1f} ms, {lat['over_5s']} over 5 s; "
+        lines.append(f"latency, idle daemon ({lat['count']} messages): {_spread(lat)}, "
+                     f"{lat['over_5s']} over 5 s; "
                      f"start to READY {lat['start_to_ready_s']:.2f} s, "
                      f"largest RSS {lat['rss_mb']:.0f} MB, PSS sum {lat['pss_sum_mb']:.0f} "
                      f"over {lat['nproc']} processes; "
@@ -205,22 +210,19 @@ def summarize(results: dict[str, Any]) -> list[str]:
                      f"{big['pss_sum_at_ready_mb']:.0f} MB over {big['nproc_at_ready']} "
                      f"processes, peak {big['peak_pss_sum_mb']:.0f} MB; largest RSS at READY "
                      f"{big['rss_at_ready_mb']:.0f} MB; {big['cpu_total_s']:.2f} s CPU in all")
-        lines.append(f"  new message p50 {probe['p50_ms']:.1f} ms, p99 {probe['p99_ms']:.1f} ms, "
-                     f"max {probe['max_ms']:.1f} ms over {probe['count']}; queue stats "
+        lines.append(f"  new message {_spread(probe)} over {probe['count']}; queue stats "
                      f"{big['queue_stats']['wall_s']:.2f} s, queue list "
                      f"{big['queue_list']['wall_s']:.2f} s ({big['queue_list']['lines']} lines)")
         during = big.get("sweep_probe_latency")
         if during:
             sweep = big["sweep"]
             lines.append(f"  retry sweep (all {sweep['made_due']} made due in "
-                         f"{sweep['wall_s']:.2f} s): new message "
-                         f"p50 {during['p50_ms']:.1f} ms, p99 {during['p99_ms']:.1f} ms, max "
-                         f"{during['max_ms']:.1f} ms while the daemons list the queue")
+                         f"{sweep['wall_s']:.2f} s): new message {_spread(during)} while "
+                         "the daemons list the queue")
             busy = big.get("sweep_attempting_probe_latency")
             if busy:
                 lines.append(f"    and once they attempt it ({sweep['attempts_began_s']:.1f} s "
-                             f"after): p50 {busy['p50_ms']:.1f} ms, p99 {busy['p99_ms']:.1f} "
-                             f"ms, max {busy['max_ms']:.1f} ms; {sweep['tarpit_sessions']} "
+                             f"after): {_spread(busy)}; {sweep['tarpit_sessions']} "
                              "tarpit sessions in all")
         lines.append(f"  {'OK' if big['ok'] else 'NOT OK'}")
     lis = results.get("listener")
