@@ -31,8 +31,9 @@ log = get_logger()
 READY_WINDOW_PER_WORKER = 4
 READY_WINDOW_MIN = 256
 # The queue's messages may fill at most this share of the ready window; the rest is
-# kept for new mail, which then never waits for a retry sweep's jobs to drain before it
-# is dispatched (1,000,000 due at once: 132 ms p50 without it, issue 16 item 7).
+# kept for new mail, which then never waits for a retry sweep's jobs to drain to half
+# the window before it is dispatched (issue 16 item 7; with slow servers and a long
+# scan interval, 133 attempts of the sweep went before a new message without it).
 QUEUE_SHARE = 0.75
 
 
@@ -50,11 +51,11 @@ class JobOrder:
 
     Not "oldest first": in a retry sweep every queued message is older than new mail,
     and with a steady supply of them a new message waited for the whole sweep (9 s for
-    30,000 in scripts/bench; issue 16 item 7). Nor only in the order of dispatch: a
-    new message then waited for the whole ready window before it (hundreds of jobs:
-    140 ms at a million). The queue's messages take places in dispatch order; a new
-    message takes the place after that of the job a worker took last, or the one after
-    the last new message's, whichever is later, and goes first of the two at one place. So the
+    30,000 in scripts/bench; issue 16 item 7). Nor only in the order of dispatch: a new
+    message then waited for every job of the ready window before it (hundreds in a
+    sweep). The queue's messages take places in dispatch order; a new message takes the
+    place after that of the job a worker took last, or the one after the last new
+    message's, whichever is later, and goes first of the two at one place. So the
     workers alternate between the two while both have jobs, as Postfix's queue manager
     alternates its incoming and deferred queues, and neither can starve the other.
     """

@@ -61,13 +61,11 @@ class DuePlan:
         `fresh`: just accepted from new/ (the fresh lane). A message due at or after
         `complete_until` is left to the rescan that will find it in queue/.
         """
-        if when >= self.complete_until and not fresh:
-            self._when.pop(queue_id, None)
-            if self._since_listing is not None:
-                self._since_listing.add(queue_id)
-            return
         if self._since_listing is not None:
             self._since_listing.add(queue_id)
+        if when >= self.complete_until and not fresh:
+            self._when.pop(queue_id, None)
+            return
         lane = FRESH if fresh else QUEUE
         self._when[queue_id] = (when, lane)
         heapq.heappush(self._heaps[lane], (when, queue_id))
