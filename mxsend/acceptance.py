@@ -96,12 +96,16 @@ def accept_held_steps(name: str, held: str, now: float, folders: Folders,
         os.unlink(pending_state)
         return (yield from quarantine_steps(name, held, "queue id in use", folders.bad))
     yield Sync(directory=folders.msg)
-    # 5. Publish: from this rename on the message is queued and claimable.
-    os.rename(pending_state, f"{folders.queue}/{name}")
-    yield Sync(directory=folders.queue)
-    # 6. Drop our second name of the file.
+    # 5. Drop our second name of the file. From here the reserved id and the private
+    #    state are what recovery finishes the acceptance from. Before the publish: a
+    #    message once published may be delivered and removed by another process, and
+    #    a name of it left in incoming/ would then look never reserved to recovery,
+    #    which would hand it back to new/ and have it sent twice.
     os.unlink(held)
     yield Sync(directory=inbox)
+    # 6. Publish: from this rename on the message is queued and claimable.
+    os.rename(pending_state, f"{folders.queue}/{name}")
+    yield Sync(directory=folders.queue)
     return Accepted(id=name, state=state, message=message)
 
 

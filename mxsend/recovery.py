@@ -48,6 +48,13 @@ def default_owner() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def _state_owner(file_name: str) -> str | None:
+    """NAME of an acceptance's private state `.NAME.state`, or None."""
+    if file_name.startswith(".") and file_name.endswith(".state") and len(file_name) > 7:
+        return file_name[1:-6]
+    return None
+
+
 def owner_of(directory_name: str) -> str:
     """The owner of active/<name> or incoming/<name>: the part before any '~'."""
     return directory_name.partition(TAKEN)[0]
@@ -242,18 +249,20 @@ class Recovery:
     def _recover_incoming(self, taken: Path) -> list[str]:
         """Finish or undo each acceptance that was in progress (see docs/spool.md)."""
         ids: list[str] = []
-        for name in sorted(os.listdir(taken)):
+        listed = sorted(os.listdir(taken))
+        for name in listed:
             if name.startswith("."):
                 continue
             held = taken / name
             pending_state = taken / f".{name}.state"
             ids.append(name)
             if same_file(held, self.root / "msg" / name):
-                # The id was reserved by our link: the acceptance gets finished.
-                if os.path.exists(pending_state):
-                    os.rename(pending_state, self.root / "queue" / name)
-                    self._durable.directory(self.root / "queue")
+                # The id was reserved by our link: the acceptance gets finished, our
+                # second name dropped first, as the acceptance does (step 5).
                 os.unlink(held)
+                self._durable.directory(taken)
+                if os.path.exists(pending_state):
+                    self._publish(name, pending_state)
             else:
                 # Not reserved: hand the file back to new/ to be accepted again.
                 with contextlib.suppress(FileNotFoundError):
@@ -261,8 +270,46 @@ class Recovery:
                 new = self.root / "new"
                 move_noreplace(held, new, free_name(new, name))
                 self._durable.directory(new)
+        for private in listed:
+            # A private state whose file's name is gone: the id was reserved and the
+            # name dropped (step 5), and the publish (step 6) did not happen.
+            reserved = _state_owner(private)
+            if reserved is not None and reserved not in listed and (taken / private).exists():
+                ids.append(reserved)
+                self._publish(reserved, taken / private)
         self._remove_dir(taken)
         return ids
+
+    def _publish(self, name: str, pending_state: Path) -> None:
+        """Queue a reserved message from its private state: as it is if it is this
+        message's (its stamp is msg/NAME's), else msg/NAME goes back to new/ to be
+        accepted afresh (a state can only be short of that after a disk lost writes
+        it had confirmed; a message without a state would never be sent)."""
+        message = self.root / "msg" / name
+        try:
+            with open(pending_state, "rb") as handle:
+                state: MessageState | None = state_from_json(handle.read())
+        except SpoolError:
+            state = None
+        if state is not None and state.id == name and self._owns_file(name, state):
+            os.rename(pending_state, self.root / "queue" / name)
+            self._durable.directory(self.root / "queue")
+            return
+        os.unlink(pending_state)
+        if not os.path.lexists(message):
+            return
+        # The file's new name durable before its reserved one is dropped.
+        new = self.root / "new"
+        target = free_name(new, name)
+        while True:
+            try:
+                os.link(message, new / target, follow_symlinks=False)
+                break
+            except FileExistsError:  # a writer took the name meanwhile
+                target = free_name(new, f"{name}-{secrets.token_hex(3)}")
+        self._durable.directory(new)
+        os.unlink(message)
+        self._durable.directory(message.parent)
 
     def _recover_active(self, taken: Path) -> list[str]:
         """Queue (or hold) each claimed message again; finish interrupted removals."""

@@ -464,6 +464,73 @@ def test_recover_ignores_a_later_file_of_the_same_name(tmp_path: Path) -> None:
     assert b"later" in alive.message_path("m").read_bytes()
 
 
+def test_a_published_message_delivered_by_another_process_is_not_accepted_again(
+        tmp_path: Path) -> None:
+    # The acceptance dies just after it published m (a kill -9 in its last barrier);
+    # before its owner is found dead, another daemon delivers m and removes it. Nothing
+    # of m may be left in incoming/ that recovery would hand back to new/: m would be
+    # sent twice (contract §1 allows a duplicate only between a reply and its record).
+    dead, alive = Spool(tmp_path, owner="dead"), Spool(tmp_path, owner="alive")
+    dead.create_dirs()
+    drop(dead, "m", GOOD)
+    steps = dead.accept_steps("m", NOW)
+    next(steps)
+    while not (tmp_path / "queue" / "m").exists():
+        next(steps)
+    steps.close()  # dies here, at the barrier after the publish
+    claim = alive.claim("m")
+    assert claim is not None
+    state = alive.read(claim)
+    alive.complete(claim, replace(state, recipients=tuple(
+        replace(r, status=RecipientStatus.SENT) for r in state.recipients)))
+    os.unlink(tmp_path / "owners" / "dead")
+    alive.recover(stale_after=1, now=time.time())
+    left = [f for f in files(tmp_path) if f.split("/")[0] in ("new", "incoming", "msg",
+                                                              "queue")]
+    assert alive.incoming() == [] and left == []
+
+
+def _reserved_then_dead(tmp_path: Path) -> tuple[Spool, Path]:
+    """m accepted by `dead` up to the publish: its id reserved, its name in incoming/
+    dropped, its private state not yet in queue/ (acceptance steps 1-5)."""
+    dead = Spool(tmp_path, owner="dead")
+    dead.create_dirs()
+    drop(dead, "m", GOOD)
+    steps = dead.accept_steps("m", NOW)
+    next(steps)
+    private = tmp_path / "incoming" / "dead" / ".m.state"
+    while (tmp_path / "incoming" / "dead" / "m").exists():
+        next(steps)
+    steps.close()
+    assert private.exists() and not (tmp_path / "queue" / "m").exists()
+    os.unlink(tmp_path / "owners" / "dead")
+    return dead, private
+
+
+def test_recover_publishes_a_reserved_message_whose_name_was_dropped(tmp_path: Path) -> None:
+    _dead, _private = _reserved_then_dead(tmp_path)
+    alive = Spool(tmp_path, owner="alive")
+    assert alive.recover(stale_after=1, now=time.time()) == ["m"]
+    assert due(alive, NOW) == ["m"] and alive.incoming() == []
+    assert alive.load_message("m").data == parse_bsmtp(GOOD).data
+
+
+def test_recover_accepts_afresh_when_the_private_state_is_not_this_messages(
+        tmp_path: Path) -> None:
+    # Only a disk that lost a write it had confirmed leaves this: the private state
+    # (a reused spare) still holds another message's state.
+    _dead, private = _reserved_then_dead(tmp_path)
+    other = MessageState(id="other", created=NOW, sender="x@src.test", size=1,
+                         recipients=(RecipientState("y@dst.test"),))
+    private.write_bytes(state_to_json(other))
+    alive = Spool(tmp_path, owner="alive")
+    alive.recover(stale_after=1, now=time.time())
+    assert alive.incoming() == ["m"] and not alive.message_path("m").exists()
+    assert isinstance(alive.accept("m", NOW + 5), Accepted)
+    assert due(alive, NOW + 5) == ["m"]
+    assert alive.load_message("m").data == parse_bsmtp(GOOD).data
+
+
 def test_abandoned_writer_files_are_cleaned_after_36_hours(spool: Spool) -> None:
     temp = spool.root / "tmp" / "old"
     temp.write_bytes(b"x")
