@@ -119,8 +119,7 @@ def quarantine_steps(name: str, held: str, reason: str, bad: str) -> Steps[Quara
     moved = move_noreplace(held, bad, target)
     if moved != target:  # someone took the name meanwhile
         yield from _write_reason(bad, moved, reason)
-    yield Sync(directory=bad)
-    yield Sync(directory=os.path.dirname(held))
+    yield Sync(directory=bad, also=os.path.dirname(held))
     return Quarantined(id=name, reason=reason)
 
 

@@ -39,16 +39,22 @@ FILE_MODE = 0o640
 
 @dataclass(frozen=True, slots=True)
 class Sync:
-    """A barrier: what an operation did before it must be durable before it goes on."""
+    """A barrier: what an operation did before it must be durable before it goes on.
+
+    One barrier may cover a file and two directories (a rename's two sides): each is
+    synced on its own without group commit, and one syncfs covers them all with it.
+    """
 
     fd: int | None = None  # a file's data (fsync of the file)
     directory: str | Path | None = None  # a directory's entries (fsync of the directory)
+    also: str | Path | None = None  # a second directory
 
     def apply(self, durable: Durability) -> None:
         if self.fd is not None:
             durable.file(self.fd)
-        elif self.directory is not None:
-            durable.directory(self.directory)
+        for directory in (self.directory, self.also):
+            if directory is not None:
+                durable.directory(directory)
 
 
 # An operation as steps: it yields at each barrier and returns its result.

@@ -266,8 +266,7 @@ class Spool(QueueView):
         folder = self._hold if state.held else self._queue
         try:
             os.rename(path, f"{folder}/{claim.id}")
-            yield Sync(directory=folder)
-            yield Sync(directory=os.path.dirname(path))
+            yield Sync(directory=folder, also=os.path.dirname(path))
         except FileNotFoundError:
             raise _lost(claim.id) from None
         except OSError as exc:
