@@ -87,15 +87,20 @@ def accept_held_steps(name: str, held: str, now: float, folders: Folders,
     #    spool.md), which for new mail is now: the write itself sets that, so no
     #    utimensat() (a system call, and a GIL hand-over on the committer's thread).
     stamped = None if abs(state.next_try - time.time()) < WRITE_STAMPS_WITHIN else state.next_try
-    yield from spares.new_file_steps(pending_state, state_to_json(state), stamped)
-    # 4. Reserve the id: link() fails if msg/NAME exists, atomically, so two processes
-    #    accepting two files of one name cannot both win.
+    state_fd = spares.write_new_file(pending_state, state_to_json(state), stamped)
     try:
-        os.link(held, f"{folders.msg}/{name}", follow_symlinks=False)
-    except FileExistsError:
-        os.unlink(pending_state)
-        return (yield from quarantine_steps(name, held, "queue id in use", folders.bad))
-    yield Sync(directory=folders.msg)
+        # 4. Reserve the id: link() fails if msg/NAME exists, atomically, so two
+        #    processes accepting two files of one name cannot both win.
+        try:
+            os.link(held, f"{folders.msg}/{name}", follow_symlinks=False)
+        except FileExistsError:
+            os.unlink(pending_state)
+            return (yield from quarantine_steps(name, held, "queue id in use", folders.bad))
+        # One barrier for the state and the reservation: of a crash before it, recovery
+        # finds what was kept and undoes the acceptance unless both were (docs/spool.md).
+        yield Sync(fd=state_fd, directory=folders.msg)
+    finally:
+        os.close(state_fd)
     # 5. Drop our second name of the file. From here the reserved id and the private
     #    state are what recovery finishes the acceptance from. Before the publish: a
     #    message once published may be delivered and removed by another process, and

@@ -251,65 +251,72 @@ class Recovery:
         ids: list[str] = []
         listed = sorted(os.listdir(taken))
         for name in listed:
-            if name.startswith("."):
-                continue
-            held = taken / name
-            pending_state = taken / f".{name}.state"
-            ids.append(name)
-            if same_file(held, self.root / "msg" / name):
-                # The id was reserved by our link: the acceptance gets finished, our
-                # second name dropped first, as the acceptance does (step 5).
-                os.unlink(held)
-                self._durable.directory(taken)
-                if os.path.exists(pending_state):
-                    self._publish(name, pending_state)
-            else:
-                # Not reserved: hand the file back to new/ to be accepted again.
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(pending_state)
-                new = self.root / "new"
-                move_noreplace(held, new, free_name(new, name))
-                self._durable.directory(new)
+            if not name.startswith("."):
+                ids.append(name)
+                self._finish_acceptance(taken, name)
         for private in listed:
             # A private state whose file's name is gone: the id was reserved and the
             # name dropped (step 5), and the publish (step 6) did not happen.
             reserved = _state_owner(private)
             if reserved is not None and reserved not in listed and (taken / private).exists():
                 ids.append(reserved)
-                self._publish(reserved, taken / private)
+                self._publish_reserved(taken, reserved)
         self._remove_dir(taken)
         return ids
 
-    def _publish(self, name: str, pending_state: Path) -> None:
-        """Queue a reserved message from its private state: as it is if it is this
-        message's (its stamp is msg/NAME's), else msg/NAME goes back to new/ to be
-        accepted afresh (a state can only be short of that after a disk lost writes
-        it had confirmed; a message without a state would never be sent)."""
+    def _finish_acceptance(self, taken: Path, name: str) -> None:
+        """NAME still in incoming/ (steps 1 to 4): finished if its id was reserved and
+        its state kept whole, else undone and handed back to new/."""
+        held, pending_state = taken / name, taken / f".{name}.state"
         message = self.root / "msg" / name
+        reserved = same_file(held, message)
+        if reserved and self._whole_state(name, pending_state):
+            # Our second name first, as the acceptance does (step 5).
+            os.unlink(held)
+            self._durable.directory(taken)
+            self._publish(name, pending_state)
+            return
+        if reserved:
+            # Reserved, but a crash before the barrier of step 4 did not keep the state
+            # whole: the reservation goes (NAME keeps the file), as if never made.
+            os.unlink(message)
+            self._durable.directory(message.parent)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pending_state)
+        new = self.root / "new"
+        move_noreplace(held, new, free_name(new, name))
+        self._durable.directory(new)
+
+    def _publish_reserved(self, taken: Path, name: str) -> None:
+        """NAME dropped, its private state left (step 5 done, not step 6): publish it."""
+        pending_state = taken / f".{name}.state"
+        if self._whole_state(name, pending_state):
+            self._publish(name, pending_state)
+            return
+        message = self.root / "msg" / name
+        if not os.path.lexists(message):
+            os.unlink(pending_state)  # nothing of the message left to queue
+            return
+        # Only a disk that lost writes it had confirmed leaves a reserved message with a
+        # state not its own: the file becomes NAME again, and the acceptance is undone.
+        os.rename(message, taken / name)
+        self._durable.directory(taken)
+        self._durable.directory(message.parent)
+        self._finish_acceptance(taken, name)
+
+    def _whole_state(self, name: str, pending_state: Path) -> bool:
+        """The private state is there and is this message's (its id, and the stamp of
+        msg/NAME): written whole, not a reused spare's old content or part of it."""
         try:
             with open(pending_state, "rb") as handle:
-                state: MessageState | None = state_from_json(handle.read())
-        except SpoolError:
-            state = None
-        if state is not None and state.id == name and self._owns_file(name, state):
-            os.rename(pending_state, self.root / "queue" / name)
-            self._durable.directory(self.root / "queue")
-            return
-        os.unlink(pending_state)
-        if not os.path.lexists(message):
-            return
-        # The file's new name durable before its reserved one is dropped.
-        new = self.root / "new"
-        target = free_name(new, name)
-        while True:
-            try:
-                os.link(message, new / target, follow_symlinks=False)
-                break
-            except FileExistsError:  # a writer took the name meanwhile
-                target = free_name(new, f"{name}-{secrets.token_hex(3)}")
-        self._durable.directory(new)
-        os.unlink(message)
-        self._durable.directory(message.parent)
+                state = state_from_json(handle.read())
+        except (FileNotFoundError, SpoolError):
+            return False
+        return state.id == name and self._owns_file(name, state)
+
+    def _publish(self, name: str, pending_state: Path) -> None:
+        os.rename(pending_state, self.root / "queue" / name)
+        self._durable.directory(self.root / "queue")
 
     def _recover_active(self, taken: Path) -> list[str]:
         """Queue (or hold) each claimed message again; finish interrupted removals."""

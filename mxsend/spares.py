@@ -65,6 +65,15 @@ class Spares:
     def new_file_steps(self, path: str, data: bytes, mtime: float | None) -> Steps[None]:
         """Write a private file (a dot-name of ours) into a spare if there is one;
         durable before any rename publishes it, as durable.write_file_steps."""
+        fd = self.write_new_file(path, data, mtime)
+        try:
+            yield Sync(fd=fd)
+        finally:
+            os.close(fd)
+
+    def write_new_file(self, path: str, data: bytes, mtime: float | None) -> int:
+        """new_file_steps() without its barrier: the open file, for the caller to make
+        durable (together with other changes) and close."""
         reused = self.take(path)
         if reused:
             # The spare's old content is another message's. It is overwritten in place
@@ -82,9 +91,10 @@ class Spares:
                 os.ftruncate(fd, len(data))
             if mtime is not None:
                 os.utime(fd, (mtime, mtime))
-            yield Sync(fd=fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
 
     def replace_steps(self, path: str, data: bytes, mtime: float | None) -> Steps[None]:
         """Atomically replace a state in our directory: the new state is written into a

@@ -531,6 +531,49 @@ def test_recover_accepts_afresh_when_the_private_state_is_not_this_messages(
     assert alive.load_message("m").data == parse_bsmtp(GOOD).data
 
 
+def _dead_at_the_reservation(tmp_path: Path) -> Path:
+    """m accepted by `dead` up to its first barrier (steps 1-4 done: the state written,
+    msg/m linked), which a power loss may undo in part; returns the private state."""
+    dead = Spool(tmp_path, owner="dead")
+    dead.create_dirs()
+    drop(dead, "m", GOOD)
+    steps = dead.accept_steps("m", NOW)
+    next(steps)
+    steps.close()
+    held = tmp_path / "incoming" / "dead" / "m"
+    assert os.path.samefile(held, dead.message_path("m"))
+    os.unlink(tmp_path / "owners" / "dead")
+    return held.with_name(".m.state")
+
+
+@pytest.mark.parametrize("kept", ["whole", "no state", "part of it", "a spare's old state"])
+def test_recover_an_acceptance_cut_at_its_first_barrier(tmp_path: Path, kept: str) -> None:
+    # One barrier makes the state and the reservation durable together: a power loss
+    # before it may keep the link and lose the state (or keep a reused spare's old
+    # content). Recovery finishes only what is whole and hands the rest back to new/.
+    private = _dead_at_the_reservation(tmp_path)
+    whole = private.read_bytes()
+    if kept == "no state":
+        private.unlink()
+    elif kept == "part of it":
+        private.write_bytes(whole[: len(whole) // 2])
+    elif kept == "a spare's old state":
+        private.write_bytes(state_to_json(MessageState(
+            id="m", created=NOW - 60, sender="old@src.test", size=1,
+            recipients=(RecipientState("old@dst.test"),), file_stamp="1:2:3")))
+    alive = Spool(tmp_path, owner="alive")
+    assert alive.recover(stale_after=1, now=time.time()) == ["m"]
+    if kept == "whole":
+        assert due(alive, NOW) == ["m"] and alive.incoming() == []
+    else:
+        assert due(alive, NOW) == [] and alive.incoming() == ["m"]
+        assert not alive.message_path("m").exists()
+        assert isinstance(alive.accept("m", NOW + 5), Accepted)
+        assert due(alive, NOW + 5) == ["m"]
+    assert alive.load_message("m").data == parse_bsmtp(GOOD).data
+    assert [f for f in files(tmp_path) if f.startswith("incoming/")] == []
+
+
 def test_abandoned_writer_files_are_cleaned_after_36_hours(spool: Spool) -> None:
     temp = spool.root / "tmp" / "old"
     temp.write_bytes(b"x")
