@@ -144,7 +144,9 @@ class Workers:
         headers = header_lines(message.data)
         info = attempt_info(message.envelope, headers, attempt=state.attempts,
                             created=state.created, started=started, dkim=state.dkim)
-        deliveries.update(self._start_deliveries(claim.id, message, state, headers, info))
+        # New mail's ServerDetails goes first at the script's worker (JobOrder's lane).
+        deliveries.update(self._start_deliveries(claim.id, message, state, headers, info,
+                                                 urgent=job.new_mail))
         running = set(deliveries)
         outcomes: list[RecipientOutcome] = []
         # What may be recorded before the attempt ends: only what servers accepted. A
@@ -253,7 +255,7 @@ class Workers:
 
     def _start_deliveries(
         self, queue_id: str, message: Message, state: MessageState, headers: list[str],
-        info: AttemptInfo,
+        info: AttemptInfo, *, urgent: bool = False,
     ) -> _Deliveries:
         """One task per recipient domain, each with the future its record resolves."""
         policy, deliverer = self._rt.policy, self._rt.deliverer
@@ -264,7 +266,8 @@ class Workers:
         async def server_details(params: ServerParameters,
                                  preset: Callable[[ServerActions], ServerActions]
                                  ) -> ServerActions:
-            return await policy.server_details(queue_id, params, headers, preset)
+            return await policy.server_details(queue_id, params, headers, preset,
+                                               urgent=urgent)
 
         loop = asyncio.get_running_loop()
         deliveries: _Deliveries = {}

@@ -10,6 +10,7 @@ with one free worker the highest Priority really goes first (contract §4).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ def ready_window(workers: int) -> int:
     return max(READY_WINDOW_MIN, READY_WINDOW_PER_WORKER * workers)
 
 
-JobKey = tuple[int, int, int]
+JobKey = tuple[int, int, int]  # (-Priority, place, lane)
+NEW_MAIL, QUEUED = 0, 1  # the lanes: just accepted from new/, or from queue/
 
 
 class JobOrder:
@@ -71,7 +73,7 @@ class JobOrder:
             self._fresh_next = place + 1
         else:
             place = next(self._queue_places)
-        return -max(1, min(100, priority)), place, 0 if fresh else 1
+        return -max(1, min(100, priority)), place, NEW_MAIL if fresh else QUEUED
 
     def taken(self, key: JobKey) -> None:
         self._served = max(self._served, key[1])
@@ -87,6 +89,10 @@ class Job:
     message: Message = field(compare=False)
     actions: FileActions = field(compare=False)
 
+    @property
+    def new_mail(self) -> bool:
+        return self.sort_key[2] == NEW_MAIL
+
 
 class Dispatcher:
     def __init__(self, rt: Runtime, recorder: Recorder, fresh: dict[str, Accepted]) -> None:
@@ -95,41 +101,105 @@ class Dispatcher:
         self._fresh = fresh  # intake's accepted messages: no need to read them back
         self.jobs: asyncio.PriorityQueue[Job] = asyncio.PriorityQueue()
         self._order = JobOrder()
-        self._waiting = [0, 0]  # jobs waiting: new mail, the queue's (JobKey's last item)
+        self._waiting = [0, 0]  # jobs waiting in each lane (NEW_MAIL, QUEUED)
+        self._loading = 0  # claimed for a batch, not yet in the ready window
+        self._queue_batch: asyncio.Task[int] | None = None
 
     def ready_window(self) -> int:
         return ready_window(self._rt.config.smtp.max_connections)
 
     def room(self) -> int:
         """How many more jobs may wait (new mail may take all of it)."""
-        return self.ready_window() - self.jobs.qsize()
+        return self.ready_window() - self.jobs.qsize() - self._loading
+
+    @property
+    def busy(self) -> bool:
+        """A batch of the queue's messages is being dispatched in the background."""
+        return self._queue_batch is not None and not self._queue_batch.done()
 
     def queue_room(self) -> int:
         """How many more of the queue's messages may wait (QUEUE_SHARE of the window)."""
-        return min(self.room(), int(self.ready_window() * QUEUE_SHARE) - self._waiting[1])
+        return min(self.room(), int(self.ready_window() * QUEUE_SHARE) - self._waiting[QUEUED])
 
     async def dispatch_due(self, stopping: asyncio.Event | None = None) -> int:
-        """Claim due messages, ask CheckFile, and hand the batch to the workers at once."""
-        rt = self._rt
+        """Claim due messages, ask CheckFile, and hand them to the workers; the number
+        of new messages handed over.
+
+        New mail is dispatched here, a batch of its own (its calls urgent at the
+        script's worker); the queue's messages in a batch in the background, one at a
+        time. In a retry sweep such a batch is hundreds of claims, reads and CheckFile
+        calls, which new mail would otherwise wait for in full, and the scan loop too.
+        """
         room = self.room()
         if room <= 0:
             return 0
-        loaded: list[tuple[Claim, MessageState, Message]] = []
-        fresh: set[str] = set()
-        for queue_id in rt.plan.take_due(time.time(), room, rt.claimed,
-                                         queue_limit=max(0, self.queue_room())):
-            if stopping is not None and stopping.is_set():
-                rt.plan.schedule(queue_id, time.time())
-                continue
-            if queue_id in self._fresh:
-                fresh.add(queue_id)
-            claimed = await self._claim(queue_id)
-            if claimed is not None:
-                loaded.append(claimed)
-        if not loaded:
+        plan, claimed = self._rt.plan, self._rt.claimed
+        new_mail = plan.take_due(time.time(), room, claimed, queue_limit=0)
+        dispatched = await self._dispatch(new_mail, True, stopping)
+        queue_room = self.queue_room()
+        if not self.busy and queue_room > 0 and not (stopping and stopping.is_set()):
+            queued = plan.take_due(time.time(), queue_room, claimed, fresh_limit=0)
+            if queued:
+                self._queue_batch = asyncio.get_running_loop().create_task(
+                    self._dispatch_queued(queued, stopping))
+        return dispatched
+
+    async def _dispatch_queued(self, queue_ids: list[str],
+                               stopping: asyncio.Event | None) -> int:
+        try:
+            return await self._dispatch(queue_ids, False, stopping)
+        except (MxsendError, OSError) as exc:
+            # As the scan loop's own failures: nothing is lost, the next batch tries again.
+            log.error("dispatch failed: %s", exc)
             return 0
+        finally:
+            self._rt.wake.set()  # the scan loop may start the next batch
+
+    async def _dispatch(self, queue_ids: list[str], new_mail: bool,
+                        stopping: asyncio.Event | None) -> int:
+        rt = self._rt
+        loaded: list[tuple[Claim, MessageState, Message]] = []
+        try:
+            for queue_id in queue_ids:
+                if stopping is not None and stopping.is_set():
+                    rt.plan.schedule(queue_id, time.time(), fresh=new_mail)
+                    continue
+                claimed = await self._claim(queue_id)
+                if claimed is not None:
+                    loaded.append(claimed)
+                    self._loading += 1
+            if not loaded:
+                return 0
+            verdicts = await self._check_files(loaded, new_mail)
+        except BaseException:
+            # Shutdown (drain) while the batch was being checked, or the disk said no:
+            # its claims go back to the queue untouched, as those waiting in the ready
+            # window do at shutdown.
+            for claim, state, _ in loaded:
+                with contextlib.suppress(MxsendError, OSError):
+                    await self._recorder.release_untouched(claim, state)
+            raise
+        finally:
+            self._loading -= len(loaded)
+        skipped = []
+        for (claim, state, message), actions in zip(loaded, verdicts, strict=True):
+            if actions.skip_send:
+                # Not an attempt: released for the next scan (contract §4 SkipSend).
+                event("skipped", claim.id, reason=actions.reason)
+                skipped.append(self._recorder.release_untouched(
+                    claim, state, delay=rt.config.queue.scan_interval))
+                continue
+            key = self._order.key(actions.priority, new_mail)
+            self.jobs.put_nowait(Job(key, claim, state, message, actions))
+            self._waiting[key[2]] += 1
+        await asyncio.gather(*skipped)
+        return len(loaded) - len(skipped)
+
+    async def _check_files(self, loaded: list[tuple[Claim, MessageState, Message]],
+                           new_mail: bool) -> list[FileActions]:
+        rt = self._rt
         assert rt.policy is not None
-        verdicts = await rt.policy.check_files([
+        return await rt.policy.check_files([
             CheckFileRequest(
                 queue_id=claim.id,
                 filename=rt.spool.message_file(claim.id),
@@ -143,20 +213,8 @@ class Dispatcher:
                 dkim_domain=domain_in(rt.signer, state, message.data),
             )
             for claim, state, message in loaded
-        ], rt.signer.domains)
-        skipped = []
-        for (claim, state, message), actions in zip(loaded, verdicts, strict=True):
-            if actions.skip_send:
-                # Not an attempt: released for the next scan (contract §4 SkipSend).
-                event("skipped", claim.id, reason=actions.reason)
-                skipped.append(self._recorder.release_untouched(
-                    claim, state, delay=rt.config.queue.scan_interval))
-                continue
-            key = self._order.key(actions.priority, claim.id in fresh)
-            self.jobs.put_nowait(Job(key, claim, state, message, actions))
-            self._waiting[key[2]] += 1
-        await asyncio.gather(*skipped)
-        return len(loaded) - len(skipped)
+        ], rt.signer.domains,
+            urgent=frozenset(claim.id for claim, _, _ in loaded) if new_mail else ())
 
     async def next_job(self) -> Job:
         """The job a worker takes next."""
@@ -167,6 +225,10 @@ class Dispatcher:
 
     async def drain(self) -> None:
         """Shutdown: claimed but not started goes back to the queue untouched, due at once."""
+        if self._queue_batch is not None:
+            self._queue_batch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._queue_batch
         while not self.jobs.empty():
             job = self.jobs.get_nowait()
             self._waiting[job.sort_key[2]] -= 1

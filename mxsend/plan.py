@@ -131,16 +131,19 @@ class DuePlan:
         return None
 
     def take_due(self, now: float, limit: int, busy: Container[str] = (), *,
-                 queue_limit: int | None = None) -> list[str]:
-        """Up to `limit` ids due at `now` (at most `queue_limit` of them from the queue
-        lane), the lanes in turn, each lane earliest first; each leaves the plan.
+                 fresh_limit: int | None = None, queue_limit: int | None = None
+                 ) -> list[str]:
+        """Up to `limit` ids due at `now` (at most `fresh_limit` of them from the fresh
+        lane, `queue_limit` from the queue lane), the lanes in turn, each lane earliest
+        first; each leaves the plan.
 
         An id in `busy` (claimed by this daemon already) leaves the plan without being
         returned: whoever holds the claim schedules it again when it lets go.
         """
         due: list[str] = []
         taken = [0, 0]
-        limits = [limit, limit if queue_limit is None else queue_limit]
+        limits = [limit if fresh_limit is None else fresh_limit,
+                  limit if queue_limit is None else queue_limit]
         dry = [False, False]
         lane = self._turn
         while len(due) < limit and not (dry[FRESH] and dry[QUEUE]):

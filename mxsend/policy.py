@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
 from mxsend.actions import FileActions, ServerActions, ServerParameters
@@ -137,18 +137,21 @@ class Policy(ScriptFile):
         return actions
 
     async def check_files(self, requests: Sequence[CheckFileRequest],
-                          dkim_domains: frozenset[str] = frozenset()) -> list[FileActions]:
+                          dkim_domains: frozenset[str] = frozenset(),
+                          urgent: Container[str] = ()) -> list[FileActions]:
         """CheckFile for many messages: sent to the worker together, answered in order.
 
         One round trip for a batch instead of one per message: the scan loop asks for
         every message it is about to queue at once (contract §4 semantics unchanged,
         each call is its own CheckFile with its own timeout and faults). `dkim_domains`:
-        the domains a DKIMDomain out may name (`Signer.domains`).
+        the domains a DKIMDomain out may name (`Signer.domains`); `urgent`: the queue
+        ids whose calls go first (new mail's, script_calls.ScriptCalls.call).
         """
         if not self.has_script:
             return [FileActions(dkim_domain=r.dkim_domain) for r in requests]
         results = await asyncio.gather(*(
-            self._calls.call(CHECKFILE, request.queue_id, self._check_message(request))
+            self._calls.call(CHECKFILE, request.queue_id, self._check_message(request),
+                             urgent=request.queue_id in urgent)
             for request in requests))
         actions_list = []
         for request, values in zip(requests, results, strict=True):
@@ -163,9 +166,11 @@ class Policy(ScriptFile):
 
     async def server_details(
         self, queue_id: str, params: ServerParameters, header_lines: Sequence[str],
-        preset: Callable[[ServerActions], ServerActions] | None = None,
+        preset: Callable[[ServerActions], ServerActions] | None = None, *,
+        urgent: bool = False,
     ) -> ServerActions:
-        """ServerDetails; `preset` turns the defaults into what the TLS policy demands."""
+        """ServerDetails; `preset` turns the defaults into what the TLS policy demands;
+        `urgent`: new mail's, its call goes first."""
         defaults = self._defaults if preset is None else preset(self._defaults)
         if not self.has_script or self._calls.known_missing(SERVERDETAILS):
             return defaults
@@ -177,7 +182,7 @@ class Policy(ScriptFile):
                 "utf-8", errors="surrogateescape"),
             self._defaults_to_lua(defaults),
         )
-        values = await self._calls.call(SERVERDETAILS, queue_id, message)
+        values = await self._calls.call(SERVERDETAILS, queue_id, message, urgent=urgent)
         if values is None:
             return defaults
         # A script answers the same few Actions over and over (per server, per size

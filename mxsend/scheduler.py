@@ -357,7 +357,7 @@ class Daemon:
                 if accepted or dispatched:
                     continue
                 if (not self.dispatcher.jobs.empty() or self.workers.in_flight
-                        or book.in_flight):
+                        or book.in_flight or self.dispatcher.busy):
                     # Woken by an acceptance finishing or by the workers; what they
                     # queue (DSNs, into new/) is looked for once the backlog is empty.
                     await self._sleep_until()
@@ -379,7 +379,7 @@ class Daemon:
         # With the ready window full, due messages wait for the workers, who wake us
         # when it is half empty; only otherwise does the next due time matter, and the
         # queue's only while its share of the window has room.
-        queue_open = self.dispatcher.queue_room() > 0
+        queue_open = self.dispatcher.queue_room() > 0 and not self.dispatcher.busy
         next_due = self.rt.plan.next_due(rest=not rescanning and queue_open, queue=queue_open)
         if next_due is not None and self._room() > 0:
             due_in = max(0.0, next_due - time.time())

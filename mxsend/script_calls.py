@@ -37,6 +37,7 @@ LOAD = "load"
 
 Call = tuple[str, str, tuple[object, ...]]  # (function, queue id, request)
 Values = tuple[object, ...]
+_Queued = tuple[Call, "asyncio.Future[Values | None]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,8 @@ class ScriptCalls:
         self._pending: Script | None = None  # compiled, not yet run in a worker
         self._worker: Worker | None = None
         self._lock = asyncio.Lock()
-        self._queued_calls: list[tuple[Call, asyncio.Future[Values | None]]] = []
+        # Calls waiting for the worker: new mail's first (see call()), then the rest.
+        self._queued_calls: tuple[list[_Queued], list[_Queued]] = ([], [])
         self._caller: asyncio.Task[None] | None = None
         self._missing_functions: set[tuple[int, str]] = set()
         self._stuck: OrderedDict[str, int] = OrderedDict()  # queue id -> worker kills
@@ -154,12 +156,16 @@ class ScriptCalls:
         worker.loaded_version = script.version
         self._good = script
 
-    async def call(self, function: str, queue_id: str, message: Values) -> Values | None:
+    async def call(self, function: str, queue_id: str, message: Values, *,
+                   urgent: bool = False) -> Values | None:
         """One call; its values on success, None after logging a script_error.
 
         Calls made while others are with the worker wait and go together in the next
-        round (see _call_many), so concurrent deliveries asking ServerDetails share
-        round trips instead of queueing one by one behind a lock.
+        round of up to CALL_CHUNK (see _call_many), so concurrent deliveries asking
+        ServerDetails share round trips instead of queueing one by one behind a lock.
+        `urgent` calls (new mail's) go first in the next round: during a retry sweep of
+        a big queue the worker has hundreds of the sweep's calls waiting, and new mail
+        waited for all of them (issue 16 item 7).
         """
         if self._stuck.get(queue_id, 0) >= MAX_STUCK_PER_MESSAGE:
             event(SCRIPT_ERROR, queue_id, function=function, error=(
@@ -168,14 +174,23 @@ class ScriptCalls:
             return None
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[object, ...] | None] = loop.create_future()
-        self._queued_calls.append(((function, queue_id, message), done))
+        self._queued_calls[0 if urgent else 1].append(((function, queue_id, message), done))
         if self._caller is None or self._caller.done():
             self._caller = loop.create_task(self._send_queued())
         return await done
 
+    def _next_round(self) -> list[_Queued]:
+        """Up to CALL_CHUNK waiting calls, urgent ones first."""
+        batch: list[_Queued] = []
+        for queued in self._queued_calls:
+            taken = queued[:CALL_CHUNK - len(batch)]
+            del queued[:len(taken)]
+            batch += taken
+        return batch
+
     async def _send_queued(self) -> None:
-        while self._queued_calls:
-            batch, self._queued_calls = self._queued_calls, []
+        while any(self._queued_calls):
+            batch = self._next_round()
             calls = [call for call, _ in batch]
             try:
                 results = await self._call_many(calls)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import os
 import signal
@@ -609,6 +610,44 @@ def test_new_mail_takes_turns_with_a_sweep_of_the_queue(
     # Two workers, 0.2 s a job: had it waited for the window to drain to half, or behind
     # the jobs in it, it would have come after a hundred attempts or more.
     assert len(mx2.sessions) <= 12, len(mx2.sessions)
+    assert process.stop() == 0
+
+
+SLOW_FOR_THE_QUEUE = """
+function CheckFile(Filename, Actions, Size, CreationTime, Retries, LastTryTime,
+                   ReturnPath, Recipients)
+  if Retries > 0 then  -- the queue's messages: 10 ms of script each
+    local stop = os.clock() + 0.01
+    while os.clock() < stop do end
+  end
+  return Actions
+end
+"""
+
+
+def test_new_mail_is_dispatched_before_the_queues_batch_is_checked(
+        tmp_path: Path, world: World, daemon: Start) -> None:
+    # New mail and the queue's messages due at once go to CheckFile in two batches, new
+    # mail's first: it does not wait for the script to check a whole batch of the
+    # queue (here ~250 messages at 10 ms each) before it goes to a worker.
+    mx1 = world.smtp.start("127.0.0.2")
+    mx2 = world.smtp.start("127.0.0.3")
+    spool = tmp_path / "spool"
+    filler = Spool(spool, owner="test-filler")
+    filler.create_dirs()
+    for i in range(250):
+        drop(spool, f"old{i:03d}", "alice@src.test", f"r{i}@d2.test")
+        assert filler.accept(f"old{i:03d}", time.time()) is not None
+        claim = filler.claim(f"old{i:03d}")
+        assert claim is not None
+        filler.release(claim, dataclasses.replace(filler.read(claim), attempts=1))
+    filler.retire()
+    drop(spool, "new", "alice@src.test", "bob@d1.test")  # waiting in new/ at the start
+    (tmp_path / "mxout.lua").write_text(SLOW_FOR_THE_QUEUE)
+    process = daemon(_config(tmp_path, world, smtp={"max_connections": 2}))
+    mx1.wait_for(1, timeout=30)
+    # The queue's batch takes its CheckFile ~2.5 s: none of it has been attempted yet.
+    assert len(mx2.sessions) == 0
     assert process.stop() == 0
 
 

@@ -704,6 +704,31 @@ async def test_a_stuck_call_in_a_batch_spares_the_calls_before_it(tmp_path: Path
         policy.close()
 
 
+async def test_new_mails_calls_go_before_a_backlog_at_the_worker(tmp_path: Path) -> None:
+    # A retry sweep keeps hundreds of calls waiting for the one worker; new mail's go
+    # in the next round of CALL_CHUNK, not after all of them (issue 16 item 7).
+    path = tmp_path / "mxout.lua"
+    path.write_text("function CheckFile(f, a) local n = 0 for i = 1, 20000 do n = n + i end"
+                    " return a end")
+    policy = Policy(make_config(path))
+    try:
+        await policy.check_file(request())  # the worker is up and the script loaded
+        finished: list[str] = []
+
+        async def check(queue_id: str, urgent: bool) -> None:
+            await policy.check_files([request(queue_id=queue_id)],
+                                     urgent={queue_id} if urgent else ())
+            finished.append(queue_id)
+
+        backlog = [asyncio.create_task(check(f"swept{i}", False)) for i in range(96)]
+        await asyncio.sleep(0)  # the first round is on its way to the worker
+        await asyncio.gather(check("new", True), check("new-not-urgent", False), *backlog)
+        assert finished.index("new") < 40  # within the first rounds of 16
+        assert finished.index("new-not-urgent") == len(finished) - 1  # behind them all
+    finally:
+        policy.close()
+
+
 async def test_top_level_error_keeps_the_previous_version(tmp_path: Path,
                                                           events: Events) -> None:
     path = tmp_path / "mxout.lua"
