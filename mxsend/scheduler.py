@@ -44,6 +44,7 @@ from mxsend.log import get_logger, observe, setup_logging, unobserve
 from mxsend.mx import Resolver
 from mxsend.policy import Policy
 from mxsend.record import Recorder
+from mxsend.rescan import Rescans
 from mxsend.runtime import Runtime
 from mxsend.shaper import Shaper
 from mxsend.spool import GroupCommit, Spool
@@ -58,8 +59,6 @@ T = TypeVar("T")
 IO_THREADS = 1
 # `run --once` stops after this many scans in a row fail (a daemon keeps trying).
 SCAN_FAILURES_ONCE = 5
-# The next full rescan waits at least this many times as long as the last one took.
-RESCAN_COST_FACTOR = 20
 
 
 class Daemon:
@@ -79,19 +78,12 @@ class Daemon:
         # The committer's runner may run for as long as operations keep coming: it has
         # a thread of its own, so that listings (new/, queue/) never wait behind it.
         self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="mxsend-commit")
-        # A rescan of queue/ lists every file (a million: about five seconds): after the
-        # first it runs on a thread of its own while new mail is accepted and dispatched,
-        # so that neither waits for it (issue 16 item 7: a retry sweep of a big queue
-        # must not starve new mail).
-        self._rescan_thread = ThreadPoolExecutor(1, thread_name_prefix="mxsend-rescan")
-        self._rescanning: asyncio.Task[None] | None = None
-        self._next_rescan = 0.0
         self._commit: GroupCommit | None = None
         spool = _spool(config)
         self.rt = Runtime(config, spool, Committer(spool, self._commit_thread))
         self.reporting_mta = helo_name(config.smtp.helo_name)
         self._stopping = asyncio.Event()
-        self._rescan_requested = True
+        self.rescans = Rescans(self.rt, self._listed)
         self._watcher: Watcher | None = None
         self._batv_key: bytes | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -157,7 +149,7 @@ class Daemon:
         try:
             await self._scan_loop()
         finally:
-            await self._stop_rescan()
+            await self.rescans.stop()
             await self._shutdown()
             for task in (beating, reporting):
                 if task is not None:
@@ -165,7 +157,7 @@ class Daemon:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             self._io.shutdown(wait=True)
-            self._rescan_thread.shutdown(wait=True)
+            self.rescans.close()
             self._commit_thread.shutdown(wait=True)
             if self._commit is not None:
                 self._commit.close()
@@ -231,7 +223,7 @@ class Daemon:
         task = asyncio.get_running_loop().create_task(self._retire(old_policy, old_deliverer))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        self._rescan_requested = True
+        self.rescans.requested = True
         rt.wake.set()
         log.info("SIGHUP: configuration reloaded")
 
@@ -255,7 +247,7 @@ class Daemon:
         def rescan() -> None:
             if self._shaper is not None:
                 self._shaper.recheck()   # `queue resume` may have lifted a suspension
-            self._rescan_requested = True
+            self.rescans.requested = True
             self.rt.wake.set()
 
         root = self.config.spool.path
@@ -272,50 +264,8 @@ class Daemon:
 
     # --- the scan loop -------------------------------------------------------------
 
-    def _rescan_wanted(self) -> bool:
-        return self._rescanning is None and (
-            self._rescan_requested or time.monotonic() >= self._next_rescan
-            or self.rt.plan.wants_rescan(time.time()))
-
-    async def _rescan(self) -> None:
-        """Re-read queue/ (other processes, the queue CLI, lost events) and new/."""
-        plan = self.rt.plan
-        self._rescan_requested = False
-        started = time.monotonic()
-        plan.begin_rescan()
-        try:
-            listing = await asyncio.get_running_loop().run_in_executor(
-                self._rescan_thread, self.rt.spool.queued_earliest, plan.limit)
-        except BaseException:
-            plan.end_rescan()
-            raise
-        plan.replace(*listing)
-        self.intake.book.arrived = True
-        # A million files in queue/ take seconds to list: rescans of a big queue keep
-        # to a twentieth of the time (issue 16 item 7).
-        took = time.monotonic() - started
-        self._next_rescan = time.monotonic() + max(self.config.queue.scan_interval,
-                                                   RESCAN_COST_FACTOR * took)
-
-    def _start_rescan(self) -> None:
-        """_rescan() in the background; a failure is logged and tried again later."""
-        async def rescan() -> None:
-            try:
-                await self._rescan()
-            except (MxsendError, OSError) as exc:
-                # As the scan loop's own failures: nothing is lost, try again later.
-                log.error("scan failed (the rescan of queue/): %s", exc)
-                self._next_rescan = time.monotonic() + self.config.queue.scan_interval
-            finally:
-                self._rescanning = None
-                self.rt.wake.set()
-        self._rescanning = asyncio.get_running_loop().create_task(rescan())
-
-    async def _stop_rescan(self) -> None:
-        if self._rescanning is not None:
-            self._rescanning.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rescanning
+    def _listed(self) -> None:
+        self.intake.book.arrived = True  # a rescan looks at new/ again too
 
     def _room(self) -> int:
         return self.dispatcher.room() - self.intake.waiting
@@ -327,13 +277,13 @@ class Daemon:
         while not self._stopping.is_set():
             wake.clear()
             try:
-                if self._rescan_wanted():
+                if self.rescans.wanted():
                     # The first rescan is part of starting (READY follows it), and
                     # --once decides from what it found.
                     if self.once or not ready_signalled:
-                        await self._rescan()
+                        await self.rescans.run()
                     else:
-                        self._start_rescan()
+                        self.rescans.start()
                 accepted = await self.intake.accept_incoming(self._room())
                 dispatched = await self.dispatcher.dispatch_due(self._stopping)
                 failures = 0
@@ -374,8 +324,8 @@ class Daemon:
         """Until woken, or the next rescan or due message (whichever comes first)."""
         # A rescan running in the background wakes us when it is done: neither when the
         # next is due nor what the plan left out for it is a reason to wake meanwhile.
-        rescanning = self._rescanning is not None
-        timeout = None if rescanning else max(0.0, self._next_rescan - time.monotonic())
+        rescanning = self.rescans.running
+        timeout = self.rescans.seconds_to_next()
         # With the ready window full, due messages wait for the workers, who wake us
         # when it is half empty; only otherwise does the next due time matter, and the
         # queue's only while its share of the window has room.
