@@ -101,7 +101,7 @@ class Dispatcher:
         self._fresh = fresh  # intake's accepted messages: no need to read them back
         self.jobs: asyncio.PriorityQueue[Job] = asyncio.PriorityQueue()
         self._order = JobOrder()
-        self._waiting = [0, 0]  # jobs waiting in each lane (NEW_MAIL, QUEUED)
+        self._queue_waiting = 0  # jobs of the QUEUED lane in the ready window
         self._loading = 0  # claimed for a batch, not yet in the ready window
         self._queue_batch: asyncio.Task[int] | None = None
 
@@ -119,7 +119,7 @@ class Dispatcher:
 
     def queue_room(self) -> int:
         """How many more of the queue's messages may wait (QUEUE_SHARE of the window)."""
-        return min(self.room(), int(self.ready_window() * QUEUE_SHARE) - self._waiting[QUEUED])
+        return min(self.room(), int(self.ready_window() * QUEUE_SHARE) - self._queue_waiting)
 
     async def dispatch_due(self, stopping: asyncio.Event | None = None) -> int:
         """Claim due messages, ask CheckFile, and hand them to the workers; the number
@@ -191,7 +191,8 @@ class Dispatcher:
                 continue
             key = self._order.key(actions.priority, new_mail)
             self.jobs.put_nowait(Job(key, claim, state, message, actions))
-            self._waiting[key[2]] += 1
+            if not new_mail:
+                self._queue_waiting += 1
         await asyncio.gather(*skipped)
         return len(loaded) - len(skipped)
 
@@ -220,7 +221,8 @@ class Dispatcher:
         """The job a worker takes next."""
         job = await self.jobs.get()
         self._order.taken(job.sort_key)
-        self._waiting[job.sort_key[2]] -= 1
+        if not job.new_mail:
+            self._queue_waiting -= 1
         return job
 
     async def drain(self) -> None:
@@ -231,7 +233,8 @@ class Dispatcher:
                 await self._queue_batch
         while not self.jobs.empty():
             job = self.jobs.get_nowait()
-            self._waiting[job.sort_key[2]] -= 1
+            if not job.new_mail:
+                self._queue_waiting -= 1
             await self._recorder.release_untouched(job.claim, job.state)
             self.jobs.task_done()
 
