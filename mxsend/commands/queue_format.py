@@ -151,18 +151,10 @@ def selection(domain: str | None, sender: str | None, older_than: float | None) 
 LIST_HEADER = ("ID", "AGE", "SENDER", "RECIPIENT", "ATTEMPTS", "NEXT TRY", "LAST REPLY")
 
 
-def list_rows(entries: Iterable[tuple[MessageState, str]], now: float,
-              chosen: Selection = Selection()) -> list[list[str]]:
-    """A header, then one row per pending recipient, with that recipient's last reply."""
-    rows = [list(LIST_HEADER)]
-    for state, where in entries:
-        rows += message_rows(state, where, now, chosen)
-    return rows
-
-
 def message_rows(state: StateView, where: str, now: float,
                  chosen: Selection = Selection()) -> list[list[str]]:
-    """list_rows' rows of one message."""
+    """`queue list`'s rows of one message: one per pending recipient, with that
+    recipient's last reply."""
     age = format_span(now - state.created)
     sender = f"<{state.sender}>"
     attempts = str(state.attempts)

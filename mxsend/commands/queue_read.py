@@ -21,7 +21,7 @@ import gc
 import multiprocessing
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -54,12 +54,6 @@ def without_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
-def state_files(root: Path) -> list[tuple[str, str]]:
-    """(path, where) of every state file: queue/, hold/, active/*/, in inode order."""
-    folders, names = _listing(root)
-    return [(f"{folders[i][0]}/{name}", folders[i][1]) for i, name in names]
-
-
 def _listing(root: Path) -> tuple[list[tuple[str, str]], list[tuple[int, str]]]:
     """The folders ((path, where)) and every name in them as (folder index, name), in
     inode order; a million paths as strings would be some 200 MB, the names a third."""
@@ -81,20 +75,6 @@ def _listing(root: Path) -> tuple[list[tuple[str, str]], list[tuple[int, str]]]:
     # Sorted by a key of plain ints: half the time of sorting (inode, index, name) tuples.
     order = sorted(range(len(names)), key=inodes.__getitem__)
     return folders, [names[i] for i in order]
-
-
-def read_states(paths: Iterable[tuple[str, str]]) -> Iterator[tuple[MessageState, str]]:
-    """The states behind `paths`; files gone meanwhile (claimed, removed) are skipped."""
-    for path, where in paths:
-        state = read_state(path)
-        if state is not None:
-            yield state, where
-
-
-def read_state(path: str) -> MessageState | None:
-    """One state file; None if it is gone (claimed or removed meanwhile)."""
-    raw = read_raw(path)
-    return None if raw is None else state_from_json(raw)
 
 
 def read_raw(path: str, dir_fd: int | None = None) -> bytes | None:
