@@ -77,9 +77,9 @@ def _listing(root: Path) -> tuple[list[tuple[str, str]], list[tuple[int, str]]]:
     return folders, [names[i] for i in order]
 
 
-def read_raw(path: str, dir_fd: int | None = None) -> bytes | None:
-    """One state file's bytes (`path` relative to `dir_fd`, if given); None if it is gone
-    (claimed or removed meanwhile)."""
+def read_raw(path: str, dir_fd: int) -> bytes | None:
+    """One state file's bytes (`path` relative to `dir_fd`); None if it is gone (claimed
+    or removed meanwhile)."""
     global _open_flags
     try:
         try:
