@@ -38,11 +38,20 @@ class QueueView:
         """
         return _scan_earliest(self._queue, limit)
 
-    def entries(self) -> Iterator[tuple[MessageState, str]]:
+    def entries(self, unreadable: list[str] | None = None
+                ) -> Iterator[tuple[MessageState, str]]:
         """Every message with where it is: "queue", "hold" or "active" (in flight).
-        Files vanishing meanwhile are skipped."""
+        Files vanishing meanwhile are skipped. A state file that cannot be read or
+        decoded is a SpoolError naming it; given `unreadable`, it is added there
+        ("PATH: why") and skipped instead."""
         for path, where in _state_files(self.root):
-            state = _read_state(path)
+            try:
+                state = _read_state(path)
+            except SpoolError as exc:
+                if unreadable is None:
+                    raise
+                unreadable.append(str(exc))
+                continue
             if state is not None:
                 yield state, where
 
@@ -121,10 +130,16 @@ def _scan_earliest(folder: str, limit: int) -> tuple[list[tuple[float, str]], fl
 
 
 def _read_state(path: Path) -> MessageState | None:
+    """The state at `path`; None if it is gone; a SpoolError that names the file if it
+    cannot be read or is not a state we wrote."""
     try:
         with open(path, "rb") as handle:
-            return state_from_json(handle.read())
+            raw = handle.read()
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
-        raise SpoolError(f"cannot read {path}: {exc}") from exc
+        raise SpoolError(f"{path}: cannot read it: {exc}") from exc
+    try:
+        return state_from_json(raw)
+    except SpoolError as exc:
+        raise SpoolError(f"{path}: {exc}") from None

@@ -217,6 +217,33 @@ def test_missing_spool_is_reported(tmp_path: Path) -> None:
     assert "spool.path" in result.stderr and result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("args", [["list"], ["list", "--json"], ["stats"], ["stats", "--json"],
+                                  ["flush"], ["hold", "ALL"]])
+def test_a_corrupt_state_file_is_named_and_the_rest_still_shown(
+        env: Env, args: list[str]) -> None:
+    good = queued(env, age=3 * 60, next_try=time.time() + HOUR)
+    bad = queued(env)
+    broken = env.root / "queue" / bad
+    broken.write_bytes(b'{"version":1,"id":"' + bad.encode())  # cut short by a bad disk
+    result = mxsend(env, *args)
+    # The daemon keeps such a message and retries it: one bad file must not hide the rest.
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"mxsend: skipped {broken}: corrupt state file: ")
+    assert result.stderr.count("\n") == 1
+    shown = {"list": good, "stats": "example.net", "flush": "1 message made due now",
+             "hold": f"{good}: on hold"}[args[0]]
+    assert shown in result.stdout
+    assert broken.read_bytes() == b'{"version":1,"id":"' + bad.encode()  # left as it was
+
+
+def test_show_names_a_corrupt_state_file(env: Env) -> None:
+    bad = queued(env)
+    (env.root / "queue" / bad).write_bytes(b"[]")
+    result = mxsend(env, "show", bad)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"mxsend: {env.root / 'queue' / bad}: corrupt state file")
+
+
 # --- changes ---------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 
 from mxsend.commands import queue_read
 from mxsend.commands.queue_format import message_rows, shape, shape_counts, shape_rows
-from mxsend.queue_state import state_from_json
+from mxsend.errors import SpoolError
+from mxsend.queue_state import MessageState, state_from_json
 from mxsend.spool import Accepted, Spool
 
 NOW = 1_800_000_000.0
@@ -34,19 +36,20 @@ def _fill(root: Path, count: int) -> Spool:
 def test_shares_in_forked_workers_agree_with_one_pass(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spool = _fill(tmp_path, 30)
-    inline = queue_read.fold_states(tmp_path, lambda e: shape_counts(e, NOW))
+    inline = queue_read.fold_states(tmp_path, lambda e: shape_counts(e, NOW)).results
     assert len(inline) == 1  # a small queue: no fork
     monkeypatch.setattr(queue_read, "CHUNK", 4)
     monkeypatch.setattr(queue_read, "INLINE_BELOW", 0)
-    shares = queue_read.fold_states(tmp_path, lambda e: shape_counts(e, NOW), workers=2)
-    assert len(shares) == 8  # 30 files in chunks of 4
+    shares, unreadable = queue_read.fold_states(tmp_path, lambda e: shape_counts(e, NOW),
+                                                workers=2)
+    assert len(shares) == 8 and unreadable == []  # 30 files in chunks of 4
     one_pass = shape(spool.entries(), NOW)
     assert shape_rows(shares) == one_pass
     assert sum(row["total"] for row in one_pass) == 2 * 29  # m005 held
     # list: each share's rows, put in order by (created, id), as one pass gives them
     parts = queue_read.fold_states(
         tmp_path, lambda e: [(s.created, s.id, message_rows(s, w, NOW)) for s, w in e],
-        workers=2)
+        workers=2).results
     found = sorted((item for part in parts for item in part), key=lambda i: (i[0], i[1]))
     rows = [row for item in found for row in item[2]]
     expected = [row for s, w in sorted(spool.entries(), key=lambda e: (e[0].created, e[0].id))
@@ -58,11 +61,48 @@ def test_shares_in_forked_workers_agree_with_one_pass(
 def test_a_file_gone_meanwhile_is_skipped(tmp_path: Path) -> None:
     _fill(tmp_path, 3)
 
-    def read_after_a_claim(files: Iterator[tuple[bytes, str]]) -> list[str]:
+    def read_after_a_claim(states: Iterator[tuple[MessageState, str]]) -> list[str]:
         (tmp_path / "queue" / "m000").unlink()  # listed, then gone before it is read
-        return sorted(state_from_json(raw).id for raw, _ in files)
+        return sorted(state.id for state, _ in states)
 
-    assert queue_read.fold_files(tmp_path, read_after_a_claim) == [["m001", "m002"]]
+    assert queue_read.fold_states(tmp_path, read_after_a_claim) == ([["m001", "m002"]], [])
+
+
+@pytest.mark.parametrize("forked", [False, True])
+def test_an_unreadable_state_is_named_and_the_rest_still_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forked: bool) -> None:
+    spool = _fill(tmp_path, 12)
+    expected = shape(spool.entries(), NOW)
+    cut_short, not_json = b'{"version":1,"id":"m003"', b"\xff not json"
+    (tmp_path / "queue" / "m003").write_bytes(cut_short)
+    (tmp_path / "queue" / "m009").write_bytes(not_json)
+    if forked:
+        monkeypatch.setattr(queue_read, "CHUNK", 5)
+        monkeypatch.setattr(queue_read, "INLINE_BELOW", 0)
+    shares, unreadable = queue_read.stats_shares(tmp_path, NOW)
+    # m003 and m009 each had two pending recipients
+    assert sum(row["total"] for row in shape_rows(shares)) == \
+        sum(row["total"] for row in expected) - 4
+    assert sorted(unreadable) == [
+        f"{tmp_path}/queue/m003: {decoder_error(cut_short)}",
+        f"{tmp_path}/queue/m009: {decoder_error(not_json)}",
+    ]
+    listed = queue_read.fold_listed(tmp_path, lambda e: sorted(s.id for s, _ in e))
+    assert sorted(id for share in listed.results for id in share) == \
+        [f"m{i:03d}" for i in range(12) if i not in (3, 9)]
+    assert sorted(listed.unreadable) == sorted(unreadable)
+    # Spool.entries() names the file too, and skips it when asked to
+    m003 = re.escape(str(tmp_path / "queue" / "m003"))
+    with pytest.raises(SpoolError, match=f"^{m003}: corrupt state file"):
+        list(spool.entries())
+    skipped: list[str] = []
+    assert len(list(spool.entries(skipped))) == 10 and sorted(skipped) == sorted(unreadable)
+
+
+def decoder_error(raw: bytes) -> str:
+    with pytest.raises(SpoolError, match=r"^corrupt state file: ") as caught:
+        state_from_json(raw)
+    return str(caught.value)
 
 
 @pytest.mark.parametrize("address", [
@@ -94,7 +134,9 @@ def test_stats_shares_agree_with_shape(tmp_path: Path, monkeypatch: pytest.Monke
     spool = _fill(tmp_path, 12)
     monkeypatch.setattr(queue_read, "CHUNK", 5)
     monkeypatch.setattr(queue_read, "INLINE_BELOW", 0)
-    assert shape_rows(queue_read.stats_shares(tmp_path, NOW)) == shape(spool.entries(), NOW)
+    assert queue_read.stats_shares(tmp_path, NOW).unreadable == []
+    assert shape_rows(queue_read.stats_shares(tmp_path, NOW).results) == \
+        shape(spool.entries(), NOW)
 
 
 @pytest.mark.parametrize("address", [

@@ -8,8 +8,10 @@ nothing. `flush`, `delete`, `bounce`, `hold` and `release` take several ids, `AL
 `-` (ids on standard input), as Postfix's postsuper does.
 
 Exit codes: 0 done, 1 something named could not be done (unknown id, in flight, spool
-trouble), each with one line on stderr. Usage and config errors (2) are cli.py's. A
-closed standard output (`| head`) ends the output quietly; the work goes on.
+trouble), each with one line on stderr; also 1 when a listing or an ALL skipped state
+files it could not read (each named on stderr; the rest is still shown or done). Usage
+and config errors (2) are cli.py's. A closed standard output (`| head`) ends the output
+quietly; the work goes on.
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ from mxsend.commands.queue_format import (
     show_lines,
     table_lines,
 )
-from mxsend.commands.queue_read import fold_listed, fold_states, stats_shares, without_cyclic_gc
+from mxsend.commands.queue_read import (
+    fold_listed,
+    fold_states,
+    report_unreadable,
+    stats_shares,
+    without_cyclic_gc,
+)
 from mxsend.config import Config
 from mxsend.config_values import parse_duration
 from mxsend.envelope import Message, Recipient
@@ -217,7 +225,8 @@ def _each(spool: Spool, args: argparse.Namespace, out: Output,
                 failed += 1
         return EXIT_FAILED if failed else EXIT_OK
     done = busy = 0
-    for state, where in list(spool.entries()):
+    unreadable: list[str] = []
+    for state, where in list(spool.entries(unreadable)):
         if where not in folders:
             busy += where == "active"
             continue
@@ -228,7 +237,7 @@ def _each(spool: Spool, args: argparse.Namespace, out: Output,
             busy += 1  # claimed by a daemon (or gone) meanwhile
     note = f" ({busy} in flight, not touched)" if busy else ""
     out.line(f"-- {done} message{'s' * (done != 1)} {noun}{note}")
-    return EXIT_OK
+    return EXIT_FAILED if report_unreadable(unreadable) else EXIT_OK
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -254,20 +263,24 @@ def _list(spool: Spool, args: argparse.Namespace, config: Config, now: float,
 
     with without_cyclic_gc():
         if args.json:
-            found = sorted(itertools.chain.from_iterable(fold_states(spool.root, documents)),
+            folded = fold_states(spool.root, documents)
+            found = sorted(itertools.chain.from_iterable(folded.results),
                            key=operator.itemgetter(0, 1))
-            return _print_documents([item[2] for item in found], spool.incoming(), out)
-        shares = fold_listed(spool.root, rows)
+            _print_documents([item[2] for item in found], spool.incoming(), out)
+            return EXIT_FAILED if report_unreadable(folded.unreadable) else EXIT_OK
+        shares, unreadable = fold_listed(spool.root, rows)
         widths = [max(column) for column in zip(
             column_widths([LIST_HEADER]), *(share[0] for share in shares if share[1]),
             strict=True)]
         # Sorting is stable: a message's rows stay in their order.
         found = sorted(itertools.chain.from_iterable(share[1] for share in shares),
                        key=operator.itemgetter(0, 1))
-        return _print_rows(found, widths, spool.incoming(), out)
+        _print_rows(found, widths, spool.incoming(), out)
+        return EXIT_FAILED if report_unreadable(unreadable) else EXIT_OK
 
 
-def _print_documents(documents: list[dict[str, Any]], incoming: list[str], out: Output) -> int:
+def _print_documents(documents: list[dict[str, Any]], incoming: list[str], out: Output
+                     ) -> None:
     # One message per line, by json's C encoder (`indent` takes its pure-Python one:
     # minutes for a million messages); still one JSON document.
     encode = json.JSONEncoder(ensure_ascii=False).encode
@@ -275,16 +288,15 @@ def _print_documents(documents: list[dict[str, Any]], incoming: list[str], out: 
     out.line('{"messages": [')
     out.lines(encode(doc) + ("," if i < last else "") for i, doc in enumerate(documents))
     out.line(f'], "incoming": {encode(incoming)}}}')
-    return EXIT_OK
 
 
 def _print_rows(found: list[tuple[Any, ...]], widths: list[int], incoming: list[str],
-                out: Output) -> int:
+                out: Output) -> None:
     """The table of (created, ID, AGE, ...) rows; a line for files not yet accepted."""
     if found:
         out.lines(table_lines([LIST_HEADER, *(row[1:] for row in found)], widths=widths))
         if out.closed:
-            return EXIT_OK
+            return
         messages = len({row[1] for row in found})
         out.line(f"-- {messages} message{'s' * (messages != 1)}, "
                  f"{len(found)} recipient{'s' * (len(found) != 1)} pending")
@@ -295,7 +307,6 @@ def _print_rows(found: list[tuple[Any, ...]], widths: list[int], incoming: list[
     if incoming:
         out.line(f"-- {len(incoming)} file{'s' * (len(incoming) != 1)} in new/ "
                  "waiting for a daemon to accept them")
-    return EXIT_OK
 
 
 def _show(spool: Spool, args: argparse.Namespace, config: Config, now: float,
@@ -336,13 +347,14 @@ def _cat(spool: Spool, args: argparse.Namespace, config: Config, now: float,
 def _stats(spool: Spool, args: argparse.Namespace, config: Config, now: float,
            out: Output) -> int:
     with without_cyclic_gc():
-        domains = shape_rows(stats_shares(spool.root, now))
+        shares, unreadable = stats_shares(spool.root, now)
+        domains = shape_rows(shares)
     if args.json:
         out.line(json.dumps({"domains": domains}, ensure_ascii=False, indent=2))
     else:
         for line in shape_lines(domains):
             out.line(line)
-    return EXIT_OK
+    return EXIT_FAILED if report_unreadable(unreadable) else EXIT_OK
 
 
 # --- changing ------------------------------------------------------------------------------
@@ -371,7 +383,8 @@ def _flush(spool: Spool, args: argparse.Namespace, config: Config, now: float,
 
 def _flush_all(spool: Spool, now: float, out: Output) -> int:
     made = due = busy = held = 0
-    for state, where in list(spool.entries()):
+    unreadable: list[str] = []
+    for state, where in list(spool.entries(unreadable)):
         if where == "hold":
             held += 1
         elif where == "active":
@@ -391,7 +404,7 @@ def _flush_all(spool: Spool, now: float, out: Output) -> int:
               f"{held} on hold" if held else ""]
     note = ", ".join(o for o in others if o)
     out.line(f"{made} message{'s' * (made != 1)} made due now" + (f" ({note})" if note else ""))
-    return EXIT_OK
+    return EXIT_FAILED if report_unreadable(unreadable) else EXIT_OK
 
 
 def _make_due(spool: Spool, claim: Claim, now: float) -> bool:

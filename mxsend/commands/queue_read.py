@@ -11,7 +11,8 @@ test machine). Two things make it cheaper, without changing what is read:
   its share (a qshape count, or list rows) and sending back only the result.
 
 What a file says is exactly what `Spool.entries()` says (the same codec, the same
-"vanished meanwhile: skipped"); the spool is only read.
+"vanished meanwhile: skipped", the same "unreadable: skipped and named"); the spool is
+only read.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ import gc
 import multiprocessing
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from mxsend.commands.queue_format import StateView, shape_count_summaries
 from mxsend.errors import SpoolError
 from mxsend.queue_state import MessageState, state_from_json
 
 T = TypeVar("T")
+D = TypeVar("D")
 MAX_WORKERS = 4
 CHUNK = 20_000  # files per task: a worker's result is small against its reads
 INLINE_BELOW = 2 * CHUNK  # a small queue is read in this process: no fork to pay for
@@ -92,14 +95,14 @@ def read_raw(path: str, dir_fd: int) -> bytes | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
-        raise SpoolError(f"cannot read {path}: {exc}") from exc
+        raise SpoolError(f"cannot read it: {exc}") from exc
     try:
         # One read for a state (a few hundred bytes); a short read is the end.
         chunks = [os.read(fd, READ_SIZE)]
         while len(chunks[-1]) == READ_SIZE:
             chunks.append(os.read(fd, READ_SIZE))
     except OSError as exc:
-        raise SpoolError(f"cannot read {path}: {exc}") from exc
+        raise SpoolError(f"cannot read it: {exc}") from exc
     finally:
         os.close(fd)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -187,32 +190,47 @@ def list_summary(raw: bytes) -> StateView:
     return state_from_json(raw)
 
 
-def stats_shares(root: Path, now: float) -> list[dict[str, dict[str, int]]]:
+def stats_shares(root: Path, now: float) -> Folded[dict[str, dict[str, int]]]:
     """queue_format.shape_counts of every share of the queue, from stats_summary."""
-    def task(files: Iterator[tuple[bytes, str]]) -> dict[str, dict[str, int]]:
-        summaries = ((*stats_summary(raw), where) for raw, where in files)
-        return shape_count_summaries(((created, pending) for created, held, pending, where
+    def task(summaries: Iterator[tuple[tuple[float, bool, list[str]], str]]
+             ) -> dict[str, dict[str, int]]:
+        return shape_count_summaries(((created, pending) for (created, held, pending), where
                                       in summaries if where != "hold" and not held), now)
-    return fold_files(root, task)
+    return fold(root, stats_summary, task)
 
 
-_task: Callable[[Iterator[tuple[bytes, str]]], Any] | None = None
+class Folded(NamedTuple, Generic[T]):
+    """fold()'s answer: a result per share, and the state files it had to skip."""
+
+    results: list[T]
+    unreadable: list[str]  # "PATH: why", one per file that could not be read or decoded
+
+
+_decode: Callable[[bytes], Any] | None = None
+_task: Callable[[Iterator[tuple[Any, str]]], Any] | None = None
 _folders: list[tuple[str, str]] = []
 _names: list[tuple[int, str]] = []  # inherited by the workers: a task is only its range
 
 
-def _share(names: list[tuple[int, str]]) -> Iterator[tuple[bytes, str]]:
+def _share(names: list[tuple[int, str]], unreadable: list[str]) -> Iterator[tuple[Any, str]]:
+    """Each file of `names` decoded, with where it is; one that cannot be read or decoded
+    goes to `unreadable`, named, and the rest are still read (the daemon keeps such a
+    message and retries it, so one bad file must not hide the whole queue)."""
+    assert _decode is not None
+    decode, folders = _decode, _folders
     # Each name opened relative to its folder: no walk of the spool's path per file.
-    folders = _folders
     fds: dict[int, int | None] = {}
     try:
         for index, name in names:
             if index not in fds:
                 fds[index] = _open_folder(folders[index][0])
             dir_fd = fds[index]
-            raw = None if dir_fd is None else read_raw(name, dir_fd)
-            if raw is not None:
-                yield raw, folders[index][1]
+            try:
+                raw = None if dir_fd is None else read_raw(name, dir_fd)
+                if raw is not None:
+                    yield decode(raw), folders[index][1]
+            except SpoolError as exc:
+                unreadable.append(f"{os.path.join(folders[index][0], name)}: {exc}")
     finally:
         for fd in fds.values():
             if fd is not None:
@@ -229,44 +247,55 @@ def _open_folder(path: str) -> int | None:
         raise SpoolError(f"cannot read {path}: {exc}") from exc
 
 
-def _run_range(bounds: tuple[int, int]) -> Any:
+def _run_range(bounds: tuple[int, int]) -> tuple[Any, list[str]]:
     assert _task is not None
-    return _task(_share(_names[bounds[0]:bounds[1]]))
+    unreadable: list[str] = []
+    return _task(_share(_names[bounds[0]:bounds[1]], unreadable)), unreadable
 
 
 def fold_states(root: Path, task: Callable[[Iterator[tuple[MessageState, str]]], T],
-                workers: int | None = None) -> list[T]:
-    """`task` applied to the states of each share of the queue; one result per share.
+                workers: int | None = None) -> Folded[T]:
+    """fold() of the decoded states."""
+    return fold(root, state_from_json, task, workers)
+
+
+def fold_listed(root: Path, task: Callable[[Iterator[tuple[StateView, str]]], T],
+                workers: int | None = None) -> Folded[T]:
+    """fold() of what `queue list` shows of each state (list_summary)."""
+    return fold(root, list_summary, task, workers)
+
+
+def fold(root: Path, decode: Callable[[bytes], D],
+         task: Callable[[Iterator[tuple[D, str]]], T], workers: int | None = None
+         ) -> Folded[T]:
+    """`task` applied to each share of the queue: (decode(file's bytes), where) of each
+    state file in it; one result per share.
 
     `task` must be a function of its share alone (the shares are read in parallel, in
     forked processes, when the queue is big); its result must be picklable.
     """
-    def decoded(files: Iterator[tuple[bytes, str]]) -> T:
-        return task((state_from_json(raw), where) for raw, where in files)
-    return fold_files(root, decoded, workers)
-
-
-def fold_listed(root: Path, task: Callable[[Iterator[tuple[StateView, str]]], T],
-                workers: int | None = None) -> list[T]:
-    """fold_states() on what `queue list` shows of each state (list_summary)."""
-    def summarised(files: Iterator[tuple[bytes, str]]) -> T:
-        return task((list_summary(raw), where) for raw, where in files)
-    return fold_files(root, summarised, workers)
-
-
-def fold_files(root: Path, task: Callable[[Iterator[tuple[bytes, str]]], T],
-               workers: int | None = None) -> list[T]:
-    """fold_states() on the files' bytes."""
-    global _task, _folders, _names
+    global _decode, _task, _folders, _names
     folders, names = _listing(root)
     count = workers or min(MAX_WORKERS, os.cpu_count() or 1)
-    _task, _folders, _names = task, folders, names  # inherited by the forked workers
+    # inherited by the forked workers
+    _decode, _task, _folders, _names = decode, task, folders, names
     try:
         if len(names) < INLINE_BELOW or count < 2 or "fork" not in \
                 multiprocessing.get_all_start_methods():
-            return [_run_range((0, len(names)))]
-        ranges = [(i, min(i + CHUNK, len(names))) for i in range(0, len(names), CHUNK)]
-        with multiprocessing.get_context("fork").Pool(count) as pool:
-            return list(pool.imap(_run_range, ranges))
+            answers = [_run_range((0, len(names)))]
+        else:
+            ranges = [(i, min(i + CHUNK, len(names))) for i in range(0, len(names), CHUNK)]
+            with multiprocessing.get_context("fork").Pool(count) as pool:
+                answers = list(pool.imap(_run_range, ranges))
     finally:
-        _task, _folders, _names = None, [], []
+        _decode, _task, _folders, _names = None, None, [], []
+    return Folded([result for result, _ in answers],
+                  [problem for _, problems in answers for problem in problems])
+
+
+def report_unreadable(unreadable: list[str]) -> bool:
+    """One line on stderr per state file a command skipped; whether there were any (the
+    command then exits 1: what it printed or did leaves those messages out)."""
+    for problem in unreadable:
+        print(f"mxsend: skipped {problem}", file=sys.stderr)
+    return bool(unreadable)

@@ -17,6 +17,7 @@ import time
 from typing import Protocol
 
 from mxsend.cluster import Cluster
+from mxsend.commands.queue_read import report_unreadable
 from mxsend.config import Config
 from mxsend.limiter import Suspension, read_suspensions, remove_suspension
 from mxsend.shaper import suspended_reason
@@ -104,7 +105,8 @@ def _make_waiting_due(spool: Spool, destination: str, now: float) -> int:
     """The queued messages that wait for this destination's suspension: due now."""
     reason = suspended_reason(destination)
     made = 0
-    for state, where in list(spool.entries()):
+    unreadable: list[str] = []
+    for state, where in list(spool.entries(unreadable)):
         if where != "queue" or state.last_error != reason or state.next_try <= now:
             continue
         claim = spool.claim(state.id)
@@ -114,4 +116,5 @@ def _make_waiting_due(spool: Spool, destination: str, now: float) -> int:
         # Not an attempt: attempts and the schedule position stay as they were.
         spool.release(claim, dataclasses.replace(current, next_try=now))
         made += 1
+    report_unreadable(unreadable)  # the daemon retries those on its own schedule
     return made
