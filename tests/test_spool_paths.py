@@ -80,6 +80,23 @@ def test_private_directories_are_made_once_not_per_message(
     assert counting.calls == ["makedirs", "makedirs"]
 
 
+def test_a_claim_lost_to_another_process_costs_one_rename(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two daemons on one spool both see every due message: the loser's claim is common
+    # (about one per message in a sweep) and must stay one failed rename.
+    for name in ("m1", "m2"):
+        drop(spool, name)
+        assert isinstance(spool.accept(name, NOW), Accepted)
+    claim = spool.claim("m1")  # our active/ directory exists from here on
+    assert claim is not None
+    other = Spool(spool.root, owner="two")
+    assert other.claim("m2") is not None
+    counting = _counting(monkeypatch, "makedirs", "mkdir", "rename")
+    assert spool.claim("m2") is None
+    assert counting.calls == ["rename"]
+
+
 @pytest.mark.parametrize("kind", ["incoming", "active"])
 def test_a_private_directory_taken_away_is_made_again(spool: Spool, kind: str) -> None:
     drop(spool, "m1")
