@@ -228,3 +228,21 @@ def test_queue_list_read_in_shares_prints_what_one_pass_prints(
         assert at == header.index("SENDER") + len(long_sender) + 4  # <...> and two spaces
         assert all(row[at - 2:at] == "  " and "@" in row[at:].split()[0] for row in rows)
         assert summary == "-- 13 messages, 25 recipients pending"
+
+
+@pytest.mark.parametrize("damage", [
+    (b'"created":1796693422.65,', b'"created":1.2.3,'),  # a number that is none
+    (b'"address":"r@a.test"', b'"address":"r\xff@a.test"'),  # not UTF-8
+])
+def test_a_damaged_state_that_looks_like_ours_is_the_decoders_to_name(
+        damage: tuple[bytes, bytes]) -> None:
+    from mxsend.queue_state import MessageState, RecipientState, state_to_json
+
+    state = MessageState(id="x", created=1796693422.65, sender="s@src.test", size=10,
+                         recipients=(RecipientState(address="r@a.test"),))
+    raw = state_to_json(state)
+    assert damage[0] in raw
+    damaged = raw.replace(*damage)
+    for summary in (queue_read.stats_summary, queue_read.list_summary):
+        with pytest.raises(SpoolError, match=r"^corrupt state file: "):
+            summary(damaged)

@@ -147,8 +147,11 @@ def stats_summary(raw: bytes) -> tuple[float, bool, list[str]]:
         created = _CREATED.search(head)
         recipients = _RECIPIENT.findall(head)
         if created and len(recipients) == head.count(_ADDRESS):
-            return (float(created[1]), _HELD in head,
-                    [a.decode() for a, status in recipients if status == b"pending"])
+            # A damaged file can still look like ours here ("1.2.3", bytes that are not
+            # UTF-8): the decoder then says what is wrong with it.
+            with contextlib.suppress(ValueError):
+                return (float(created[1]), _HELD in head,
+                        [a.decode() for a, status in recipients if status == b"pending"])
     state = state_from_json(raw)
     return state.created, state.held, [r.address for r in state.pending()]
 
@@ -182,11 +185,12 @@ def list_summary(raw: bytes) -> StateView:
         recipients = _LIST_RECIPIENT.findall(head)
         if fields and len(recipients) == head.count(_ADDRESS):
             id, created, sender, attempts, next_try = fields.groups()
-            return Listed(id.decode(), float(created), sender.decode(), int(attempts),
-                          float(next_try),
-                          tuple(ListedRecipient(address.decode(), status.decode(),
-                                                response.decode())
-                                for address, status, response in recipients))
+            with contextlib.suppress(ValueError):  # damaged: as in stats_summary
+                return Listed(id.decode(), float(created), sender.decode(), int(attempts),
+                              float(next_try),
+                              tuple(ListedRecipient(address.decode(), status.decode(),
+                                                    response.decode())
+                                    for address, status, response in recipients))
     return state_from_json(raw)
 
 
