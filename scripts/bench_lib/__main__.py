@@ -263,8 +263,8 @@ def run_throughput(args: argparse.Namespace, msgs: list[Any], workdir: Path, rou
         for mode in args.mxsend_modes if "mxsend" in args.parts else []:
             rundir = workdir / f"mxsend-{mode}-{routing}-{rep}"
             rundir.mkdir()
-            dkim = mxsend_side.dkim_keys(rundir, args.dkim) if args.dkim else None
             if mode == "delivery":
+                dkim = mxsend_side.dkim_keys(rundir, args.dkim) if args.dkim else None
                 r = delivery_side.run_delivery(msgs, rundir, nameserver, args.timeout,
                                                processes=args.processes, sink_hosts=hosts,
                                                mta_sts=args.mta_sts == "on", extra_toml=extra,
