@@ -35,7 +35,7 @@ from typing import Any
 
 from bench_lib.deferred_side import make_all_due, park_deferred
 from bench_lib.mxsend_side import daemon, log_summary, spool_leftovers, write_config
-from bench_lib.procstat import TreeMonitor, sys_cpu, tree_sample
+from bench_lib.procstat import Window, wait_until
 from bench_lib.sink import HOST, Sinks
 from bench_lib.workload import Msg
 
@@ -82,53 +82,23 @@ def run_delivery(msgs: list[Msg], workdir: Path, nameserver: str, timeout: float
             if sink.mesg() != 0:
                 raise RuntimeError("mxsend delivered a parked message before the flush")
             # ---- timed phase
-            cpu0 = tree_sample(proc.pid)["cpu"]
-            sink_cpu0 = sink.cpu()
-            busy0, _ = sys_cpu()
-            t0 = time.perf_counter()
-            monitor = TreeMonitor(proc.pid, progress=sink.mesg, interval=0.5)
-            monitor.start()
-            try:
+            with Window(proc.pid, sink) as window:
                 res["made_due"] = make_all_due(spool)
                 deadline = time.monotonic() + timeout
-                while sink.mesg() < expected:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"sink has {sink.mesg()} of {expected}; "
-                                           f"spool {spool_leftovers(spool)}")
-                    time.sleep(0.05)
-                t_sink = time.perf_counter()
-                while not _drained(spool):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"spool not empty: {spool_leftovers(spool)}")
-                    time.sleep(0.05)
-                t_empty = time.perf_counter()
-                cpu1 = tree_sample(proc.pid)["cpu"]
-                busy1, _ = sys_cpu()
-            finally:
-                peak = monitor.stop()
-            wall = t_empty - t0
-            res.update({
-                "wall_s": wall,
-                "wall_to_sink_s": t_sink - t0,
-                "msgs_per_s": len(msgs) / wall,
-                "cpu_s": cpu1 - cpu0,
-                "cpu_ms_per_msg": (cpu1 - cpu0) / len(msgs) * 1000,
-                "peak_pss_mb": peak.pss / 2**20,
-                "peak_rss_sum_mb": peak.rss / 2**20,
-                "peak_nproc": peak.nproc,
-                "machine_busy_cores": (busy1 - busy0) / wall,
-                "sink_cpu_s": sink.cpu() - sink_cpu0,
-                "sink_counted": sink.mesg(),
-                "sink_sessions": sink.sessions(),
-                "timeline": peak.timeline,
-                # no daemon died on the way (it is stopped by SIGTERM below)
-                "running_at_end": proc.poll() is None,
-            })
+                t_sink = wait_until(lambda: sink.mesg() >= expected, deadline, lambda: (
+                    f"sink has {sink.mesg()} of {expected}; spool {spool_leftovers(spool)}"))
+                wait_until(lambda: _drained(spool), deadline,
+                           lambda: f"spool not empty: {spool_leftovers(spool)}")
+                window.end()
+            res.update(window.figures(len(msgs)))
+            res["wall_to_sink_s"] = t_sink - window.t0
+            # no daemon died on the way (it is stopped by SIGTERM as the block ends)
+            res["running_at_end"] = proc.poll() is None
         res["sink_sessions"] = sink.sessions()  # pooled sessions end at the daemon's stop
     res["leftovers"] = spool_leftovers(spool)
     res["log"] = log_summary(log)
     sent = res["log"]["statuses"].get("sent", 0)
-    # every recipient logged as sent, and nothing else at warning or above
+    # every recipient logged as sent (a `delivery` line with status=sent each)
     res["ok"] = (res["running_at_end"] and res["sink_counted"] == expected
                  and not res["leftovers"] and sent == res["rcpts"])
     return res

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_lib.mxsend_side import daemon, log_summary, spool_leftovers, write_config
-from bench_lib.procstat import TreeMonitor, sys_cpu, tree_sample
+from bench_lib.procstat import Window, wait_until
 from bench_lib.sink import HOST, Sinks, free_port
 from bench_lib.workload import DOMAINS, SENDER
 
@@ -72,37 +72,28 @@ def run_listener(n: int, workdir: Path, nameserver: str, timeout: float, *,
                               sink_port=sink.port, nameserver=nameserver, mta_sts=mta_sts,
                               extra_toml=listen_toml(port) + extra_toml)
         with daemon(config, workdir, log, timeout) as (proc, _t_start, _t_ready):
-            cpu0 = tree_sample(proc.pid)["cpu"]
-            busy0, _ = sys_cpu()
-            monitor = TreeMonitor(proc.pid, progress=sink.mesg, interval=0.5)
-            monitor.start()
             sources: list[subprocess.Popen[bytes]] = []
-            t0 = time.perf_counter()
             try:
-                for domain, count in zip(DOMAINS, _source_split(n), strict=True):
-                    if count:
-                        sources.append(subprocess.Popen(
-                            [exe, "-d", "-s", str(SOURCE_SESSIONS), "-m", str(count),
-                             "-l", str(PAYLOAD), "-M", "bench.localdomain", "-f", SENDER,
-                             "-t", f"user@{domain}", f"{HOST}:{port}"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE))
-                source_cpu = 0.0
-                deadline = time.monotonic() + timeout
-                for src in sources:
-                    _pid, status, usage = os.wait4(src.pid, 0)
-                    src.returncode = os.waitstatus_to_exitcode(status)
-                    source_cpu += usage.ru_utime + usage.ru_stime
-                t_submitted = time.perf_counter()
-                while sink.mesg() < n:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"sink has {sink.mesg()} of {n}")
-                    time.sleep(0.02)
-                t_done = time.perf_counter()
-                cpu1 = tree_sample(proc.pid)["cpu"]
-                busy1, _ = sys_cpu()
+                with Window(proc.pid, sink) as window:
+                    for domain, count in zip(DOMAINS, _source_split(n), strict=True):
+                        if count:
+                            sources.append(subprocess.Popen(
+                                [exe, "-d", "-s", str(SOURCE_SESSIONS), "-m", str(count),
+                                 "-l", str(PAYLOAD), "-M", "bench.localdomain", "-f",
+                                 SENDER, "-t", f"user@{domain}", f"{HOST}:{port}"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE))
+                    source_cpu = 0.0
+                    deadline = time.monotonic() + timeout
+                    for src in sources:
+                        _pid, status, usage = os.wait4(src.pid, 0)
+                        src.returncode = os.waitstatus_to_exitcode(status)
+                        source_cpu += usage.ru_utime + usage.ru_stime
+                    t_submitted = time.perf_counter()
+                    wait_until(lambda: sink.mesg() >= n, deadline,
+                               lambda: f"sink has {sink.mesg()} of {n}", interval=0.02)
+                    window.end()
             finally:
-                peak = monitor.stop()
                 for src in sources:
                     if src.poll() is None:
                         src.kill()
@@ -112,21 +103,9 @@ def run_listener(n: int, workdir: Path, nameserver: str, timeout: float, *,
             for src in sources:
                 if src.stderr is not None:
                     src.stderr.close()
-        wall = t_done - t0
-        res.update({
-            "wall_s": wall,
-            "submit_s": t_submitted - t0,
-            "msgs_per_s": n / wall,
-            "cpu_s": cpu1 - cpu0,
-            "cpu_ms_per_msg": (cpu1 - cpu0) / n * 1000,
-            "smtp_source_cpu_s": source_cpu,
-            "peak_pss_mb": peak.pss / 2**20,
-            "machine_busy_cores": (busy1 - busy0) / wall,
-            "sink_counted": sink.mesg(),
-            "sink_sessions": sink.sessions(),
-            "source_errors": errors,
-            "timeline": peak.timeline,
-        })
+        res.update(window.figures(n))
+        res.update({"submit_s": t_submitted - window.t0, "smtp_source_cpu_s": source_cpu,
+                    "source_errors": errors})
     res["leftovers"] = spool_leftovers(spool)
     res["log"] = log_summary(log)
     res["ok"] = res["sink_counted"] == n and not res["leftovers"] and not errors

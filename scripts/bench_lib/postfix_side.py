@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_lib.procstat import TreeMonitor, sys_cpu, tree_sample
+from bench_lib.procstat import Window, wait_until
 from bench_lib.sink import HOST, Sinks, free_port
 from bench_lib.workload import DOMAINS, Msg
 
@@ -302,47 +302,19 @@ def run_delivery(msgs: list[Msg], workdir: Path, timeout: float,
             if master is None:
                 raise RuntimeError("Postfix master is not running")
             # ---- timed phase
-            cpu0 = tree_sample(master)["cpu"]
-            sink_cpu0 = sink.cpu()
-            busy0, _ = sys_cpu()
-            t0 = time.perf_counter()
-            monitor = TreeMonitor(None, progress=sink.mesg, interval=0.5,
-                                  root_lookup=pf.master_pid)
-            monitor.start()
-            try:
+            with Window(master, sink) as window:
                 _run("postqueue", "-c", str(pf.etc), "-f")
                 deadline = time.monotonic() + timeout
-                while sink.mesg() < expected:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"sink has {sink.mesg()} of {expected}; "
-                                           f"queue {pf.queue_counts()}")
-                    time.sleep(0.05)
-                t_sink = time.perf_counter()
-                while not pf.queue_empty():
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"Postfix queue not empty: {pf.queue_counts()}")
-                    time.sleep(0.05)
-                t_empty = time.perf_counter()
-                cpu1 = tree_sample(master)["cpu"]
-                busy1, _ = sys_cpu()
-            finally:
-                peak = monitor.stop()
-            wall = t_empty - t0
-            res.update({
-                "wall_s": wall,
-                "wall_to_sink_s": t_sink - t0,
-                "msgs_per_s": n / wall,
-                "cpu_s": cpu1 - cpu0,
-                "cpu_ms_per_msg": (cpu1 - cpu0) / n * 1000,
-                "peak_pss_mb": peak.pss / 2**20,
-                "peak_rss_mb": peak.rss / 2**20,  # a sum: shared pages counted per process
-                "peak_nproc": peak.nproc,
-                "machine_busy_cores": (busy1 - busy0) / wall,
-                "sink_cpu_s": sink.cpu() - sink_cpu0,
-                "sink_counted": sink.mesg(),
-                "sink_sessions": sink.sessions(),
-                "timeline": peak.timeline,
-            })
+                t_sink = wait_until(lambda: sink.mesg() >= expected, deadline, lambda: (
+                    f"sink has {sink.mesg()} of {expected}; queue {pf.queue_counts()}"))
+                wait_until(pf.queue_empty, deadline,
+                           lambda: f"Postfix queue not empty: {pf.queue_counts()}")
+                window.end()
+            figures = window.figures(n)
+            # the baseline's key for the RSS sum (shared pages counted per process)
+            figures["peak_rss_mb"] = figures.pop("peak_rss_sum_mb")
+            res.update(figures)
+            res["wall_to_sink_s"] = t_sink - window.t0
         finally:
             pf.stop()
             pf.set_defer(False)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -157,3 +159,81 @@ class TreeMonitor(threading.Thread):
         self._stop_event.set()
         self.join(timeout=10)
         return self.peak
+
+
+class Window:
+    """One timed phase of a process tree that feeds a sink, measured the same way for
+    every side: wall time; the tree's CPU as a difference of its /proc counters (so
+    only what the tree did inside the window); the sink's CPU; the machine's busy cores;
+    the tree's peak memory, sampled by a TreeMonitor. `root` is the tree's root pid,
+    or a callable giving it (Postfix's master, looked up on each sample).
+
+        with Window(pid, sink) as window:
+            ...              # the timed work
+            window.end()     # the clock stops here; figures() reports
+    """
+
+    def __init__(self, root: int | Callable[[], int | None], sink: Any,
+                 interval: float = 0.5) -> None:
+        self._root = root
+        self._sink = sink
+        if callable(root):
+            self._monitor = TreeMonitor(None, progress=sink.mesg, interval=interval,
+                                        root_lookup=root)
+        else:
+            self._monitor = TreeMonitor(root, progress=sink.mesg, interval=interval)
+        self.peak = Peak()
+        self.t0 = self.t1 = 0.0
+        self._cpu0 = self._cpu1 = self._busy0 = self._busy1 = self._sink0 = 0.0
+
+    def _cpu(self) -> float:
+        root = self._root() if callable(self._root) else self._root
+        if not root:
+            raise RuntimeError("the measured process tree has no root process")
+        return tree_sample(root)["cpu"]
+
+    def __enter__(self) -> Window:
+        self._cpu0 = self._cpu()
+        self._sink0 = self._sink.cpu()
+        self._busy0, _ = sys_cpu()
+        self.t0 = time.perf_counter()
+        self._monitor.start()
+        return self
+
+    def end(self) -> None:
+        self.t1 = time.perf_counter()
+        self._cpu1 = self._cpu()
+        self._busy1, _ = sys_cpu()
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak = self._monitor.stop()
+
+    def figures(self, n: int) -> dict[str, Any]:
+        """The window's figures for `n` messages (after end() and the with block)."""
+        wall = self.t1 - self.t0
+        cpu = self._cpu1 - self._cpu0
+        return {
+            "wall_s": wall,
+            "msgs_per_s": n / wall,
+            "cpu_s": cpu,
+            "cpu_ms_per_msg": cpu / n * 1000,
+            "peak_pss_mb": self.peak.pss / 2**20,
+            "peak_rss_sum_mb": self.peak.rss / 2**20,  # shared pages counted per process
+            "peak_nproc": self.peak.nproc,
+            "machine_busy_cores": (self._busy1 - self._busy0) / wall,
+            "sink_cpu_s": self._sink.cpu() - self._sink0,
+            "sink_counted": self._sink.mesg(),
+            "sink_sessions": self._sink.sessions(),
+            "timeline": self.peak.timeline,
+        }
+
+
+def wait_until(done: Callable[[], bool], deadline: float, problem: Callable[[], str],
+               interval: float = 0.05) -> float:
+    """Poll `done` until true, by time.monotonic() `deadline`; TimeoutError saying
+    `problem()` past it. Returns time.perf_counter() when it became true."""
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(problem())
+        time.sleep(interval)
+    return time.perf_counter()
