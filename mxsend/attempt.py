@@ -189,10 +189,14 @@ class Workers:
             await self._recorder.release_untouched(
                 claim, apply_outcomes(durable, sent, time.time()), delay=INTERRUPTED_RETRY)
             raise
-        await self._record(job, state, outcomes, info)
+        # Each connection's next end of data waits for its message's record (contract
+        # §1): resolved as soon as the record is durable, not after the spool's tidying.
+        await self._record(job, state, outcomes, info,
+                           on_recorded=lambda: _resolve(deliveries.values()))
 
     async def _record(self, job: Job, state: MessageState,
-                      outcomes: list[RecipientOutcome], info: AttemptInfo) -> None:
+                      outcomes: list[RecipientOutcome], info: AttemptInfo,
+                      on_recorded: Callable[[], None] | None = None) -> None:
         """The end of an attempt: the next try or giving up, then the Recorder."""
         config = self._rt.config
         now = time.time()
@@ -227,7 +231,7 @@ class Workers:
                 next_try = min(next_try, wait_until)
         await self._recorder.finish(job.claim, state, job.message, now, before=job.state,
                                     next_try=next_try, relayed=relayed,
-                                    phases=bounce_phases(outcomes))
+                                    phases=bounce_phases(outcomes), on_recorded=on_recorded)
 
     def _collect(
         self, queue_id: str, tasks: Iterable[asyncio.Task[list[RecipientOutcome]]],

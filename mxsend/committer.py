@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from mxsend.durable import RECORDED
 from mxsend.errors import SpoolError
 from mxsend.log import get_logger
 from mxsend.spool import Spool, Steps
@@ -36,10 +37,20 @@ class Committer:
         self._pending: list[tuple[Steps[Any], asyncio.Future[Any]]] = []
         self._running = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_recorded: dict[asyncio.Future[Any], Callable[[], None]] = {}
 
-    async def run(self, steps: Steps[T]) -> T:
+    async def run(self, steps: Steps[T], *,
+                  on_recorded: Callable[[], None] | None = None) -> T:
+        """The operation's result. `on_recorded` is called, on the loop, as soon as the
+        operation has met its barrier marked `recorded` (durable.Sync), before the
+        steps that only tidy up: a held end of data need not wait for those."""
         [done] = self.submit([steps])
-        result: T = await done
+        if on_recorded is not None:
+            self._on_recorded[done] = on_recorded
+        try:
+            result: T = await done
+        finally:
+            self._on_recorded.pop(done, None)
         return result
 
     def submit(self, operations: Sequence[Steps[Any]]) -> list[asyncio.Future[Any]]:
@@ -88,9 +99,13 @@ class Committer:
         self._deliver([(done, error) for _, done in batch])
         log.error("%s", error)
 
-    @staticmethod
-    def _deliver(finished: list[tuple[asyncio.Future[Any], object]]) -> None:
+    def _deliver(self, finished: list[tuple[asyncio.Future[Any], object]]) -> None:
         for done, result in finished:
+            if result is RECORDED:
+                callback = self._on_recorded.pop(done, None)
+                if callback is not None:
+                    callback()
+                continue
             if done.done():
                 continue  # its waiter was cancelled; the operation still happened
             if isinstance(result, BaseException):

@@ -48,6 +48,9 @@ class Sync:
     fd: int | None = None  # a file's data (fsync of the file)
     directory: str | Path | None = None  # a directory's entries (fsync of the directory)
     also: str | Path | None = None  # a second directory
+    # Once this barrier is met, what the operation records is durable; its later steps
+    # only tidy up (a spare kept, a name moved on). run_rolling tells the caller then.
+    recorded: bool = False
 
     def apply(self, durable: Durability) -> None:
         if self.fd is not None:
@@ -59,6 +62,16 @@ class Sync:
 
 # An operation as steps: it yields at each barrier and returns its result.
 Steps: TypeAlias = Generator[Sync, None, T]
+
+
+class _Recorded:
+    def __repr__(self) -> str:
+        return "RECORDED"
+
+
+# Not a result: run_rolling hands `done` (token, RECORDED) when an operation has met a
+# barrier marked `recorded`, ahead of its result.
+RECORDED: Any = _Recorded()
 
 
 def drive(steps: Steps[T], durable: Durability) -> T:
@@ -87,7 +100,8 @@ def run_rolling(
     `take(idle)` hands over the operations that arrived (each with a token); `idle`
     says nothing waits at a barrier, and if it then has nothing to give it must note
     (under its own lock) that this runner is stopping, as it returns at once. `done()`
-    receives (token, result or exception) for those that finished. Each operation makes
+    receives (token, result or exception) for those that finished, and (token, RECORDED)
+    for those that met a barrier marked `recorded` and go on. Each operation makes
     each step durable before its next; under GroupCommit one syncfs serves every
     operation standing at a barrier, and an operation that arrives while others are
     half-way waits only for the next barrier, not for the rest of their steps.
@@ -125,8 +139,11 @@ def run_rolling(
             errors = _meet(waiting, durable)
             current = dict(waiting)
             waiting.clear()
-            for key, (steps, _, token) in current.items():
-                advance(steps, token, errors.get(key), False, finished)
+            for key, (steps, sync, token) in current.items():
+                failed = errors.get(key)
+                if sync.recorded and failed is None:
+                    finished.append((token, RECORDED))
+                advance(steps, token, failed, False, finished)
             if finished:
                 done(finished)
     except BaseException as exc:

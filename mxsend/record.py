@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mxsend import bounce, metrics, schedule
@@ -252,8 +252,13 @@ class Recorder:
         next_try: float | None,
         relayed: Collection[str] = (),
         phases: Mapping[str, Phase] | None = None,
+        on_recorded: Callable[[], None] | None = None,
     ) -> None:
-        """Queue the DSNs this attempt owes, then record the state durably."""
+        """Queue the DSNs this attempt owes, then record the state durably.
+
+        `on_recorded` is called as soon as the outcome is durable, ahead of the spool
+        operation's tidying (Committer.run); never if it did not become durable.
+        """
         rt = self._rt
         queue = rt.config.queue
         try:
@@ -268,13 +273,15 @@ class Recorder:
                     notified = {r.address for r in report.recipients}
                     state = _with_status(state, notified, delay_notified=True)
             if state.is_final():
-                await rt.committer.run(rt.spool.complete_steps(claim, state))
+                await rt.committer.run(rt.spool.complete_steps(claim, state),
+                                       on_recorded=on_recorded)
                 metrics.delivery(now - state.created)  # its last recipient is final
             else:
                 if next_try is None:
                     next_try = schedule.next_try(queue.retry, state.attempts, now)
                 await rt.committer.run(rt.spool.release_steps(
-                    claim, dataclasses.replace(state, next_try=next_try)))
+                    claim, dataclasses.replace(state, next_try=next_try)),
+                    on_recorded=on_recorded)
                 rt.plan.schedule(claim.id, next_try)
         except MxsendError as exc:
             log.error("could not record the outcome of %s: %s", claim.id, exc)

@@ -96,9 +96,11 @@ class Spares:
             raise
         return fd
 
-    def replace_steps(self, path: str, data: bytes, mtime: float | None) -> Steps[None]:
+    def replace_steps(self, path: str, data: bytes, mtime: float | None, *,
+                      recorded: bool = False) -> Steps[None]:
         """Atomically replace a state in our directory: the new state is written into a
-        spare, and the old one becomes a spare."""
+        spare, and the old one becomes a spare. `recorded` marks the last barrier, after
+        which the new state is durable (durable.Sync)."""
         directory, name = os.path.split(path)
         temp = f"{directory}/.{name}.{secrets.token_hex(4)}.tmp"
         try:
@@ -125,4 +127,4 @@ class Spares:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
-        yield Sync(directory=directory)
+        yield Sync(directory=directory, recorded=recorded)

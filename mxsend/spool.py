@@ -261,7 +261,8 @@ class Spool(QueueView):
 
     def release_steps(self, claim: Claim, state: MessageState) -> Steps[None]:
         """release() as steps, for run_rolling."""
-        yield from self._write_claimed(claim, state)
+        # The new state is the record once it is durable; the move to queue/ follows.
+        yield from self._write_claimed(claim, state, recorded=True)
         path = os.fspath(claim.path)
         folder = self._hold if state.held else self._queue
         try:
@@ -319,12 +320,15 @@ class Spool(QueueView):
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(message)
-        yield Sync(directory=self._msg)
+        # The message is gone for good: it can never be sent again. That is the record
+        # (a state left without its message is an interrupted removal to recovery).
+        yield Sync(directory=self._msg, recorded=True)
         if not self._spares.keep(os.fspath(state_path)):
             os.unlink(state_path)
         yield Sync(directory=os.path.dirname(state_path))
 
-    def _write_claimed(self, claim: Claim, state: MessageState) -> Steps[None]:
+    def _write_claimed(self, claim: Claim, state: MessageState, *,
+                       recorded: bool = False) -> Steps[None]:
         if state.id != claim.id:
             raise SpoolError(f"state of {state.id} written to the claim of {claim.id}")
         # A process presumed dead has had its directory taken away: refuse rather than
@@ -333,7 +337,8 @@ class Spool(QueueView):
         if not os.path.exists(path):
             raise _lost(claim.id)
         try:
-            yield from self._spares.replace_steps(path, state_to_json(state), state.next_try)
+            yield from self._spares.replace_steps(path, state_to_json(state), state.next_try,
+                                                  recorded=recorded)
         except FileNotFoundError:
             raise _lost(claim.id) from None
         except OSError as exc:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import mxsend.durable as spool_module
+from mxsend.committer import Committer
 from mxsend.errors import SpoolError
 from mxsend.spool import Accepted, GroupCommit, RecipientStatus, Spool
 
@@ -213,4 +214,97 @@ def test_run_rolling_gives_every_operation_its_own_failure(
     spool.run_rolling(lambda idle: batches.pop(0) if batches else [], finished.extend)
     assert sorted(token for token, _ in finished) == [1, 2]
     assert all(isinstance(result, OSError) for _, result in finished)
+    commit.close()
+
+
+def _claimed(root: Path, spool: Spool, name: str = "m") -> Any:
+    """Message `name` accepted and claimed; (claim, its state)."""
+    (root / "tmp" / name).write_bytes(GOOD)
+    (root / "tmp" / name).rename(root / "new" / name)
+    assert isinstance(spool.accept(name, 1000.0), Accepted)
+    claim = spool.claim(name)
+    assert claim is not None
+    return claim, spool.read(claim)
+
+
+def _all_sent(state: Any) -> Any:
+    return replace(state, recipients=tuple(replace(r, status=RecipientStatus.SENT)
+                                           for r in state.recipients))
+
+
+def test_run_rolling_tells_of_a_record_at_its_barrier_before_the_tidying(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A completed message is recorded once its removal from msg/ is durable; the
+    # state's removal after it is tidying. A released one, once its new state is.
+    monkeypatch.setattr(spool_module, "_syncfs", _Recorder())
+    root, commit, spool = _group_spool(tmp_path)
+    done_claim, done_state = _claimed(root, spool, "done")
+    later_claim, later_state = _claimed(root, spool, "later")
+    batches = [[(spool.complete_steps(done_claim, _all_sent(done_state)), "done"),
+                (spool.release_steps(later_claim, replace(later_state, next_try=5.0)),
+                 "later")]]
+    calls: list[list[tuple[str, object]]] = []
+    seen: dict[str, bool] = {}
+
+    def done(finished: list[tuple[str, object]]) -> None:
+        calls.append(list(finished))
+        for token, result in finished:
+            if result is spool_module.RECORDED:
+                seen[token] = (root / "msg" / "done").exists()
+
+    spool.run_rolling(lambda idle: batches.pop() if batches else [], done)
+    results = {token: result for batch in calls for token, result in batch
+               if result is not spool_module.RECORDED}
+    assert results == {"done": None, "later": None}
+    for token in ("done", "later"):
+        told = [i for i, batch in enumerate(calls)
+                if (token, spool_module.RECORDED) in batch]
+        finished = [i for i, batch in enumerate(calls) if (token, None) in batch]
+        assert len(told) == 1 and told[0] < finished[0], calls  # told at an earlier round
+    # Told once the message file was gone (and its removal durable: the round's barrier).
+    assert seen["done"] is False
+    commit.close()
+
+
+def test_a_record_whose_barrier_failed_is_never_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, commit, spool = _group_spool(tmp_path)
+    claim, state = _claimed(root, spool)
+    monkeypatch.setattr(spool_module, "_syncfs", _Recorder(fail=True))
+    finished: list[tuple[str, object]] = []
+    batches = [[(spool.complete_steps(claim, _all_sent(state)), "m")]]
+    spool.run_rolling(lambda idle: batches.pop() if batches else [], finished.extend)
+    [(token, result)] = finished
+    assert token == "m" and isinstance(result, SpoolError)
+    commit.close()
+
+
+async def test_committer_calls_on_recorded_before_the_operations_last_barrier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The caller's held end of data waits on on_recorded, not on the spool's tidying:
+    # the tidying barrier below is held until on_recorded has run (bounded wait).
+    root, commit, spool = _group_spool(tmp_path)
+    claim, state = _claimed(root, spool)
+    real = spool_module._syncfs
+    recorded = threading.Event()
+    told_first: list[bool] = []
+    syncs = 0
+
+    def syncfs(fd: int) -> None:
+        nonlocal syncs
+        syncs += 1
+        if syncs == 2:  # complete's second barrier: the state's removal
+            told_first.append(recorded.wait(5))
+        real(fd)
+
+    monkeypatch.setattr(spool_module, "_syncfs", syncfs)
+    with ThreadPoolExecutor(1) as executor:
+        committer = Committer(spool, executor)
+        await committer.run(spool.complete_steps(claim, _all_sent(state)),
+                            on_recorded=recorded.set)
+    assert told_first == [True] and syncs == 2
+    assert spool.find("m") is None
     commit.close()
