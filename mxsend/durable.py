@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, Final, TypeAlias, TypeVar
 
 from mxsend.errors import SpoolError
 
@@ -65,13 +65,14 @@ Steps: TypeAlias = Generator[Sync, None, T]
 
 
 class _Recorded:
+    """Not a result: run_rolling hands `done` (token, RECORDED) when an operation has
+    met a barrier marked `recorded`, ahead of its result."""
+
     def __repr__(self) -> str:
         return "RECORDED"
 
 
-# Not a result: run_rolling hands `done` (token, RECORDED) when an operation has met a
-# barrier marked `recorded`, ahead of its result.
-RECORDED: Any = _Recorded()
+RECORDED: Final = _Recorded()
 
 
 def drive(steps: Steps[T], durable: Durability) -> T:
