@@ -583,6 +583,62 @@ def test_new_mail_goes_out_while_a_rescan_of_queue_is_slow(
     assert mx1.messages[0].rcpts == ["bob@d1.test"]
 
 
+def test_the_next_end_of_data_goes_once_the_record_is_durable_not_after_tidying(
+        tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Contract §1 holds a connection's next final dot until the previous message is
+    # recorded. A delivered message is recorded once its msg/ file's removal is durable;
+    # its state's removal after that is tidying (docs/spool.md). Here the tidying
+    # barrier is held until the second message has arrived (bounded): it arrives only
+    # if its dot went at the record point. One connection, so both share it.
+    import asyncio
+    import time
+
+    import mxsend.durable as durable
+    from mxsend.config import load_config
+    from mxsend.scheduler import Daemon
+
+    if not durable.GroupCommit.available():
+        pytest.skip("no syncfs(2): every barrier is its own fsync, none to hold")
+    mx1 = world.smtp.start("127.0.0.2")
+    spool = tmp_path / "spool"
+    drop(spool, "m1", "alice@src.test", "a@d1.test")
+    drop(spool, "m2", "alice@src.test", "b@d1.test")
+    config = load_config(_config(tmp_path, world,
+                                 smtp={"max_connections_per_domain": 1}))
+    real_syncfs = durable._syncfs
+    held: list[bool] = []  # for each barrier held: whether the second message came
+
+    def tidied(first: str) -> bool:
+        """The first delivered message is gone from msg/ and its state removed."""
+        return (not (spool / "msg" / first).exists()
+                and not any((spool / "active").glob(f"*/{first}")))
+
+    def syncfs(fd: int) -> None:
+        if len(mx1.messages) == 1 and not held:
+            first = {"a@d1.test": "m1", "b@d1.test": "m2"}[mx1.messages[0].rcpts[0]]
+            if tidied(first):  # this is the first message's tidying barrier
+                deadline = time.monotonic() + 10
+                while len(mx1.messages) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                held.append(len(mx1.messages) == 2)
+        real_syncfs(fd)
+
+    monkeypatch.setattr(durable, "_syncfs", syncfs)
+
+    async def scenario() -> None:
+        daemon = Daemon(config)
+        running = asyncio.create_task(daemon.run())
+        try:
+            await asyncio.to_thread(mx1.wait_for, 2, 30)
+        finally:
+            daemon._stopping.set()
+            await asyncio.wait_for(running, 30)
+
+    asyncio.run(scenario())
+    assert held == [True]
+    assert len(mx1.sessions) == 1 and len(mx1.messages) == 2
+
+
 def test_new_mail_takes_turns_with_a_sweep_of_the_queue(
         tmp_path: Path, world: World, daemon: Start) -> None:
     # A queue due at once (a sweep after an outage) fills the ready window (256 jobs
