@@ -31,6 +31,15 @@ ROUTINGS = ("per-domain", "one-hop")
 MXSEND_MODES = ("delivery", "from-new")
 
 
+
+def _cpu_kinds(r: dict[str, Any]) -> str:
+    """"; CPU s: mxsend 22.6, lua worker 2.3" where the run measured it by process kind."""
+    kinds = r.get("cpu_s_by_kind")
+    if not kinds:
+        return ""
+    top = sorted(kinds.items(), key=lambda item: -item[1])[:6]
+    return "; CPU s: " + ", ".join(f"{kind} {cpu:.1f}" for kind, cpu in top)
+
 def _processes(text: str) -> int | str:
     if text == "auto":
         return text
@@ -280,8 +289,8 @@ def run_throughput(args: argparse.Namespace, msgs: list[Any], workdir: Path, rou
             print(f"mxsend  {tag} ({mode}): {r['msgs_per_s']:.0f} msg/s, "
                   f"{r['cpu_ms_per_msg']:.2f} ms CPU/msg, peak PSS "
                   f"{r['peak_pss_mb']:.0f} MB, sink {r['sink_counted']}/"
-                  f"{r['expected_transactions']}, left {r['leftovers'] or 'nothing'}",
-                  flush=True)
+                  f"{r['expected_transactions']}, left {r['leftovers'] or 'nothing'}"
+                  f"{_cpu_kinds(r)}", flush=True)
             if not r["ok"]:
                 failures.append(f"mxsend {tag} ({mode}): log {r['log']}")
         if "postfix" in args.parts:
@@ -294,7 +303,7 @@ def run_throughput(args: argparse.Namespace, msgs: list[Any], workdir: Path, rou
                   f"{r['cpu_ms_per_msg']:.2f} ms CPU/msg, peak PSS "
                   f"{r['peak_pss_mb']:.0f} MB (RSS sum {r['peak_rss_mb']:.0f}), "
                   f"sink {r['sink_counted']}/{r['expected_transactions']}, "
-                  f"log {r['log']}", flush=True)
+                  f"log {r['log']}{_cpu_kinds(r)}", flush=True)
             if not r["ok"]:
                 failures.append(f"Postfix {tag}: {r['log']}")
 

@@ -96,6 +96,41 @@ def tree_sample(root: int) -> dict[str, float]:
     return {"cpu": cpu, "rss": rss, "pss": pss, "nproc": nproc}
 
 
+def command_kind(pid: int) -> str:
+    """What a process is, for the CPU breakdown: its command name (Postfix's `smtp`,
+    `qmgr`, ...), and for Python, the mxsend daemon or its Lua worker."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+        comm = _stat_fields_comm(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
+    if comm.startswith("python"):
+        if any(b"luasandbox" in arg for arg in argv):
+            return "lua worker"
+        return "mxsend"
+    return comm
+
+
+def _stat_fields_comm(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        data = handle.read()
+    return data[data.index(b"(") + 1 : data.rindex(b")")].decode(errors="replace")
+
+
+def own_cpu_by_pid(root: int) -> dict[int, tuple[str, float]]:
+    """(kind, own CPU s) of the root and each live descendant."""
+    out: dict[int, tuple[str, float]] = {}
+    for pid in [root, *descendants(root)]:
+        try:
+            own, _, _ = proc_cpu(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        kind = command_kind(pid)
+        out[pid] = (f"{kind} (root)" if pid == root else kind, own)
+    return out
+
+
 def tree_vm(root: int) -> dict[str, int]:
     """VmRSS and VmHWM of the largest process of a tree (with queue.processes > 1 the
     root is the small supervisor and the daemons are its children), in bytes."""
@@ -185,15 +220,21 @@ class Window:
         self.peak = Peak()
         self.t0 = self.t1 = 0.0
         self._cpu0 = self._cpu1 = self._busy0 = self._busy1 = self._sink0 = 0.0
+        self._own0: dict[int, tuple[str, float]] = {}
+        self._own1: dict[int, tuple[str, float]] = {}
 
-    def _cpu(self) -> float:
+    def _root_pid(self) -> int:
         root = self._root() if callable(self._root) else self._root
         if not root:
             raise RuntimeError("the measured process tree has no root process")
-        return tree_sample(root)["cpu"]
+        return root
+
+    def _cpu(self) -> float:
+        return tree_sample(self._root_pid())["cpu"]
 
     def __enter__(self) -> Window:
         self._cpu0 = self._cpu()
+        self._own0 = own_cpu_by_pid(self._root_pid())
         self._sink0 = self._sink.cpu()
         self._busy0, _ = sys_cpu()
         self.t0 = time.perf_counter()
@@ -203,10 +244,14 @@ class Window:
     def end(self) -> None:
         self.t1 = time.perf_counter()
         self._cpu1 = self._cpu()
+        self._own1 = own_cpu_by_pid(self._root_pid())
         self._busy1, _ = sys_cpu()
 
     def __exit__(self, *exc: object) -> None:
         self.peak = self._monitor.stop()
+
+    def _cpu_by_kind(self) -> dict[str, float]:
+        return _sum_by_kind(self._own0, self._own1)
 
     def figures(self, n: int) -> dict[str, Any]:
         """The window's figures for `n` messages (after end() and the with block)."""
@@ -222,10 +267,22 @@ class Window:
             "peak_nproc": self.peak.nproc,
             "machine_busy_cores": (self._busy1 - self._busy0) / wall,
             "sink_cpu_s": self._sink.cpu() - self._sink0,
+            # Where the tree's CPU went, for the processes alive at the window's end
+            # (one that ended inside it is in cpu_s alone).
+            "cpu_s_by_kind": self._cpu_by_kind(),
             "sink_counted": self._sink.mesg(),
             "sink_sessions": self._sink.sessions(),
             "timeline": self.peak.timeline,
         }
+
+
+def _sum_by_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+                 ) -> dict[str, float]:
+    """CPU s within the window by kind: a process born inside it counts whole."""
+    out: dict[str, float] = {}
+    for pid, (kind, cpu) in after.items():
+        out[kind] = round(out.get(kind, 0.0) + cpu - before.get(pid, (kind, 0.0))[1], 2)
+    return out
 
 
 def wait_until(done: Callable[[], bool], deadline: float, problem: Callable[[], str],
