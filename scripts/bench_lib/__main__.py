@@ -31,14 +31,15 @@ ROUTINGS = ("per-domain", "one-hop")
 MXSEND_MODES = ("delivery", "from-new")
 
 
-
 def _cpu_kinds(r: dict[str, Any]) -> str:
-    """"; CPU s: mxsend 22.6, lua worker 2.3" where the run measured it by process kind."""
+    """The rep line's tail, `; CPU s: mxsend 22.6, lua worker 2.3`, where the run split
+    its CPU by kind of process (procstat.Window); empty where it did not."""
     kinds = r.get("cpu_s_by_kind")
     if not kinds:
         return ""
     top = sorted(kinds.items(), key=lambda item: -item[1])[:6]
     return "; CPU s: " + ", ".join(f"{kind} {cpu:.1f}" for kind, cpu in top)
+
 
 def _processes(text: str) -> int | str:
     if text == "auto":
