@@ -13,11 +13,17 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _stat_fields(pid: int) -> list[bytes]:
+def _stat(pid: int) -> tuple[str, list[bytes]]:
+    """(comm, the fields after it) of /proc/PID/stat."""
     with open(f"/proc/{pid}/stat", "rb") as handle:
         data = handle.read()
-    # comm may hold spaces or parentheses: split after the last ")"
-    return data[data.rindex(b")") + 2 :].split()
+    # comm may hold spaces or parentheses: it ends at the last ")"
+    end = data.rindex(b")")
+    return data[data.index(b"(") + 1 : end].decode(errors="replace"), data[end + 2 :].split()
+
+
+def _stat_fields(pid: int) -> list[bytes]:
+    return _stat(pid)[1]
 
 
 def proc_cpu(pid: int) -> tuple[float, float, int]:
@@ -102,7 +108,7 @@ def command_kind(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             argv = handle.read().split(b"\0")
-        comm = _stat_fields_comm(pid)
+        comm = _stat(pid)[0]
     except (FileNotFoundError, ProcessLookupError):
         return "gone"
     if comm.startswith("python"):
@@ -110,12 +116,6 @@ def command_kind(pid: int) -> str:
             return "lua worker"
         return "mxsend"
     return comm
-
-
-def _stat_fields_comm(pid: int) -> str:
-    with open(f"/proc/{pid}/stat", "rb") as handle:
-        data = handle.read()
-    return data[data.index(b"(") + 1 : data.rindex(b")")].decode(errors="replace")
 
 
 def own_cpu_by_pid(root: int) -> dict[int, tuple[str, float]]:
