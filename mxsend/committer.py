@@ -104,7 +104,10 @@ class Committer:
             if result is RECORDED:
                 callback = self._on_recorded.pop(done, None)
                 if callback is not None:
-                    callback()
+                    try:
+                        callback()
+                    except Exception:  # a bug; the batch's other results still go out
+                        log.exception("an on_recorded callback failed")
                 continue
             if done.done():
                 continue  # its waiter was cancelled; the operation still happened

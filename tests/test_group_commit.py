@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import threading
 import time
@@ -307,4 +308,28 @@ async def test_committer_calls_on_recorded_before_the_operations_last_barrier(
                             on_recorded=recorded.set)
     assert told_first == [True] and syncs == 2
     assert spool.find("m") is None
+    commit.close()
+
+
+async def test_a_failing_on_recorded_callback_costs_no_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Results go back a round's batch at a time: one bad callback must not leave the
+    # operation (or any other in its batch) waiting forever.
+    monkeypatch.setattr(spool_module, "_syncfs", _Recorder())
+    root, commit, spool = _group_spool(tmp_path)
+
+    def recorded_at_its_end() -> Generator[Any, None, str]:
+        # Told and finished in the same round: both in one batch.
+        yield spool_module.Sync(directory=root, recorded=True)
+        return "done"
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    with ThreadPoolExecutor(1) as executor:
+        committer = Committer(spool, executor)
+        result = await asyncio.wait_for(
+            committer.run(recorded_at_its_end(), on_recorded=broken), 10)
+    assert result == "done"
     commit.close()
